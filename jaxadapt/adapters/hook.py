@@ -1,0 +1,136 @@
+"""The one projection hook: every linear layer of every jaxadapt model calls `project`.
+
+The adapter context for a projection is one of
+  1. `None`: the plain frozen base;
+  2. `SingleLoRA`: one adapter (training, single-tenant inference), PEFT semantics incl. DoRA;
+  3. `MixedLoRA`: a stack of adapters and one adapter id per token (mixed batches, S-LoRA);
+  4. `GatedLoRA`: a stack and per-token top-k gate weights (MeteoRA).
+Contexts 3 and 4 run on `kernels_pallas`; this module is its only caller in jaxadapt.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+import kernels_pallas
+
+
+def _pytree(meta=()):
+  def wrap(cls):
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    return jax.tree_util.register_dataclass(
+        cls, data_fields=[f for f in fields if f not in meta], meta_fields=list(meta))
+  return wrap
+
+
+@_pytree(meta=("dropout",))
+class SingleLoRA:
+  """One LoRA adapter on one projection: `y = x W + b + scale * (drop(x) A) B`.
+
+  DoRA (Liu et al., 2024, Eq. 5) when `magnitude` is set: the adapted weight is
+  `m * (W + scale*A B) / ||W + scale*A B||_c`, the column norm held constant in gradients.
+  """
+  a: jax.Array                      # [in, r]
+  b: jax.Array                      # [r, out]
+  scale: jax.Array                  # [] alpha / r (or alpha / sqrt(r) with rsLoRA)
+  magnitude: Optional[jax.Array] = None  # [out] DoRA magnitude, or None
+  dropout_key: Optional[jax.Array] = None  # PRNG key when dropout is active (training)
+  dropout: float = 0.0
+
+
+@_pytree()
+class MixedLoRA:
+  """A stack of adapters and one adapter id per token (-1 = base only).
+
+  `dora_scale[n]` is DoRA's `m / ||W + s A B||_c` per output column (ones for plain LoRA),
+  or None when no adapter in the stack uses DoRA.
+  """
+  a: jax.Array                      # [N, in, r_max], ranks zero-padded
+  b: jax.Array                      # [N, r_max, out]
+  scale: jax.Array                  # [N]
+  token_ids: jax.Array              # [T] int32, T = product of x's leading dims
+  dora_scale: Optional[jax.Array] = None  # [N, out]
+
+
+@_pytree()
+class GatedLoRA:
+  """MeteoRA: per-token top-k adapters mixed with gate weights (MeteoRA Eq. 3-4)."""
+  a: jax.Array                      # [N, in, r_max]
+  b: jax.Array                      # [N, r_max, out]
+  scale: jax.Array                  # [N]
+  topk_ids: jax.Array               # [T, K]
+  gates: jax.Array                  # [T, K]
+
+
+def _dropout(x, rate, key):
+  if rate == 0.0 or key is None:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def dora_weight_norm(kernel, a, b, scale):
+  """Column norms `||W + scale * A B||` of a [in, out] kernel (DoRA Eq. 5), float32."""
+  w = kernel.astype(jnp.float32) + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+  return jnp.sqrt(jnp.sum(w * w, axis=0))
+
+
+def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
+            ctx: Any = None) -> jax.Array:
+  """A linear projection `x @ kernel + bias` with the adapter context for this path.
+
+  Args:
+    x: [..., in] activations.
+    kernel: [in, out] frozen base weight.
+    bias: [out] frozen base bias or None.
+    ctx: None, SingleLoRA, MixedLoRA or GatedLoRA (see module docstring).
+
+  Returns:
+    [..., out] in x's dtype.
+  """
+  base = jnp.matmul(x, kernel.astype(x.dtype))
+  if ctx is None:
+    out = base
+  elif isinstance(ctx, SingleLoRA):
+    xd = _dropout(x, ctx.dropout, ctx.dropout_key)
+    delta = ((xd @ ctx.a.astype(x.dtype)) @ ctx.b.astype(x.dtype)) * ctx.scale.astype(x.dtype)
+    if ctx.magnitude is None:
+      out = base + delta
+    else:
+      norm = jax.lax.stop_gradient(dora_weight_norm(kernel, ctx.a, ctx.b, ctx.scale))
+      mag = (ctx.magnitude.astype(jnp.float32) / norm).astype(x.dtype)
+      base_d = base if xd is x else jnp.matmul(xd, kernel.astype(x.dtype))
+      out = base + (mag - 1) * base_d + mag * delta
+  elif isinstance(ctx, MixedLoRA):
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y2 = base.reshape(-1, base.shape[-1])
+    ids = ctx.token_ids.astype(jnp.int32)
+    h = kernels_pallas.ops.lora_shrink(x2, ctx.a.astype(x.dtype), ids)
+    if ctx.dora_scale is None:
+      y2 = kernels_pallas.ops.lora_expand(y2, h, ctx.b.astype(x.dtype), ids, ctx.scale)
+    else:
+      # DoRA per token: y = m/n * (x W + s x A B), the bias added after.
+      safe = jnp.where(ids >= 0, ids, 0)
+      ms = jnp.where((ids >= 0)[:, None], ctx.dora_scale[safe], 1).astype(x.dtype)
+      d = kernels_pallas.ops.lora_expand(jnp.zeros_like(y2), h, ctx.b.astype(x.dtype), ids,
+                                         ctx.scale)
+      y2 = ms * (y2 + d)
+    out = y2.reshape(*lead, -1)
+  elif isinstance(ctx, GatedLoRA):
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y2 = base.reshape(-1, base.shape[-1])
+    y2 = kernels_pallas.ops.lora_topk(y2, x2, ctx.a.astype(x.dtype), ctx.b.astype(x.dtype),
+                                      ctx.scale, ctx.topk_ids, ctx.gates)
+    out = y2.reshape(*lead, -1)
+  else:
+    raise TypeError(f"adapter context must be None, SingleLoRA, MixedLoRA or GatedLoRA; "
+                    f"got {type(ctx).__name__}")
+  if bias is not None:
+    out = out + bias.astype(out.dtype)
+  return out

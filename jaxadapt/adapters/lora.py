@@ -1,0 +1,221 @@
+"""LoRA as pure functions over a frozen parameter tree.
+
+An adapter is `LoraAdapter(weights, config)`: `weights[path] = {"a": [in, r], "b": [r, out]}`
+(plus `"magnitude": [out]` for DoRA), keyed by the dotted path of the projection it targets.
+`delta = scale * (x @ a) @ b` with `scale = alpha / r` (or `alpha / sqrt(r)`, rsLoRA).
+Nothing here mutates or copies the base tree; `merge` builds a new tree that shares every leaf
+it does not change.
+
+References:
+  LoRA (Hu et al., 2021), Eq. 3: h = W0 x + (alpha / r) B A x.
+  rsLoRA (Kalajdzievski, 2023), Sec. 3: scale = alpha / sqrt(r).
+  DoRA (Liu et al., 2024), Eq. 5: W' = m (W0 + B A) / ||W0 + B A||_c.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxadapt.adapters import targets as targets_lib
+from jaxadapt.adapters.hook import SingleLoRA, dora_weight_norm
+
+
+def _freeze(value):
+  if isinstance(value, Mapping):
+    return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+  if isinstance(value, (list, tuple, set)):
+    return tuple(_freeze(v) for v in value)
+  return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+  """LoRA options under PEFT's names; hashable so it can be static under jit."""
+  r: int = 8                              # default rank
+  lora_alpha: float = 8.0                 # default alpha
+  target_modules: Any = None              # names (tuple), a full-match regex, or "all-linear"
+  exclude_modules: Any = None             # names (tuple) or regex never targeted
+  layers_to_transform: Any = None         # int or tuple of layer indices
+  layers_pattern: Any = None              # name(s) of the layer list, e.g. "layers"
+  rank_pattern: tuple = ()                # ((regex, rank), ...): per-path rank
+  alpha_pattern: tuple = ()               # ((regex, alpha), ...): per-path alpha
+  use_rslora: bool = False                # scale = alpha / sqrt(r) instead of alpha / r
+  use_dora: bool = False                  # weight-decomposed LoRA (magnitude vector per output)
+  lora_dropout: float = 0.0               # dropout on the adapter input while training
+  base_model_name_or_path: Optional[str] = None  # recorded in PEFT's adapter_config.json
+
+  def __post_init__(self):
+    for name in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                 "rank_pattern", "alpha_pattern"):
+      value = getattr(self, name)
+      if isinstance(value, Mapping):
+        value = tuple(value.items())
+      if isinstance(value, (list, set)):
+        value = tuple(value)
+      object.__setattr__(self, name, _freeze(value) if value is not None else None)
+    if object.__getattribute__(self, "rank_pattern") is None:
+      object.__setattr__(self, "rank_pattern", ())
+    if object.__getattribute__(self, "alpha_pattern") is None:
+      object.__setattr__(self, "alpha_pattern", ())
+    if self.target_modules is None:
+      raise ValueError("LoraConfig needs target_modules: a list of module names, a regex, or "
+                       "'all-linear'")
+    if not isinstance(self.r, int) or self.r < 1:
+      raise ValueError(f"r must be a positive int, got {self.r!r}")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+  def rank(self, path: str) -> int:
+    return int(targets_lib.pattern_value(dict(self.rank_pattern), path, self.r))
+
+  def alpha(self, path: str) -> float:
+    return float(targets_lib.pattern_value(dict(self.alpha_pattern), path, self.lora_alpha))
+
+  def scale(self, path: str, rank: Optional[int] = None) -> float:
+    r = self.rank(path) if rank is None else rank
+    return self.alpha(path) / (math.sqrt(r) if self.use_rslora else r)
+
+  def targets(self, linear_paths: Sequence[str]) -> list[str]:
+    return targets_lib.resolve_targets(
+        linear_paths, self.target_modules, layers_to_transform=self.layers_to_transform,
+        layers_pattern=self.layers_pattern, exclude_modules=self.exclude_modules)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraAdapter:
+  """A LoRA adapter: weights keyed by projection path (a pytree) plus its static config."""
+  weights: dict
+  config: LoraConfig = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def paths(self) -> list[str]:
+    return list(self.weights)
+
+  def rank(self, path: str) -> int:
+    return int(self.weights[path]["a"].shape[1])
+
+  def scale(self, path: str) -> float:
+    return self.config.scale(path, self.rank(path))
+
+
+def path_get(params: Mapping, path: str):
+  """The sub-tree of a pure-dict parameter tree at a dotted path (`model.layers.0.mlp`)."""
+  node = params
+  for part in path.split("."):
+    key = int(part) if part.isdigit() and int(part) in node else part
+    if key not in node:
+      raise KeyError(f"no parameter at {path!r} (missing {part!r})")
+    node = node[key]
+  return node
+
+
+def path_set(params: Mapping, path: str, leaf: str, value) -> dict:
+  """A new tree equal to `params` but with `path.leaf = value`; all other nodes shared."""
+  parts = path.split(".") + [leaf]
+
+  def rec(node, i):
+    part = parts[i]
+    key = int(part) if part.isdigit() and int(part) in node else part
+    new = dict(node)
+    new[key] = value if i == len(parts) - 1 else rec(node[key], i + 1)
+    return new
+  return rec(params, 0)
+
+
+def kernel_at(params: Mapping, path: str) -> jax.Array:
+  """The [in, out] kernel of the projection at `path` (tied lm_head: the embedding's transpose)."""
+  if path == "lm_head" and "lm_head" not in params:
+    return path_get(params, "model.embed_tokens")["embedding"].T
+  return path_get(params, path)["kernel"]
+
+
+def init_lora(params: Mapping, linear_paths: Sequence[str], config: LoraConfig,
+              key: jax.Array, *, dtype=jnp.float32) -> LoraAdapter:
+  """A fresh adapter: `a` Kaiming-uniform (bound 1/sqrt(in), as PEFT), `b` zeros.
+
+  DoRA magnitudes start at the base kernel's column norms, so the adapted model equals the base.
+  """
+  weights = {}
+  for path in config.targets(linear_paths):
+    if path in targets_lib.OUTPUT_LAYERS and path == "lm_head" and "lm_head" not in params:
+      raise ValueError("LoRA on a tied lm_head is not supported; drop lm_head from targets")
+    kernel = kernel_at(params, path)
+    din, dout = kernel.shape
+    r = config.rank(path)
+    key, sub = jax.random.split(key)
+    bound = 1.0 / math.sqrt(din)
+    w = {"a": jax.random.uniform(sub, (din, r), dtype, -bound, bound),
+         "b": jnp.zeros((r, dout), dtype)}
+    if config.use_dora:
+      w["magnitude"] = dora_weight_norm(kernel, w["a"], w["b"], 0.0).astype(dtype)
+    weights[path] = w
+  return LoraAdapter(weights=weights, config=config)
+
+
+def contexts(adapter: LoraAdapter, *, dropout_key: Optional[jax.Array] = None) -> dict:
+  """Per-path `SingleLoRA` contexts for the projection hook.
+
+  Args:
+    adapter: the adapter.
+    dropout_key: a PRNG key to apply `lora_dropout` (training); None disables dropout.
+  """
+  out = {}
+  rate = adapter.config.lora_dropout if dropout_key is not None else 0.0
+  keys = (jax.random.split(dropout_key, len(adapter.weights)) if rate > 0 else
+          [None] * len(adapter.weights))
+  for (path, w), k in zip(adapter.weights.items(), keys):
+    out[path] = SingleLoRA(a=w["a"], b=w["b"], scale=jnp.asarray(adapter.scale(path), jnp.float32),
+                           magnitude=w.get("magnitude"), dropout_key=k, dropout=rate)
+  return out
+
+
+def delta_weight(adapter: LoraAdapter, path: str) -> jax.Array:
+  """`scale * A @ B` for one path, float32 [in, out]."""
+  w = adapter.weights[path]
+  return adapter.scale(path) * (w["a"].astype(jnp.float32) @ w["b"].astype(jnp.float32))
+
+
+def merge_params(params: Mapping, adapter: LoraAdapter) -> tuple[dict, dict]:
+  """Folds the adapter into the kernels it targets.
+
+  Returns:
+    (new params, DoRA column norms per path needed by `unmerge_params`; empty without DoRA).
+  """
+  norms = {}
+  for path, w in adapter.weights.items():
+    kernel = kernel_at(params, path)
+    new = kernel.astype(jnp.float32) + delta_weight(adapter, path)
+    if "magnitude" in w:
+      norm = jnp.sqrt(jnp.sum(new * new, axis=0))
+      norms[path] = norm
+      new = new * (w["magnitude"].astype(jnp.float32) / norm)
+    params = _set_kernel(params, path, new.astype(kernel.dtype))
+  return params, norms
+
+
+def unmerge_params(params: Mapping, adapter: LoraAdapter, dora_norms: Mapping) -> dict:
+  """The inverse of `merge_params` (exact up to float rounding)."""
+  for path, w in adapter.weights.items():
+    kernel = kernel_at(params, path)
+    new = kernel.astype(jnp.float32)
+    if "magnitude" in w:
+      new = new * (dora_norms[path] / w["magnitude"].astype(jnp.float32))
+    new = new - delta_weight(adapter, path)
+    params = _set_kernel(params, path, new.astype(kernel.dtype))
+  return params
+
+
+def _set_kernel(params, path, value):
+  if path == "lm_head" and "lm_head" not in params:
+    raise ValueError("cannot merge into a tied lm_head")
+  return path_set(params, path, "kernel", value)
+
+
+def adapter_to_numpy(adapter: LoraAdapter) -> dict:
+  return jax.tree_util.tree_map(np.asarray, adapter.weights)

@@ -1,0 +1,138 @@
+"""`CausalLM`: a frozen decoder (graphdef + params) you can call with adapters.
+
+`model(input_ids)`, `model(input_ids, adapter=a)`, and mixed batches
+`model(input_ids, adapters=[a0, a1], adapter_ids=[0, 1, -1])` (one id per sequence, -1 = base)
+all run the same jitted forward; only the adapter context differs.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxadapt.adapters import lora as lora_lib
+from jaxadapt.adapters import stack as stack_lib
+from jaxadapt.models.llama import LlamaConfig, LlamaForCausalLM
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward(graphdef, params, input_ids, attention_mask, positions, lora):
+  module = nnx.merge(graphdef, nnx.State(params))
+  return module(input_ids, attention_mask, positions, lora)
+
+
+def forward(graphdef, params, input_ids, attention_mask=None, positions=None, lora=None):
+  """The pure forward (not jitted): for use inside a user's own jit/grad (training)."""
+  module = nnx.merge(graphdef, nnx.State(params))
+  return module(input_ids, attention_mask, positions, lora)
+
+
+class CausalLM:
+  """A frozen Llama-family model: `config`, `graphdef`, `params` (a pure dict, never mutated)."""
+
+  def __init__(self, config: LlamaConfig, graphdef, params, *, merged: tuple = ()):
+    self.config = config
+    self.graphdef = graphdef
+    self.params = params
+    self.merged = merged  # ((adapter, dora_norms), ...) folded in by `merge`, newest last
+
+  @classmethod
+  def random(cls, config: LlamaConfig, *, seed: int = 0, dtype=jnp.float32) -> "CausalLM":
+    """A randomly initialised model (demos, benchmarks, tests)."""
+    graphdef, state = nnx.split(LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed)))
+    return cls(config, graphdef, nnx.to_pure_dict(state))
+
+  @functools.cached_property
+  def linear_paths(self) -> list[str]:
+    module = nnx.merge(self.graphdef, nnx.State(self.params))
+    return module.linear_paths()
+
+  @property
+  def dtype(self):
+    return self.params["model"]["embed_tokens"]["embedding"].dtype
+
+  def lora_contexts(self, *, adapter=None, adapters=None, adapter_ids=None, seq_len=None):
+    """The per-path adapter contexts `__call__` builds (exposed for training and serving)."""
+    if adapter is not None and adapters is not None:
+      raise ValueError("pass either adapter= (one for the batch) or adapters= with adapter_ids=, "
+                       "not both")
+    if adapter is not None:
+      self._check(adapter)
+      return lora_lib.contexts(adapter)
+    if adapters is not None:
+      if adapter_ids is None:
+        raise ValueError("adapters= needs adapter_ids= (one id per sequence, -1 = base)")
+      ids = np.asarray(adapter_ids)
+      if ids.ndim != 1 or ((ids < -1) | (ids >= len(adapters))).any():
+        raise ValueError(f"adapter_ids must be one int per sequence in [-1, {len(adapters) - 1}], "
+                         f"got {adapter_ids!r}")
+      for a in adapters:
+        self._check(a)
+      stacks = stack_lib.stack_adapters(self.params, adapters, dtype=self.dtype)
+      return stack_lib.mixed_contexts(stacks, np.repeat(ids, seq_len))
+    return None
+
+  def _check(self, adapter):
+    unknown = [p for p in adapter.weights if p not in self.linear_paths]
+    if unknown:
+      raise ValueError(f"adapter targets {unknown[:3]}, which are not linear layers of this model "
+                       f"(e.g. {self.linear_paths[:3]})")
+
+  def __call__(self, input_ids, attention_mask=None, *, adapter=None, adapters=None,
+               adapter_ids=None, position_ids=None):
+    """Logits `[batch, seq, vocab]`.
+
+    Args:
+      input_ids: [batch, seq] ints (numpy or jax).
+      attention_mask: [batch, seq] 1 = token, 0 = padding (left or right), as transformers.
+      adapter: one `LoraAdapter` for the whole batch.
+      adapters: a list of adapters, with `adapter_ids` one id per sequence (-1 = base only).
+      position_ids: [batch, seq] positions; default `arange(seq)` as transformers.
+    """
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    if adapter_ids is not None and len(adapter_ids) != input_ids.shape[0]:
+      raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for a batch of "
+                       f"{input_ids.shape[0]} sequences")
+    lora = self.lora_contexts(adapter=adapter, adapters=adapters, adapter_ids=adapter_ids,
+                              seq_len=input_ids.shape[1])
+    if attention_mask is not None:
+      attention_mask = jnp.asarray(attention_mask)
+      if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape "
+                         f"{input_ids.shape}")
+    if position_ids is not None:
+      position_ids = jnp.asarray(position_ids, jnp.int32)
+    return _forward(self.graphdef, self.params, input_ids, attention_mask, position_ids, lora)
+
+
+def merge(model: CausalLM, adapter) -> CausalLM:
+  """A new model with `adapter` folded into its kernels (the input model is untouched)."""
+  model._check(adapter)
+  params, norms = lora_lib.merge_params(model.params, adapter)
+  return CausalLM(model.config, model.graphdef, params,
+                  merged=model.merged + ((adapter, norms),))
+
+
+def unmerge(model: CausalLM, adapter=None) -> CausalLM:
+  """Removes the most recently merged adapter (or the given one, which must be the newest)."""
+  if not model.merged:
+    raise ValueError("this model has no merged adapter to unmerge")
+  last, norms = model.merged[-1]
+  if adapter is not None and adapter is not last:
+    raise ValueError("unmerge removes adapters newest first; the given adapter is not the "
+                     "newest merged one")
+  params = lora_lib.unmerge_params(model.params, last, norms)
+  return CausalLM(model.config, model.graphdef, params, merged=model.merged[:-1])
+
+
+def load_model(directory: str, *, dtype="float32", sharding=None) -> CausalLM:
+  """Loads a Hugging Face Llama/Mistral/Qwen2 dir as a frozen `CausalLM`."""
+  from jaxadapt.io.hf import load_llama
+  config, graphdef, params = load_llama(directory, dtype=jnp.dtype(dtype), sharding=sharding)
+  return CausalLM(config, graphdef, params)

@@ -1,0 +1,83 @@
+"""Hugging Face model dirs (config.json + safetensors, sharded index too) into NNX params.
+
+Tensors are memory-mapped and each is placed on its sharding as it loads, so a model larger than
+host memory can stream onto a mesh. Names map one to one: HF `...q_proj.weight [out, in]` is the
+NNX `...q_proj.kernel [in, out]`; `embed_tokens.weight` is `embed_tokens.embedding`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, Sharding
+
+from jaxadapt import sharding as sharding_lib
+from jaxadapt.io.safetensors_mmap import CheckpointDir
+from jaxadapt.models.llama import LlamaConfig, LlamaForCausalLM
+
+ShardingArg = Union[None, Sharding, Mesh, Callable[[str, tuple], Sharding]]
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_config(directory: str) -> dict:
+  path = os.path.join(os.fspath(directory), "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model dir)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _hf_name(path: str) -> tuple[str, bool]:
+  """NNX param path -> (HF tensor name, transpose?)."""
+  stem, leaf = path.rsplit(".", 1)
+  if leaf == "kernel":
+    return f"{stem}.weight", True
+  if leaf == "embedding":
+    return f"{stem}.weight", False
+  return path, False
+
+
+def _resolve_sharding(sharding: ShardingArg) -> Callable[[str, tuple], Optional[Sharding]]:
+  if sharding is None:
+    return lambda path, shape: None
+  if isinstance(sharding, Mesh):
+    return lambda path, shape: sharding_lib.param_sharding(sharding, path, shape)
+  if isinstance(sharding, Sharding):
+    return lambda path, shape: sharding
+  if callable(sharding):
+    return sharding
+  raise TypeError(f"sharding must be None, a Sharding, a Mesh or a callable(path, shape); got "
+                  f"{type(sharding).__name__}")
+
+
+def load_llama(directory: str, *, dtype=jnp.float32, sharding: ShardingArg = None):
+  """Loads a Llama/Mistral/Qwen2 dir. Returns (config, graphdef, params as a pure dict)."""
+  config = LlamaConfig.from_hf(read_config(directory))
+  abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  shapes = nnx.to_pure_dict(state)
+  ckpt = CheckpointDir(directory)
+  place = _resolve_sharding(sharding)
+
+  def load(kp, leaf):
+    path = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
+    name, transpose = _hf_name(path)
+    if name not in ckpt:
+      raise KeyError(f"{directory}: checkpoint has no tensor {name!r} (needed for {path}); "
+                     f"it has e.g. {sorted(ckpt)[:5]}")
+    arr = ckpt[name]
+    arr = arr.T if transpose else arr
+    if tuple(arr.shape) != tuple(leaf.shape):
+      raise ValueError(f"{directory}: tensor {name!r} has shape {tuple(arr.shape)}, the config "
+                       f"implies {tuple(leaf.shape)}")
+    host = np.asarray(arr).astype(jnp.dtype(dtype))
+    target = place(path, host.shape)
+    return jax.device_put(host, target) if target is not None else jnp.asarray(host)
+
+  params = jax.tree_util.tree_map_with_path(load, shapes)
+  return config, graphdef, params

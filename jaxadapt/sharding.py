@@ -1,0 +1,80 @@
+"""Meshes and partition rules for frozen base params and adapters.
+
+Tensor parallelism follows Megatron-LM (Shoeybi et al., 2019) as S-LoRA Sec. 6 extends it to
+adapters: column-parallel projections (q, k, v, gate, up, lm_head) split their output dim over
+the `model` axis, row-parallel ones (o, down) their input dim. A LoRA pair follows its base:
+column-parallel -> `A` replicated, `B` split on out; row-parallel -> `A` split on in, `B`
+replicated. A dim that does not divide the axis size stays replicated.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def make_mesh(data: int = 1, model: int = 1, devices: Optional[Sequence] = None) -> Mesh:
+  """A (data, model) mesh with Auto axes over the first data*model devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  if data * model > len(devices):
+    raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, "
+                     f"found {len(devices)}")
+  grid = np.array(devices[:data * model]).reshape(data, model)
+  return Mesh(grid, (DATA, MODEL), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def _axis(mesh: Mesh, dim: int) -> Optional[str]:
+  size = mesh.shape.get(MODEL, 1)
+  return MODEL if size > 1 and dim % size == 0 else None
+
+
+def param_spec(mesh: Mesh, path: str, shape: tuple) -> P:
+  """PartitionSpec of a base parameter at dotted `path` (e.g. `...q_proj.kernel`)."""
+  parts = path.split(".")
+  module, leaf = (parts[-2] if len(parts) > 1 else ""), parts[-1]
+  if module in COLUMN_PARALLEL and leaf == "kernel":
+    return P(None, _axis(mesh, shape[1]))
+  if module in COLUMN_PARALLEL and leaf == "bias":
+    return P(_axis(mesh, shape[0]))
+  if module in ROW_PARALLEL and leaf == "kernel":
+    return P(_axis(mesh, shape[0]), None)
+  if module == "embed_tokens":
+    return P(None, _axis(mesh, shape[1]))
+  return P()
+
+
+def param_sharding(mesh: Mesh, path: str, shape: tuple) -> NamedSharding:
+  return NamedSharding(mesh, param_spec(mesh, path, shape))
+
+
+def adapter_spec(mesh: Mesh, path: str, leaf: str, shape: tuple) -> P:
+  """PartitionSpec of an adapter leaf (`a`, `b` or `magnitude`) for the projection at `path`."""
+  module = path.rsplit(".", 1)[-1]
+  if module in COLUMN_PARALLEL:
+    if leaf == "b":
+      return P(None, _axis(mesh, shape[1]))
+    if leaf == "magnitude":
+      return P(_axis(mesh, shape[0]))
+  if module in ROW_PARALLEL and leaf == "a":
+    return P(_axis(mesh, shape[0]), None)
+  return P()
+
+
+def shard_params(params, mesh: Mesh):
+  """Places a pure-dict base tree on `mesh` with `param_spec`."""
+  def place(kp, x):
+    path = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
+    return jax.device_put(x, param_sharding(mesh, path, x.shape))
+  return jax.tree_util.tree_map_with_path(place, params)
+
+
+def shard_adapter_weights(weights, mesh: Mesh):
+  """Places adapter weights `{path: {leaf: array}}` on `mesh` with `adapter_spec`."""
+  return {p: {leaf: jax.device_put(x, NamedSharding(mesh, adapter_spec(mesh, p, leaf, x.shape)))
+              for leaf, x in w.items()} for p, w in weights.items()}

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random Hugging Face models saved with `save_pretrained`.
+
+Eight simulated CPU devices are set before jax is imported so sharded tests can build meshes.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2)
+
+
+def make_hf_model(family: str, directory: str, seed: int = 0, **overrides):
+  """Builds and saves a tiny random transformers model; returns the torch model (eval mode)."""
+  import torch
+  import transformers as tf
+  classes = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+             "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+             "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}
+  cfg_cls, model_cls = classes[family]
+  torch.manual_seed(seed)
+  model = model_cls(cfg_cls(**{**TINY, **overrides})).eval()
+  with torch.no_grad():  # HF inits norms to ones and biases to zeros: make them matter.
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight") or name.endswith(".bias"):
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(directory)
+  return model
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("llama")
+  model = make_hf_model("llama", str(d))
+  return str(d), model
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("qwen2")
+  model = make_hf_model("qwen2", str(d), seed=1)
+  return str(d), model
