@@ -55,7 +55,7 @@ class CausalLM:
   def dtype(self):
     return self.params["model"]["embed_tokens"]["embedding"].dtype
 
-  def lora_contexts(self, *, adapter=None, adapters=None, adapter_ids=None, seq_len=None):
+  def lora_contexts(self, *, adapter=None, adapters=None, adapter_ids=None):
     """The per-path adapter contexts `__call__` builds (exposed for training and serving)."""
     if adapter is not None and adapters is not None:
       raise ValueError("pass either adapter= (one for the batch) or adapters= with adapter_ids=, "
@@ -72,9 +72,22 @@ class CausalLM:
                          f"got {adapter_ids!r}")
       for a in adapters:
         self._check(a)
-      stacks = stack_lib.stack_adapters(self.params, adapters, dtype=self.dtype)
-      return stack_lib.mixed_contexts(stacks, np.repeat(ids, seq_len))
+      stacks = self._stacks(tuple(adapters))
+      return stack_lib.mixed_contexts(stacks, ids)
     return None
+
+  def _stacks(self, adapters: tuple) -> dict:
+    """Stacked weights of `adapters`, cached for the last few distinct adapter lists."""
+    cache = self.__dict__.setdefault("_stack_cache", {})
+    key = tuple(id(a) for a in adapters)
+    hit = cache.get(key)
+    if hit is not None and all(x is y for x, y in zip(hit[0], adapters)):
+      return hit[1]
+    stacks = stack_lib.stack_adapters(self.params, adapters, dtype=self.dtype)
+    if len(cache) >= 4:
+      cache.pop(next(iter(cache)))
+    cache[key] = (adapters, stacks)  # holds the adapters, so their ids stay unique
+    return stacks
 
   def _check(self, adapter):
     unknown = [p for p in adapter.weights if p not in self.linear_paths]
@@ -99,8 +112,7 @@ class CausalLM:
     if adapter_ids is not None and len(adapter_ids) != input_ids.shape[0]:
       raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for a batch of "
                        f"{input_ids.shape[0]} sequences")
-    lora = self.lora_contexts(adapter=adapter, adapters=adapters, adapter_ids=adapter_ids,
-                              seq_len=input_ids.shape[1])
+    lora = self.lora_contexts(adapter=adapter, adapters=adapters, adapter_ids=adapter_ids)
     if attention_mask is not None:
       attention_mask = jnp.asarray(attention_mask)
       if attention_mask.shape != input_ids.shape:

@@ -52,7 +52,8 @@ class MixedLoRA:
   a: jax.Array                      # [N, in, r_max], ranks zero-padded
   b: jax.Array                      # [N, r_max, out]
   scale: jax.Array                  # [N]
-  token_ids: jax.Array              # [T] int32, T = product of x's leading dims
+  token_ids: jax.Array              # [T] int32 (T = product of x's leading dims), or [B] one
+                                    # id per sequence of x [B, S, in] (tokens already segmented)
   dora_scale: Optional[jax.Array] = None  # [N, out]
 
 
@@ -77,6 +78,24 @@ def dora_weight_norm(kernel, a, b, scale):
   """Column norms `||W + scale * A B||` of a [in, out] kernel (DoRA Eq. 5), float32."""
   w = kernel.astype(jnp.float32) + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
   return jnp.sqrt(jnp.sum(w * w, axis=0))
+
+
+def _per_sequence(x, base, ctx: MixedLoRA):
+  """Mixed LoRA with one adapter per sequence: segments are the sequences (S-LoRA's SGMV with
+  equal segment lengths), so each sequence gathers its adapter's weights once, not per token."""
+  ids = ctx.token_ids.astype(jnp.int32)
+  if ids.shape[0] != x.shape[0]:
+    raise ValueError(f"MixedLoRA.token_ids has {ids.shape[0]} ids for x of shape {x.shape}: "
+                     f"expected one per token ({x.shape[0] * x.shape[1]}) or per sequence")
+  valid = ids >= 0
+  safe = jnp.where(valid, ids, 0)
+  a, b = ctx.a[safe].astype(x.dtype), ctx.b[safe].astype(x.dtype)  # [B, in, r], [B, r, out]
+  scale = jnp.where(valid, ctx.scale[safe], 0).astype(x.dtype)
+  delta = jnp.einsum("bsr,bro->bso", jnp.einsum("bsd,bdr->bsr", x, a), b) * scale[:, None, None]
+  if ctx.dora_scale is None:
+    return base + delta
+  ms = jnp.where(valid[:, None], ctx.dora_scale[safe], 1).astype(x.dtype)[:, None, :]
+  return ms * (base + delta)
 
 
 def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
@@ -105,6 +124,8 @@ def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
       mag = (ctx.magnitude.astype(jnp.float32) / norm).astype(x.dtype)
       base_d = base if xd is x else jnp.matmul(xd, kernel.astype(x.dtype))
       out = base + (mag - 1) * base_d + mag * delta
+  elif isinstance(ctx, MixedLoRA) and x.ndim == 3 and ctx.token_ids.shape[0] != x.shape[0] * x.shape[1]:
+    out = _per_sequence(x, base, ctx)
   elif isinstance(ctx, MixedLoRA):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])

@@ -188,6 +188,17 @@ def check_num_steps(num_steps: int, num_train_timesteps: int) -> None:
     )
 
 
+def check_timesteps_in_range(timesteps: np.ndarray, num_train_timesteps: int, who: str) -> None:
+  """Raises a ValueError if a timestep indexes past the training schedule (e.g. "leading"
+  spacing with steps_offset=1 and num_steps=T gives t = T)."""
+  if timesteps.size and (timesteps.max() >= num_train_timesteps or timesteps.min() < 0):
+    raise ValueError(
+        f"{who}: timesteps must lie in [0, {num_train_timesteps - 1}]; this config and num_steps"
+        f" give {timesteps.min()}..{timesteps.max()}. Use fewer steps or a different"
+        " timestep_spacing/steps_offset."
+    )
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
   """Noise levels of Karras et al. 2022 Eq. 5 (rho = 7), largest first, float64 [N]."""
   ramp = np.linspace(0, 1, num_steps)

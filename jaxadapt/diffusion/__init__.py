@@ -1,0 +1,19 @@
+"""Noise schedulers, classifier-free guidance and sampling loops, in JAX.
+
+The schedulers read diffusers' ``scheduler_config.json`` and reproduce diffusers' torch schedulers
+(timesteps and every step); ``step`` is pure, so a sampling run is one ``lax.scan``.
+"""
+
+from jaxadapt.diffusion.ddim import DDIMScheduler, DDIMState
+from jaxadapt.diffusion.ddpm import DDPMScheduler, DDPMState
+from jaxadapt.diffusion.dpm_solver import DPMSolverMultistepScheduler, DPMSolverState
+from jaxadapt.diffusion.euler import EulerDiscreteScheduler, EulerState
+from jaxadapt.diffusion.guidance import cfg_combine, guide_model_output
+from jaxadapt.diffusion.sampling import sample
+from jaxadapt.diffusion.schedulers import SCHEDULERS, Scheduler, scheduler_from_config
+
+__all__ = [
+    "DDIMScheduler", "DDIMState", "DDPMScheduler", "DDPMState", "DPMSolverMultistepScheduler",
+    "DPMSolverState", "EulerDiscreteScheduler", "EulerState", "SCHEDULERS", "Scheduler",
+    "cfg_combine", "guide_model_output", "sample", "scheduler_from_config",
+]

@@ -1,0 +1,210 @@
+"""What the four schedulers share: config loading and validation, and small per-step helpers.
+
+A scheduler is a frozen, hashable dataclass of diffusers' config options (so it can be a static
+argument of ``jax.jit``); everything that depends on the number of steps lives in a state pytree
+built by ``init_state``, and ``step`` is a pure function of that state, usable in ``lax.scan``:
+
+```python
+sched = DDIMScheduler.from_config("model_dir/scheduler")
+state = sched.init_state(num_steps, latents)
+x = latents * state.init_noise_sigma
+for i in range(num_steps):                       # or one lax.scan over i
+  t = state.timesteps[i]
+  out = model(sched.scale_model_input(state, x, i), t)
+  x, state = sched.step(state, out, i, x, jax.random.fold_in(key, i))
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxadapt.diffusion import schedules
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SchedulerBase:
+  """Config options every scheduler has (diffusers' names and defaults)."""
+
+  num_train_timesteps: int = 1000  # T, the number of training noise levels.
+  beta_start: float = 0.0001  # first beta of the linear/scaled_linear schedules.
+  beta_end: float = 0.02  # last beta of the linear/scaled_linear schedules.
+  beta_schedule: str = "linear"  # "linear", "scaled_linear" or "squaredcos_cap_v2".
+  trained_betas: tuple[float, ...] | None = None  # explicit betas [T]; overrides beta_schedule.
+  prediction_type: str = "epsilon"  # what the model predicts: "epsilon", "v_prediction", "sample".
+  timestep_spacing: str = "leading"  # "linspace", "leading" or "trailing" (Lin et al. 2024 Tab. 2).
+  steps_offset: int = 0  # added to "leading" timesteps (1 for Stable Diffusion 1.x).
+  rescale_betas_zero_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al. Alg. 1).
+
+  # Name of the diffusers class this mirrors (``_class_name`` in scheduler_config.json).
+  diffusers_class: ClassVar[str] = ""
+  # Accepted values of options that take one of a few strings or numbers.
+  _choices: ClassVar[dict[str, tuple[Any, ...]]] = {
+      "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+      "prediction_type": ("epsilon", "v_prediction", "sample"),
+      "timestep_spacing": ("linspace", "leading", "trailing"),
+  }
+  # diffusers options that jaxadapt supports only at the value given here.
+  _only_default: ClassVar[dict[str, Any]] = {}
+
+  def __post_init__(self):
+    if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
+      object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
+    for name, allowed in self._choices.items():
+      value = getattr(self, name)
+      if value not in allowed:
+        raise ValueError(
+            f"{type(self).__name__}: {name}={value!r} is not supported; expected one of"
+            f" {', '.join(repr(a) for a in allowed)}."
+        )
+    for name, default in self._only_default.items():
+      value = getattr(self, name)
+      if value != default:
+        raise ValueError(
+            f"{type(self).__name__}: {name}={value!r} is not supported by jaxadapt (only"
+            f" {default!r}). Remove the option from the scheduler config or set it to {default!r}."
+        )
+    if self.num_train_timesteps < 2:
+      raise ValueError(f"num_train_timesteps must be at least 2; got {self.num_train_timesteps}.")
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any] | str | os.PathLike, **overrides):
+    """Builds the scheduler from a diffusers scheduler config.
+
+    Options this class does not have (e.g. ``clip_sample`` when an Euler scheduler is built from
+    a DDIM config) are ignored, as diffusers' ``from_config`` ignores them; an option it has but
+    supports only at its default raises a ValueError naming the option and value.
+
+    Args:
+      config: a dict, a ``scheduler_config.json`` path, or a folder holding one (see
+        ``schedules.read_scheduler_config``).
+      **overrides: options that replace the config's (e.g. ``timestep_spacing="trailing"``, or
+        ``eta=1.0`` for DDIM, which diffusers takes at ``step`` time).
+
+    Returns:
+      The scheduler.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+      raise TypeError(
+          f"{cls.__name__}.from_config got unknown overrides {unknown}; options are {sorted(names)}."
+      )
+    cfg = schedules.read_scheduler_config(config)
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg.update(overrides)
+    ignored = sorted(set(cfg) - names)
+    if ignored:
+      logger.info("%s ignores config options it does not have: %s", cls.__name__, ignored)
+    return cls(**{k: v for k, v in cfg.items() if k in names})
+
+  def config(self) -> dict[str, Any]:
+    """The options as a diffusers-style dict (``_class_name`` included)."""
+    cfg = dataclasses.asdict(self)
+    if cfg.get("trained_betas") is not None:
+      cfg["trained_betas"] = list(cfg["trained_betas"])
+    return {"_class_name": self.diffusers_class, **cfg}
+
+  # --- noise schedule -------------------------------------------------------------------------
+
+  def alphas_cumprod(self) -> np.ndarray:
+    """alpha-bar_t for t = 0..T-1 as float32 (Ho et al. 2020, notation above Eq. 4)."""
+    betas = schedules.make_betas(
+        num_train_timesteps=self.num_train_timesteps,
+        beta_start=self.beta_start,
+        beta_end=self.beta_end,
+        beta_schedule=self.beta_schedule,
+        trained_betas=self.trained_betas,
+        rescale_betas_zero_snr=self.rescale_betas_zero_snr,
+    )
+    return schedules.alphas_cumprod(betas)
+
+  def set_timesteps(self, num_steps: int) -> np.ndarray:
+    """The timesteps of a ``num_steps`` sampling run, equal to diffusers' ``set_timesteps``."""
+    raise NotImplementedError
+
+  @property
+  def uses_learned_variance(self) -> bool:
+    """Whether ``step`` reads the variance half of a 2C-channel (learned-sigma) model output."""
+    return False
+
+
+# --- helpers shared by the step functions ---------------------------------------------------------
+
+
+def split_learned_variance(
+    model_output: jax.Array, sample: jax.Array, *, who: str
+) -> tuple[jax.Array, jax.Array | None]:
+  """Splits a learned-sigma output [.., 2C, ..] into (prediction, variance) halves.
+
+  The channel axis is the one axis where ``model_output`` is twice ``sample`` (so NCHW and NHWC
+  both work). An output of the sample's own shape has no variance half.
+
+  Args:
+    model_output: the model output, shaped like ``sample`` or with twice its channels.
+    sample: the current sample x_t.
+    who: the caller's name for error messages.
+
+  Returns:
+    ``(prediction, variance)``; ``variance`` is None when the output has the sample's shape.
+  """
+  if model_output.shape == sample.shape:
+    return model_output, None
+  axis = channel_axis_of(model_output.shape, sample.shape, who=who)
+  c = sample.shape[axis]
+  return (jax.lax.slice_in_dim(model_output, 0, c, axis=axis),
+          jax.lax.slice_in_dim(model_output, c, 2 * c, axis=axis))
+
+
+def channel_axis_of(output_shape: tuple[int, ...], sample_shape: tuple[int, ...], *, who: str) -> int:
+  """The axis where a learned-sigma output has twice the sample's channels; ValueError if none."""
+  diff = [a for a, (o, s) in enumerate(zip(output_shape, sample_shape)) if o != s]
+  if (len(output_shape) != len(sample_shape) or len(diff) != 1
+      or output_shape[diff[0]] != 2 * sample_shape[diff[0]]):
+    raise ValueError(
+        f"{who}: expected a model output shaped like the sample {tuple(sample_shape)} or, for a"
+        f" learned-sigma model, with twice its channels on one axis; got {tuple(output_shape)}."
+    )
+  return diff[0]
+
+
+def check_same_shape(model_output: jax.Array, sample: jax.Array, *, who: str) -> None:
+  """Raises a ValueError unless the model output has the sample's shape."""
+  if model_output.shape != sample.shape:
+    raise ValueError(
+        f"{who}: expected a model output of the sample's shape {tuple(sample.shape)}; got"
+        f" {tuple(model_output.shape)}. For a learned-sigma model (2C channels) drop the variance"
+        " half first (jaxadapt.diffusion.sample does this for schedulers that do not use it)."
+    )
+
+
+def threshold_sample(x0: jax.Array, ratio: float, max_value: float) -> jax.Array:
+  """Dynamic thresholding of the predicted x0 (Saharia et al. 2022, "Imagen", Sec. 2.3).
+
+  Per sample, s = clip(quantile(|x0|, ratio), 1, max_value); x0 is clipped to [-s, s] and divided
+  by s. Computed in float32 over all non-batch elements.
+  """
+  flat = x0.reshape(x0.shape[0], -1).astype(jnp.float32)
+  s = jnp.clip(jnp.quantile(jnp.abs(flat), ratio, axis=1), 1.0, max_value)[:, None]
+  return (jnp.clip(flat, -s, s) / s).reshape(x0.shape).astype(x0.dtype)
+
+
+def gaussian_noise(key: jax.Array | None, noise: jax.Array | None, like: jax.Array, *, who: str):
+  """``noise`` if given (checked against ``like``), else a standard normal draw from ``key``."""
+  if noise is not None:
+    if noise.shape != like.shape:
+      raise ValueError(f"{who}: noise must have the sample's shape {like.shape}; got {noise.shape}.")
+    return noise.astype(like.dtype)
+  if key is None:
+    raise ValueError(f"{who} is stochastic with this config: pass a PRNG key (or noise=...).")
+  return jax.random.normal(key, like.shape, like.dtype)

@@ -1,0 +1,58 @@
+"""Scheduler lookup by diffusers class name, and the interface every scheduler shares.
+
+Every scheduler (``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
+``DPMSolverMultistepScheduler``) is a frozen dataclass of config options with:
+
+- ``from_config(config, **overrides)``: from a diffusers ``scheduler_config.json`` (dict or path).
+- ``set_timesteps(num_steps) -> np.ndarray``: the timesteps diffusers would use.
+- ``init_state(num_steps, sample) -> state``: a pytree with ``timesteps`` [N],
+  ``init_noise_sigma`` [] and whatever the step needs (tables, multistep history).
+- ``scale_model_input(state, sample, step_index)``: the model's input at step i.
+- ``step(state, model_output, step_index, sample, key=None, *, noise=None)
+  -> (prev_sample, state)``: pure and jit/scan-friendly; ``step_index`` may be traced.
+- ``uses_learned_variance``: whether ``step`` wants the variance half of a 2C-channel output.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Union
+
+from jaxadapt.diffusion import schedules
+from jaxadapt.diffusion.ddim import DDIMScheduler
+from jaxadapt.diffusion.ddpm import DDPMScheduler
+from jaxadapt.diffusion.dpm_solver import DPMSolverMultistepScheduler
+from jaxadapt.diffusion.euler import EulerDiscreteScheduler
+
+Scheduler = Union[DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler]
+
+SCHEDULERS: dict[str, type] = {
+    cls.diffusers_class: cls
+    for cls in (DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler)
+}
+
+
+def scheduler_from_config(
+    config: Mapping[str, Any] | str | os.PathLike, *, class_name: str | None = None, **overrides
+) -> Scheduler:
+  """Builds the scheduler a diffusers config names.
+
+  Args:
+    config: a dict, a ``scheduler_config.json`` path or a folder holding one.
+    class_name: a diffusers class name to use instead of the config's ``_class_name`` (e.g.
+      "DPMSolverMultistepScheduler" to swap the sampler, as ``Scheduler.from_config`` does in
+      diffusers).
+    **overrides: options replacing the config's.
+
+  Returns:
+    The scheduler.
+  """
+  cfg = schedules.read_scheduler_config(config)
+  name = class_name or cfg.get("_class_name")
+  if name not in SCHEDULERS:
+    raise ValueError(
+        f"Scheduler class {name!r} is not supported; jaxadapt has {sorted(SCHEDULERS)}. Pass"
+        " class_name=... to build one of them from this config."
+    )
+  return SCHEDULERS[name].from_config(cfg, **overrides)

@@ -1,0 +1,147 @@
+"""The XLA path: the visit plan run as a loop of small dots (the CPU default).
+
+Each visit slices one tile of rows and one adapter's weights (no [T, D, R] gather), so the work is
+that of the single-adapter matmul plus one weight read per visit. On 2 CPU cores, for T=512,
+D=O=2048, 64 adapters of rank 16, this is ~20x faster than the gather-einsum of `reference` and
+~60x faster than `lax.ragged_dot` (bench/kernels.py). The loop's trip count is the number of real
+visits, so it is not reverse-differentiable by itself: `ops` wraps it in a custom_vjp whose
+backward pass is built from the same loops (`shrink_wgrad`, `expand_wgrad`).
+
+Weights arrive as `w` plus `table`: a dense stack `[N, *, *]` whose rank axis is `rank_axis`
+(2 for A [N, D, R], 1 for B [N, R, O]) with `table=None`, or a pool `[P, page_rows, F]` with a
+`[N, max_pages]` page table (rank axis 1).
+
+References:
+  S-LoRA (Sheng et al., 2023), Sec. 5.1 (MBGMM/MBGMV), Sec. 4.1 (weights in pages).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels_pallas.plan import Plan
+
+
+def adapter_matrix(w: jax.Array, table, aid: jax.Array, rank_axis: int):
+  """One adapter's weights and the axis of the result that is the rank axis (0 or 1)."""
+  if table is None:
+    return lax.dynamic_index_in_dim(w, aid, 0, keepdims=False), rank_axis - 1
+  pages = jnp.clip(table[aid], 0, w.shape[0] - 1)  # [max_pages]
+  rows = w[pages]  # [max_pages, page_rows, F]
+  return rows.reshape(-1, w.shape[2]), 0
+
+
+def _tile(num_rows: int, block_t: int, plan: Plan, v):
+  bt = min(block_t, num_rows)
+  start = jnp.minimum(plan.tile[v] * bt, num_rows - bt)
+  rows = start + jnp.arange(bt, dtype=jnp.int32)
+  live = (rows >= plan.lo[v]) & (rows < plan.hi[v]) & (plan.ids[v] >= 0)
+  return bt, start, live
+
+
+def _rank_live(ranks: jax.Array, aid, r: int) -> jax.Array:
+  return jnp.arange(r, dtype=jnp.int32) < ranks[aid]
+
+
+def shrink(x: jax.Array, w: jax.Array, table, ranks: jax.Array, plan: Plan, *, rank_axis: int,
+           block_t: int = 8) -> jax.Array:
+  """h[t] = x[t] @ W[id]: [T, F] -> [T, R] float32, on grouped rows.
+
+  Args:
+    x: [T, F] grouped rows.
+    w, table, rank_axis: the weight source (module docstring).
+    ranks: [N] int32 live rank of each adapter.
+    plan: the visit plan of x's rows.
+    block_t: rows per tile (the plan's).
+
+  Returns:
+    [T, R] float32; rows without adapter and columns past the rank are zero.
+  """
+  num_rows = x.shape[0]
+  r = w.shape[rank_axis] if table is None else table.shape[1] * w.shape[1]
+
+  def visit(v, h):
+    bt, start, live = _tile(num_rows, block_t, plan, v)
+    aid = jnp.maximum(plan.ids[v], 0)
+    mat, mat_rank = adapter_matrix(w, table, aid, rank_axis)
+    xt = lax.dynamic_slice_in_dim(x, start, bt)
+    ht = lax.dot_general(xt, mat, (((1,), (1 - mat_rank,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+    keep = live[:, None] & _rank_live(ranks, aid, r)[None, :]
+    old = lax.dynamic_slice_in_dim(h, start, bt)
+    return lax.dynamic_update_slice_in_dim(h, jnp.where(keep, ht, old), start, 0)
+
+  return lax.fori_loop(0, plan.count, visit, jnp.zeros((num_rows, r), jnp.float32))
+
+
+def expand(y: jax.Array, h: jax.Array, w: jax.Array, table, ranks: jax.Array, plan: Plan, *,
+           rank_axis: int, block_t: int = 8) -> jax.Array:
+  """y[t] += h[t] @ W[id]: [T, R] -> [T, F] in y's dtype (sums in float32), on grouped rows.
+
+  Args:
+    y: [T, F] grouped rows of the base output.
+    h: [T, R] activations, already multiplied by any per-row scale or gate.
+    w, table, rank_axis: the weight source (module docstring).
+    ranks: [N] int32; rank rows past it are ignored whatever they hold.
+    plan: the visit plan.
+    block_t: rows per tile.
+
+  Returns:
+    [T, F] in y's dtype.
+  """
+  num_rows = y.shape[0]
+  r = h.shape[1]
+
+  def visit(v, acc):
+    bt, start, live = _tile(num_rows, block_t, plan, v)
+    aid = jnp.maximum(plan.ids[v], 0)
+    mat, mat_rank = adapter_matrix(w, table, aid, rank_axis)
+    rank_live = _rank_live(ranks, aid, r)
+    mat = jnp.where(jnp.expand_dims(rank_live, 1 - mat_rank), mat, 0)
+    ht = lax.dynamic_slice_in_dim(h, start, bt)
+    ht = jnp.where(live[:, None] & rank_live[None, :], ht, 0)
+    d = lax.dot_general(ht, mat.astype(ht.dtype), (((1,), (mat_rank,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+    old = lax.dynamic_slice_in_dim(acc, start, bt)
+    return lax.dynamic_update_slice_in_dim(acc, old + d, start, 0)
+
+  acc = lax.fori_loop(0, plan.count, visit, y.astype(jnp.float32))
+  return acc.astype(y.dtype)
+
+
+def outer_sum(u: jax.Array, g: jax.Array, ranks: jax.Array, plan: Plan, num_adapters: int, *,
+              rank_side: int, block_t: int = 8) -> jax.Array:
+  """Per-adapter sums of outer products, the weight gradient of both ops.
+
+  G[n] = sum over rows t with id n of u[t]^T g[t] (the grouped transposed matmul, megablox's
+  "tgmm"). Rank slots at or past ranks[n] are zero.
+
+  Args:
+    u: [T, P] left factor (x for dA, h for dB), grouped rows.
+    g: [T, Q] right factor (dh for dA, dy for dB).
+    ranks: [N] int32.
+    plan: the visit plan.
+    num_adapters: N.
+    rank_side: 1 if Q is the rank axis (dA [N, D, R]), 0 if P is (dB [N, R, O]).
+    block_t: rows per tile.
+
+  Returns:
+    [N, P, Q] float32.
+  """
+  num_rows = u.shape[0]
+  r = (g if rank_side == 1 else u).shape[1]
+
+  def visit(v, acc):
+    bt, start, live = _tile(num_rows, block_t, plan, v)
+    aid = jnp.maximum(plan.ids[v], 0)
+    ut = jnp.where(live[:, None], lax.dynamic_slice_in_dim(u, start, bt), 0)
+    gt = lax.dynamic_slice_in_dim(g, start, bt)
+    prod = lax.dot_general(ut.astype(jnp.float32), gt.astype(jnp.float32),
+                           (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    prod = jnp.where(jnp.expand_dims(_rank_live(ranks, aid, r), 1 - rank_side), prod, 0)
+    old = lax.dynamic_index_in_dim(acc, aid, 0, keepdims=False)
+    return lax.dynamic_update_index_in_dim(acc, old + prod, aid, 0)
+
+  zeros = jnp.zeros((num_adapters, u.shape[1], g.shape[1]), jnp.float32)
+  return lax.fori_loop(0, plan.count, visit, zeros)

@@ -1,0 +1,81 @@
+"""Train-state checkpoints (orbax-checkpoint) and the JSON-lines metrics log, for exact resume.
+
+A checkpoint at step `s` holds the trainable state (a pytree of arrays: adapter weights and
+optimizer state) and a JSON record (step, data position, the config that made it). Orbax writes
+each step to a temporary directory and renames it when complete, so a process killed mid-save
+leaves the previous checkpoint as the latest one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+  """Saves and restores `(state pytree, record dict)` under `directory`, one dir per step."""
+
+  def __init__(self, directory: str, *, every: int, keep: int = 2):
+    if every < 1:
+      raise ValueError(f"checkpoint interval must be >= 1 step, got {every}")
+    self.every = every
+    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+                                           cleanup_tmp_directories=True, create=True)
+    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                         item_names=("state", "record"))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, record: dict, *, force: bool = False) -> bool:
+    """Saves when `step` is a multiple of the interval (or `force`); returns whether it did."""
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=force)
+
+  def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+    """The state at `step`, placed like `like` (same tree, shapes, dtypes and shardings)."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+    return out["state"], dict(out["record"])
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+class MetricsLog:
+  """`metrics.jsonl`: one JSON object per step. On resume, lines after the restored step go."""
+
+  def __init__(self, path: str, *, resume_step: int):
+    self.path = path
+    kept = []
+    if resume_step > 0 and os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          if line.strip():
+            row = json.loads(line)
+            if row["step"] <= resume_step:
+              kept.append(line if line.endswith("\n") else line + "\n")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+      f.writelines(kept)
+
+  def write(self, rows: list[dict]):
+    with open(self.path, "a") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+
+def read_metrics(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
