@@ -21,7 +21,6 @@ from jaxadapt.io.safetensors_mmap import CheckpointDir
 from jaxadapt.models.llama import LlamaConfig, LlamaForCausalLM
 
 ShardingArg = Union[None, Sharding, Mesh, Callable[[str, tuple], Sharding]]
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def read_config(directory: str) -> dict:
@@ -30,16 +29,6 @@ def read_config(directory: str) -> dict:
     raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model dir)")
   with open(path) as f:
     return json.load(f)
-
-
-def _hf_name(path: str) -> tuple[str, bool]:
-  """NNX param path -> (HF tensor name, transpose?)."""
-  stem, leaf = path.rsplit(".", 1)
-  if leaf == "kernel":
-    return f"{stem}.weight", True
-  if leaf == "embedding":
-    return f"{stem}.weight", False
-  return path, False
 
 
 def _resolve_sharding(sharding: ShardingArg) -> Callable[[str, tuple], Optional[Sharding]]:
@@ -55,29 +44,57 @@ def _resolve_sharding(sharding: ShardingArg) -> Callable[[str, tuple], Optional[
                   f"{type(sharding).__name__}")
 
 
+def load_tree(directory: str, shapes, name_fn: Callable[[str], tuple[str, Optional[Callable]]],
+              *, dtype=jnp.float32, sharding: ShardingArg = None, stem: str = "model"):
+  """Fills a pure-dict tree of abstract leaves from the safetensors of a model dir.
+
+  Args:
+    directory: dir with `{stem}.safetensors` or `{stem}.safetensors.index.json`.
+    shapes: pure dict of leaves with `.shape` (e.g. `nnx.to_pure_dict` of an eval_shape state).
+    name_fn: dotted param path -> (checkpoint tensor name, layout transform or None), e.g.
+      `lambda a: a.T` for a linear kernel, a transpose to HWIO for a conv kernel.
+    dtype: dtype of the loaded params.
+    sharding: None, a Sharding, a Mesh (jaxadapt.sharding rules) or callable(path, shape).
+    stem: file stem (`model` for transformers, `diffusion_pytorch_model` for diffusers).
+
+  Returns:
+    The tree with each tensor read (memory-mapped) and placed on its sharding.
+  """
+  ckpt = CheckpointDir(directory, stem)
+  place = _resolve_sharding(sharding)
+
+  def load(kp, leaf):
+    path = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
+    name, transform = name_fn(path)
+    if name not in ckpt:
+      raise KeyError(f"{directory}: checkpoint has no tensor {name!r} (needed for {path}); "
+                     f"it has e.g. {sorted(ckpt)[:5]}")
+    arr = ckpt[name]
+    arr = transform(arr) if transform is not None else arr
+    if tuple(arr.shape) != tuple(leaf.shape):
+      raise ValueError(f"{directory}: tensor {name!r} has shape {tuple(arr.shape)} after layout "
+                       f"conversion, the config implies {tuple(leaf.shape)}")
+    host = np.asarray(arr).astype(jnp.dtype(dtype))
+    target = place(path, host.shape)
+    return jax.device_put(host, target) if target is not None else jnp.asarray(host)
+
+  return jax.tree_util.tree_map_with_path(load, shapes)
+
+
+def _llama_name(path: str):
+  stem, leaf = path.rsplit(".", 1)
+  if leaf == "kernel":
+    return f"{stem}.weight", lambda a: a.T
+  if leaf == "embedding":
+    return f"{stem}.weight", None
+  return path, None
+
+
 def load_llama(directory: str, *, dtype=jnp.float32, sharding: ShardingArg = None):
   """Loads a Llama/Mistral/Qwen2 dir. Returns (config, graphdef, params as a pure dict)."""
   config = LlamaConfig.from_hf(read_config(directory))
   abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  shapes = nnx.to_pure_dict(state)
-  ckpt = CheckpointDir(directory)
-  place = _resolve_sharding(sharding)
-
-  def load(kp, leaf):
-    path = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
-    name, transpose = _hf_name(path)
-    if name not in ckpt:
-      raise KeyError(f"{directory}: checkpoint has no tensor {name!r} (needed for {path}); "
-                     f"it has e.g. {sorted(ckpt)[:5]}")
-    arr = ckpt[name]
-    arr = arr.T if transpose else arr
-    if tuple(arr.shape) != tuple(leaf.shape):
-      raise ValueError(f"{directory}: tensor {name!r} has shape {tuple(arr.shape)}, the config "
-                       f"implies {tuple(leaf.shape)}")
-    host = np.asarray(arr).astype(jnp.dtype(dtype))
-    target = place(path, host.shape)
-    return jax.device_put(host, target) if target is not None else jnp.asarray(host)
-
-  params = jax.tree_util.tree_map_with_path(load, shapes)
+  params = load_tree(directory, nnx.to_pure_dict(state), _llama_name, dtype=dtype,
+                     sharding=sharding)
   return config, graphdef, params

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxadapt.adapters.hook import project
+from jaxadapt.models.layers import Linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -139,21 +140,6 @@ def apply_rope(x, cos, sin):
   half = x.shape[-1] // 2
   rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
-
-
-class Linear(nnx.Module):
-  """A frozen linear layer that routes through the projection hook with its own path."""
-
-  def __init__(self, din: int, dout: int, *, path: str, use_bias: bool = False,
-               dtype=jnp.float32, rngs: nnx.Rngs):
-    self.path = path
-    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (din, dout), dtype) * 0.02)
-    self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if use_bias else None
-
-  def __call__(self, x, lora=None):
-    ctx = None if lora is None else lora.get(self.path)
-    bias = None if self.bias is None else self.bias[...]
-    return project(x, self.kernel[...], bias, ctx)
 
 
 class RMSNorm(nnx.Module):
