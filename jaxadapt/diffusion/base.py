@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,15 @@ import numpy as np
 from jaxadapt.diffusion import schedules
 
 logger = logging.getLogger(__name__)
+
+
+class AlphaBarState(NamedTuple):
+  """Per-run tables of the alpha-bar samplers (DDPM, DDIM), all [N] over steps unless noted."""
+
+  timesteps: jax.Array  # int32 [N] model timesteps t_i, largest first.
+  alpha_prod_t: jax.Array  # float32 [N] alpha-bar at t_i.
+  alpha_prod_t_prev: jax.Array  # float32 [N] alpha-bar at the step's target timestep.
+  init_noise_sigma: jax.Array  # float32 [] std of the initial noise (1).
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,8 +91,9 @@ class SchedulerBase:
     """Builds the scheduler from a diffusers scheduler config.
 
     Options this class does not have (e.g. ``clip_sample`` when an Euler scheduler is built from
-    a DDIM config) are ignored, as diffusers' ``from_config`` ignores them; an option it has but
-    supports only at its default raises a ValueError naming the option and value.
+    a DDIM config) are ignored, as diffusers' ``from_config`` ignores them, and so are options an
+    in-memory diffusers config lists under ``_use_default_values``; an option this class has
+    but supports only at one value raises a ValueError naming the option and value.
 
     Args:
       config: a dict, a ``scheduler_config.json`` path, or a folder holding one (see
@@ -98,10 +108,14 @@ class SchedulerBase:
     unknown = sorted(set(overrides) - names)
     if unknown:
       raise TypeError(
-          f"{cls.__name__}.from_config got unknown overrides {unknown}; options are {sorted(names)}."
+          f"{cls.__name__}.from_config got unknown overrides {unknown}; options are"
+          f" {sorted(names)}."
       )
     cfg = schedules.read_scheduler_config(config)
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    # diffusers' in-memory configs list the options left at their defaults; like diffusers, let
+    # this class's own defaults apply to those (a saved scheduler_config.json has no such list).
+    defaulted = set(cfg.get("_use_default_values", ()))
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in defaulted}
     cfg.update(overrides)
     ignored = sorted(set(cfg) - names)
     if ignored:
@@ -129,9 +143,61 @@ class SchedulerBase:
     )
     return schedules.alphas_cumprod(betas)
 
-  def set_timesteps(self, num_steps: int) -> np.ndarray:
-    """The timesteps of a ``num_steps`` sampling run, equal to diffusers' ``set_timesteps``."""
-    raise NotImplementedError
+  def alpha_bar_state(self, timesteps: np.ndarray, prev_timesteps: np.ndarray,
+                      final_alpha: float) -> AlphaBarState:
+    """Tables for steps t_i -> prev_timesteps[i]; a target below 0 has alpha-bar final_alpha."""
+    schedules.check_timesteps_in_range(timesteps, self.num_train_timesteps,
+                                       f"{type(self).__name__}.init_state")
+    ac = self.alphas_cumprod()
+    prev = np.where(prev_timesteps >= 0, ac[np.maximum(prev_timesteps, 0)], final_alpha)
+    return AlphaBarState(
+        timesteps=jnp.asarray(timesteps, jnp.int32),
+        alpha_prod_t=jnp.asarray(ac[timesteps]),
+        alpha_prod_t_prev=jnp.asarray(prev.astype(np.float32)),
+        init_noise_sigma=jnp.float32(1.0),
+    )
+
+  def sigma_tables(self) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha-bar [T], sigma_t = sqrt((1 - alpha-bar) / alpha-bar) [T]) of the sigma samplers.
+
+    With zero terminal SNR the last alpha-bar is 2^-24 instead of 0, as diffusers keeps it, so
+    that the largest sigma stays finite.
+    """
+    ac = self.alphas_cumprod()
+    if self.rescale_betas_zero_snr:
+      ac[-1] = 2.0**-24
+    return ac, np.sqrt((1 - ac) / ac)
+
+  def finish_sigmas(self, sigmas: np.ndarray, alphas_cumprod: np.ndarray) -> np.ndarray:
+    """Appends the sigma after the last step (0, or the smallest training sigma): float32 [N+1]."""
+    last = 0.0
+    if getattr(self, "final_sigmas_type", "zero") == "sigma_min":
+      last = np.sqrt((1 - alphas_cumprod[0]) / alphas_cumprod[0])
+    return np.concatenate([sigmas, [last]]).astype(np.float32)
+
+  def predict_x0(self, model_output: jax.Array, sample: jax.Array, alpha_t, sigma_t) -> jax.Array:
+    """The predicted x0, clipped or thresholded as the config asks.
+
+    With x_t = alpha_t x0 + sigma_t eps: x0 = (x_t - sigma_t eps) / alpha_t for epsilon (Ho et
+    al. 2020 Eq. 15) and x0 = alpha_t x_t - sigma_t v for v = alpha_t eps - sigma_t x0 (Salimans
+    & Ho 2022 Sec. 4).
+    """
+    if self.prediction_type == "epsilon":
+      x0 = (sample - sigma_t * model_output) / alpha_t
+    elif self.prediction_type == "v_prediction":
+      x0 = alpha_t * sample - sigma_t * model_output
+    else:  # "sample"
+      x0 = model_output
+    if getattr(self, "thresholding", False):
+      x0 = threshold_sample(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+    elif getattr(self, "clip_sample", False):
+      x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
+    return x0
+
+  def scale_model_input(self, state, sample: jax.Array, step_index) -> jax.Array:
+    """The model's input at step i: x_t itself (Euler overrides this)."""
+    del state, step_index
+    return sample
 
   @property
   def uses_learned_variance(self) -> bool:
@@ -166,7 +232,8 @@ def split_learned_variance(
           jax.lax.slice_in_dim(model_output, c, 2 * c, axis=axis))
 
 
-def channel_axis_of(output_shape: tuple[int, ...], sample_shape: tuple[int, ...], *, who: str) -> int:
+def channel_axis_of(output_shape: tuple[int, ...], sample_shape: tuple[int, ...], *,
+                    who: str) -> int:
   """The axis where a learned-sigma output has twice the sample's channels; ValueError if none."""
   diff = [a for a, (o, s) in enumerate(zip(output_shape, sample_shape)) if o != s]
   if (len(output_shape) != len(sample_shape) or len(diff) != 1
@@ -203,7 +270,8 @@ def gaussian_noise(key: jax.Array | None, noise: jax.Array | None, like: jax.Arr
   """``noise`` if given (checked against ``like``), else a standard normal draw from ``key``."""
   if noise is not None:
     if noise.shape != like.shape:
-      raise ValueError(f"{who}: noise must have the sample's shape {like.shape}; got {noise.shape}.")
+      raise ValueError(
+          f"{who}: noise must have the sample's shape {like.shape}; got {noise.shape}.")
     return noise.astype(like.dtype)
   if key is None:
     raise ValueError(f"{who} is stochastic with this config: pass a PRNG key (or noise=...).")

@@ -9,7 +9,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +18,8 @@ import numpy as np
 from jaxadapt.diffusion import base, schedules
 
 
-class DDIMState(NamedTuple):
-  """Per-run tables of a DDIM sampling run."""
-
-  timesteps: jax.Array  # int32 [N] model timesteps, largest first.
-  alpha_prod_t: jax.Array  # float32 [N] alpha-bar at t_i.
-  alpha_prod_t_prev: jax.Array  # float32 [N] alpha-bar at t_i - T // N (see DDIMScheduler).
-  init_noise_sigma: jax.Array  # float32 [] (1 for DDIM).
+# alpha_prod_t_prev[i] is alpha-bar at t_i - T // N (see DDIMScheduler).
+DDIMState = base.AlphaBarState
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,22 +58,8 @@ class DDIMScheduler(base.SchedulerBase):
     """The state of a ``num_steps`` run. ``sample`` is unused (DDIM keeps no history)."""
     del sample
     ts = self.set_timesteps(num_steps)
-    schedules.check_timesteps_in_range(ts, self.num_train_timesteps, "DDIMScheduler.init_state")
-    ac = self.alphas_cumprod()
-    final = np.float32(1.0) if self.set_alpha_to_one else ac[0]
-    prev_t = ts - self.num_train_timesteps // num_steps
-    prev = np.where(prev_t >= 0, ac[np.maximum(prev_t, 0)], final).astype(np.float32)
-    return DDIMState(
-        timesteps=jnp.asarray(ts, jnp.int32),
-        alpha_prod_t=jnp.asarray(ac[ts]),
-        alpha_prod_t_prev=jnp.asarray(prev),
-        init_noise_sigma=jnp.float32(1.0),
-    )
-
-  def scale_model_input(self, state: DDIMState, sample: jax.Array, step_index) -> jax.Array:
-    """Identity (DDIM's model input is x_t itself)."""
-    del state, step_index
-    return sample
+    final = 1.0 if self.set_alpha_to_one else self.alphas_cumprod()[0]
+    return self.alpha_bar_state(ts, ts - self.num_train_timesteps // num_steps, final)
 
   def step(
       self,
@@ -112,22 +93,16 @@ class DDIMScheduler(base.SchedulerBase):
     a_prev = state.alpha_prod_t_prev[step_index]
     b_t = 1 - a_t
 
-    # 1. Predicted x0 and epsilon ("predicted x0" and "direction" of Eq. 12).
-    if self.prediction_type == "epsilon":
-      x0 = (sample - jnp.sqrt(b_t) * model_output) / jnp.sqrt(a_t)
+    # 1. Predicted x0 and epsilon ("predicted x0" and "direction" of Eq. 12); epsilon comes
+    # from the unclipped x0 unless use_clipped_model_output.
+    x0 = self.predict_x0(model_output, sample, jnp.sqrt(a_t), jnp.sqrt(b_t))
+    if self.prediction_type == "epsilon" and not self.use_clipped_model_output:
       eps = model_output
-    elif self.prediction_type == "v_prediction":
-      x0 = jnp.sqrt(a_t) * sample - jnp.sqrt(b_t) * model_output
+    elif self.prediction_type == "v_prediction" and not self.use_clipped_model_output:
       eps = jnp.sqrt(a_t) * model_output + jnp.sqrt(b_t) * sample
-    else:  # "sample"
-      x0 = model_output
-      eps = (sample - jnp.sqrt(a_t) * x0) / jnp.sqrt(b_t)
-    if self.thresholding:
-      x0 = base.threshold_sample(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
-    elif self.clip_sample:
-      x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
-    if self.use_clipped_model_output:
-      eps = (sample - jnp.sqrt(a_t) * x0) / jnp.sqrt(b_t)
+    else:  # from x0: "sample" prediction (unclipped there) or the clipped x0
+      x0_for_eps = model_output if not self.use_clipped_model_output else x0
+      eps = (sample - jnp.sqrt(a_t) * x0_for_eps) / jnp.sqrt(b_t)
 
     # 2. sigma_t(eta) (Eq. 16) and the step (Eq. 12).
     variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)

@@ -12,7 +12,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +21,8 @@ import numpy as np
 from jaxadapt.diffusion import base, schedules
 
 
-class DDPMState(NamedTuple):
-  """Per-run tables of a DDPM sampling run (all [N] over steps unless noted)."""
-
-  timesteps: jax.Array  # int32 [N] model timesteps t_i, largest first.
-  alpha_prod_t: jax.Array  # float32 [N] alpha-bar at t_i.
-  alpha_prod_t_prev: jax.Array  # float32 [N] alpha-bar at t_{i+1} (1 after the last step).
-  init_noise_sigma: jax.Array  # float32 [] std of the initial noise (1 for DDPM).
+# alpha_prod_t_prev[i] is alpha-bar at t_{i+1}, and 1 after the last step.
+DDPMState = base.AlphaBarState
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,20 +63,7 @@ class DDPMScheduler(base.SchedulerBase):
     """The state of a ``num_steps`` run. ``sample`` is unused (DDPM keeps no history)."""
     del sample
     ts = self.set_timesteps(num_steps)
-    schedules.check_timesteps_in_range(ts, self.num_train_timesteps, "DDPMScheduler.init_state")
-    ac = self.alphas_cumprod()
-    prev = np.concatenate([ac[ts[1:]], np.ones(1, np.float32)])
-    return DDPMState(
-        timesteps=jnp.asarray(ts, jnp.int32),
-        alpha_prod_t=jnp.asarray(ac[ts]),
-        alpha_prod_t_prev=jnp.asarray(prev),
-        init_noise_sigma=jnp.float32(1.0),
-    )
-
-  def scale_model_input(self, state: DDPMState, sample: jax.Array, step_index) -> jax.Array:
-    """Identity (DDPM's model input is x_t itself)."""
-    del state, step_index
-    return sample
+    return self.alpha_bar_state(ts, np.concatenate([ts[1:], [-1]]), 1.0)
 
   def step(
       self,
@@ -125,17 +107,8 @@ class DDPMScheduler(base.SchedulerBase):
     cur_alpha = a_t / a_prev  # alpha between the two sampled timesteps
     cur_beta = 1 - cur_alpha
 
-    # 1. Predicted x0 (Ho et al. Eq. 15 for epsilon; v-prediction: x0 = sqrt(a) x - sqrt(1-a) v).
-    if self.prediction_type == "epsilon":
-      x0 = (sample - jnp.sqrt(b_t) * model_output) / jnp.sqrt(a_t)
-    elif self.prediction_type == "v_prediction":
-      x0 = jnp.sqrt(a_t) * sample - jnp.sqrt(b_t) * model_output
-    else:  # "sample"
-      x0 = model_output
-    if self.thresholding:
-      x0 = base.threshold_sample(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
-    elif self.clip_sample:
-      x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
+    # 1. Predicted x0 (Ho et al. Eq. 15 for epsilon), clipped or thresholded per the config.
+    x0 = self.predict_x0(model_output, sample, jnp.sqrt(a_t), jnp.sqrt(b_t))
 
     # 2. Posterior mean mu-tilde(x_t, x0) (Ho et al. Eq. 7).
     mean = (jnp.sqrt(a_prev) * cur_beta / b_t) * x0 + (jnp.sqrt(cur_alpha) * b_prev / b_t) * sample

@@ -1,4 +1,4 @@
-"""Multistep DPM-Solver++ (diffusers' ``DPMSolverMultistepScheduler``, ``algorithm_type="dpmsolver++"``).
+"""Multistep DPM-Solver++ (diffusers' ``DPMSolverMultistepScheduler`` with "dpmsolver++").
 
 The solver integrates the diffusion ODE in lambda = log(alpha_t / sigma_t) with the data
 prediction x0(x_t, t). The multistep history (the last ``solver_order - 1`` x0 predictions and how
@@ -56,7 +56,7 @@ class DPMSolverMultistepScheduler(base.SchedulerBase):
 
   timestep_spacing: str = "linspace"
   solver_order: int = 2  # 1, 2 or 3.
-  algorithm_type: str = "dpmsolver++"  # only "dpmsolver++" (the deterministic data-prediction solver).
+  algorithm_type: str = "dpmsolver++"  # only "dpmsolver++" (deterministic, data prediction).
   solver_type: str = "midpoint"  # second-order update: "midpoint" (Alg. 2) or "heun".
   lower_order_final: bool = True  # lower orders at the end for runs under 15 steps.
   euler_at_final: bool = False  # first order on the last step.
@@ -95,9 +95,7 @@ class DPMSolverMultistepScheduler(base.SchedulerBase):
   def _tables(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps int64 [N], sigmas float32 [N + 1]) as diffusers computes them."""
     schedules.check_num_steps(num_steps, self.num_train_timesteps)
-    ac = self.alphas_cumprod()
-    if self.rescale_betas_zero_snr:
-      ac[-1] = 2.0**-24  # diffusers keeps the last sigma finite this way.
+    ac, train_sigmas = self.sigma_tables()  # [T], increasing with t
     T = self.num_train_timesteps
     lambdas = np.log(np.sqrt(ac)) - np.log(np.sqrt(1 - ac))  # float32 [T], decreasing in t
     last_t = T - int(np.searchsorted(lambdas[::-1], self.lambda_min_clipped))
@@ -111,7 +109,6 @@ class DPMSolverMultistepScheduler(base.SchedulerBase):
     else:  # "trailing"
       ratio = T / num_steps
       ts = np.arange(last_t, 0, -ratio).round().astype(np.int64) - 1
-    train_sigmas = np.sqrt((1 - ac) / ac)  # float32 [T]
     log_sigmas = np.log(train_sigmas)
     if self.use_karras_sigmas:
       sigmas = schedules.karras_sigmas(
@@ -121,16 +118,14 @@ class DPMSolverMultistepScheduler(base.SchedulerBase):
         ts = ts.round()
     else:
       sigmas = np.interp(ts, np.arange(T), train_sigmas)
-    last = np.sqrt((1 - ac[0]) / ac[0]) if self.final_sigmas_type == "sigma_min" else 0.0
-    sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
-    return ts.astype(np.int64), sigmas
+    return ts.astype(np.int64), self.finish_sigmas(sigmas, ac)
 
   def set_timesteps(self, num_steps: int) -> np.ndarray:
     """int64 [N] timesteps, equal to diffusers' ``DPMSolverMultistepScheduler.set_timesteps``."""
     return self._tables(num_steps)[0]
 
   def init_state(self, num_steps: int, sample: jax.Array) -> DPMSolverState:
-    """The state of a ``num_steps`` run; ``sample`` (or any array of its shape) sizes the history."""
+    """The state of a ``num_steps`` run; ``sample`` (or an array of its shape) sizes the history."""
     ts, sigmas = self._tables(num_steps)
     zeros = jnp.zeros(sample.shape, jnp.float32)
     return DPMSolverState(
@@ -140,24 +135,6 @@ class DPMSolverMultistepScheduler(base.SchedulerBase):
         prev_x0=(zeros,) * (self.solver_order - 1),
         lower_order_nums=jnp.int32(0),
     )
-
-  def scale_model_input(self, state: DPMSolverState, sample: jax.Array, step_index) -> jax.Array:
-    """Identity (the model input is x_t itself)."""
-    del state, step_index
-    return sample
-
-  def _data_prediction(self, model_output, sample, sigma):
-    """x0(x_t, t) from the model output (DPM-Solver++ Sec. 3: the data-prediction model)."""
-    alpha_t, sigma_t, _ = _alpha_sigma_lambda(sigma)
-    if self.prediction_type == "epsilon":
-      x0 = (sample - sigma_t * model_output) / alpha_t
-    elif self.prediction_type == "v_prediction":
-      x0 = alpha_t * sample - sigma_t * model_output
-    else:  # "sample"
-      x0 = model_output
-    if self.thresholding:
-      x0 = base.threshold_sample(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
-    return x0
 
   def _order(self, state: DPMSolverState, step_index) -> jax.Array:
     """The order diffusers uses at ``step_index`` (1, 2 or 3), as a traced int32."""
@@ -210,11 +187,12 @@ class DPMSolverMultistepScheduler(base.SchedulerBase):
     x = sample.astype(jnp.float32)
     sigmas = state.sigmas
     s0 = sigmas[step_index]
-    x0 = self._data_prediction(model_output.astype(jnp.float32), x, s0)
+    alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(sigmas[step_index + 1])
+    alpha_s0, sigma_s0, lambda_s0 = _alpha_sigma_lambda(s0)
+    # The data prediction x0(x_t, t) (DPM-Solver++ Sec. 3), thresholded if configured.
+    x0 = self.predict_x0(model_output.astype(jnp.float32), x, alpha_s0, sigma_s0)
     m = (x0,) + state.prev_x0  # m[0] current, m[1] previous, m[2] the one before.
 
-    alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(sigmas[step_index + 1])
-    _, sigma_s0, lambda_s0 = _alpha_sigma_lambda(s0)
     _, _, lambda_s1 = _alpha_sigma_lambda(sigmas[jnp.maximum(step_index - 1, 0)])
     _, _, lambda_s2 = _alpha_sigma_lambda(sigmas[jnp.maximum(step_index - 2, 0)])
     h = lambda_t - lambda_s0

@@ -23,7 +23,7 @@ class EulerState(NamedTuple):
   """Per-run tables of an Euler sampling run."""
 
   timesteps: jax.Array  # float32 [N] model timesteps (fractional with Karras sigmas).
-  sigmas: jax.Array  # float32 [N + 1] noise levels sigma_i = sqrt((1 - a) / a), last 0 or sigma_min.
+  sigmas: jax.Array  # float32 [N + 1] sigma_i = sqrt((1 - a) / a); the last is 0 or sigma_min.
   init_noise_sigma: jax.Array  # float32 [] std of the initial noise.
 
 
@@ -36,7 +36,7 @@ class EulerDiscreteScheduler(base.SchedulerBase):
   """
 
   timestep_spacing: str = "linspace"
-  interpolation_type: str = "linear"  # sigma(t) interpolated linearly in t ("log_linear" not supported).
+  interpolation_type: str = "linear"  # sigma(t) linear in t; "log_linear" is not supported.
   use_karras_sigmas: bool = False  # Karras et al. Eq. 5 noise levels.
   use_exponential_sigmas: bool = False  # not supported.
   use_beta_sigmas: bool = False  # not supported.
@@ -61,16 +61,13 @@ class EulerDiscreteScheduler(base.SchedulerBase):
   def _tables(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps float32 [N], sigmas float32 [N + 1]) as diffusers computes them."""
     schedules.check_num_steps(num_steps, self.num_train_timesteps)
-    ac = self.alphas_cumprod()
-    if self.rescale_betas_zero_snr:
-      ac[-1] = 2.0**-24  # diffusers keeps the last sigma finite this way.
+    ac, train_sigmas = self.sigma_tables()  # [T], increasing with t
     T = self.num_train_timesteps
     if self.timestep_spacing == "linspace":
       ts = np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1].copy()
     else:  # integer spacings, as floats
       ts = schedules.spaced_timesteps(
           self.timestep_spacing, T, num_steps, self.steps_offset).astype(np.float32)
-    train_sigmas = np.sqrt((1 - ac) / ac)  # float32 [T], increasing with t
     log_sigmas = np.log(train_sigmas)
     sigmas = np.interp(ts, np.arange(T), train_sigmas)
     if self.use_karras_sigmas:
@@ -78,8 +75,7 @@ class EulerDiscreteScheduler(base.SchedulerBase):
       hi = self.sigma_max if self.sigma_max is not None else float(sigmas[0])
       sigmas = schedules.karras_sigmas(lo, hi, num_steps)
       ts = schedules.sigma_to_t(sigmas, log_sigmas)
-    last = np.sqrt((1 - ac[0]) / ac[0]) if self.final_sigmas_type == "sigma_min" else 0.0
-    sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+    sigmas = self.finish_sigmas(sigmas, ac)
     if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
       ts = 0.25 * np.log(sigmas[:-1])
     return ts.astype(np.float32), sigmas

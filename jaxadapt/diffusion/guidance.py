@@ -73,9 +73,11 @@ def guide_model_output(
   channels, so the conditional sample it returns carries the conditional variance (the original
   DiT code does the same but guides only the first 3 of the 4 latent channels, a known quirk
   diffusers does not copy). The pipeline then drops the variance channels before
-  ``scheduler.step``, so in diffusers the learned variance never reaches the scheduler; jaxadapt's
-  ``sample`` passes it on to schedulers that use it (DDPM "learned_range", as the DiT paper's
-  250-step sampler does) and drops it for the others, like the pipeline.
+  ``scheduler.step``, so in diffusers the learned variance never reaches the scheduler (and
+  ``DiTPipeline`` with ``DDPMScheduler(variance_type="learned_range")`` fails with a TypeError,
+  checked with diffusers 0.42.1). jaxadapt's ``sample`` passes it on to schedulers that use it
+  (DDPM "learned_range", as the DiT paper's 250-step sampler does) and drops it for the others,
+  like the pipeline.
 
   Args:
     out_uncond: [B, ...] unconditional model output.

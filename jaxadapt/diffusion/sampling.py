@@ -37,7 +37,8 @@ def _split_static(tree) -> tuple[list, tuple]:
 def _join_static(arrays: list, static: tuple):
   treedef, is_array, rest = static
   it = iter(arrays)
-  return jax.tree_util.tree_unflatten(treedef, [next(it) if a else x for a, x in zip(is_array, rest)])
+  leaves = [next(it) if a else x for a, x in zip(is_array, rest)]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 @functools.partial(jax.jit, static_argnames=("fn_static", "scheduler", "batch_sharding"))
@@ -60,7 +61,8 @@ def _run_chunk(fn_arrays, carry, step_indices, cond, uncond, scale, key, *, fn_s
     if out.shape != x.shape and not scheduler.uses_learned_variance:
       out, _ = base.split_learned_variance(out, x, who="sample")  # as diffusers' DiTPipeline
     step_key = None if key is None else jax.random.fold_in(key, i)
-    x, state = scheduler.step(state, out, i, x, step_key)
+    x_next, state = scheduler.step(state, out, i, x, step_key)
+    x = x_next.astype(x.dtype)  # Euler/DPM return the output's dtype, as diffusers does
     if batch_sharding is not None:
       x = jax.lax.with_sharding_constraint(x, batch_sharding)
     return (x, state), None
@@ -106,7 +108,8 @@ def sample(
     denoise_fn: ``denoise_fn(x, t, cond) -> model_output`` with x [2B, ...], t [2B] (the
       scheduler's timestep dtype: int32, float32 for Euler) and cond the concatenated
       conditioning. A closure works; ``jax.tree_util.Partial(apply, params)`` keeps ``params`` as
-      jit arguments rather than compiled-in constants.
+      jit arguments rather than compiled-in constants. Compiled code is cached on the
+      function's identity: reuse one function object across calls to avoid recompiling.
     scheduler: a jaxadapt scheduler (e.g. ``DDIMScheduler.from_config(...)``).
     latents: [B, ...] initial noise from N(0, I); multiplied by the scheduler's
       ``init_noise_sigma`` here, as diffusers' pipelines do.

@@ -1,9 +1,10 @@
 """Noise-schedule tables: betas, cumulative alphas, timestep spacings and sigmas.
 
 Everything here is host-side numpy, computed once per ``(config, num_steps)``. The numbers follow
-diffusers' torch schedulers to the bit where that is cheap: betas are float32 like ``torch.linspace``
-(a single rounding per element), and the cumulative product is accumulated in float64 and rounded
-to float32, as torch's CPU ``cumprod`` does. The per-step arithmetic then runs in JAX (float32).
+diffusers' torch schedulers to the bit where that is cheap: betas are float32 like
+``torch.linspace`` (a single rounding per element), and the cumulative product is accumulated
+in float64 and rounded to float32, as torch's CPU ``cumprod`` does. The per-step arithmetic then
+runs in JAX (float32).
 
 References:
   Ho et al. 2020, "Denoising Diffusion Probabilistic Models", Sec. 2 (betas, alpha-bar).
@@ -199,7 +200,8 @@ def check_timesteps_in_range(timesteps: np.ndarray, num_train_timesteps: int, wh
     )
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int,
+                  rho: float = 7.0) -> np.ndarray:
   """Noise levels of Karras et al. 2022 Eq. 5 (rho = 7), largest first, float64 [N]."""
   ramp = np.linspace(0, 1, num_steps)
   min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)

@@ -68,7 +68,8 @@ def run_jax(sched, num_steps, x_init, *, learned_sigma=False, noises=None):
       y = model_jnp(sched.scale_model_input(state, x, i), state.timesteps[i], learned_sigma)
       x, state = sched.step(state, y, i, x, noise=z)
       return (x, state), x
-    return jax.lax.scan(body, (x * state.init_noise_sigma, state), (jnp.arange(num_steps), noises))[1]
+    init = (x * state.init_noise_sigma, state)
+    return jax.lax.scan(body, init, (jnp.arange(num_steps), noises))[1]
 
   if noises is None:
     noises = np.zeros((num_steps,) + x_init.shape, np.float32)
