@@ -1,20 +1,46 @@
-"""Backend dispatch for the LoRA ops.
+"""The public LoRA ops: backend dispatch, token layouts and custom_vjp.
 
-`set_backend("xla" | "pallas_interpret" | "auto")` or the env var `JAXADAPT_KERNELS` forces a path.
-Until the Pallas kernels land, every backend runs the jnp reference (the fastest XLA path on CPU).
+Backends (`set_backend(name)` or the env var `JAXADAPT_KERNELS`, read at import):
+  * "auto": Pallas TPU (Mosaic) on TPU, Pallas GPU (Triton) on GPU, the XLA loop on CPU.
+  * "xla": the XLA loop (`kernels_pallas.xla`) everywhere.
+  * "pallas": the platform's Pallas kernel (interpreted on CPU).
+  * "pallas_interpret": the TPU kernel body run by the Pallas interpreter (any platform).
+  * "pallas_triton_interpret": the Triton kernel body run by the Pallas interpreter.
+  * "pallas_tpu", "pallas_triton": that compiled kernel whatever the platform (for jax.export).
+The choice is made when a function is traced: a function already jitted keeps its path.
+
+Every op runs on grouped rows (the SGMV layout). The per-row (BGMV) ops sort rows by adapter id
+first (`plan.group_rows`); the XLA path reads through the permutation instead of copying.
+Gradients (custom_vjp): dx and dh come from the same kernels run transposed (shrink's backward is
+an expand against A^T, expand's is a shrink against B^T); dA and dB from the XLA grouped outer
+product `xla.outer_sum` on every backend; scales and gates get theirs from JAX, since the kernels
+take h already multiplied by scale (and gate).
+
+References:
+  S-LoRA (Sheng et al., 2023), Sec. 5.1 (MBGMM prefill / MBGMV decode), Sec. 4.1 (unified paging);
+  MeteoRA (Xu et al., 2024), Sec. 3, Eq. 3-4 (top-k gated mixture of LoRAs).
 """
 from __future__ import annotations
 
+import functools
 import os
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import plan as plan_lib
 from kernels_pallas import reference
+from kernels_pallas import xla
+from kernels_pallas.reference import PagedWeights
 
-_VALID = ("auto", "xla", "pallas_interpret", "pallas")
+_VALID = ("auto", "xla", "pallas", "pallas_interpret", "pallas_triton_interpret", "pallas_tpu",
+          "pallas_triton")
 _backend = os.environ.get("JAXADAPT_KERNELS", "auto")
 
 
 def set_backend(name: str) -> None:
-  """Forces a kernel path for every later call (tests, benchmarks)."""
+  """Forces a kernel path for every later trace (tests, benchmarks); see the module docstring."""
   global _backend
   if name not in _VALID:
     raise ValueError(f"kernels backend must be one of {_VALID}, got {name!r}")
@@ -22,18 +48,299 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
+  """The backend name set by `set_backend` or JAXADAPT_KERNELS."""
   if _backend not in _VALID:
     raise ValueError(f"JAXADAPT_KERNELS must be one of {_VALID}, got {_backend!r}")
   return _backend
 
 
-def lora_shrink(x, a_stack, ids):
-  return reference.lora_shrink(x, a_stack, ids)
+def resolve_backend(name: str | None = None) -> str:
+  """The implementation a backend name runs on this machine.
+
+  Returns:
+    One of "xla", "tpu", "triton", "tpu_interpret", "triton_interpret".
+  """
+  name = get_backend() if name is None else name
+  platform = jax.default_backend()
+  if name == "xla":
+    return "xla"
+  if name == "pallas_interpret":
+    return "tpu_interpret"
+  if name == "pallas_triton_interpret":
+    return "triton_interpret"
+  if name in ("pallas_tpu", "pallas_triton"):
+    return name[len("pallas_"):]
+  if platform == "tpu":
+    return "tpu"
+  if platform in ("gpu", "cuda", "rocm"):
+    return "triton"
+  return "tpu_interpret" if name == "pallas" else "xla"
 
 
-def lora_expand(y, h, b_stack, ids, scales):
-  return reference.lora_expand(y, h, b_stack, ids, scales)
+class _Cfg(NamedTuple):
+  """Static configuration of one core call (hashable: a custom_vjp nondiff argument)."""
+  impl: str        # resolve_backend's answer
+  rank_axis: int   # the weight source's rank axis (1 or 2)
+  block_t: int     # rows per tile of the plan
+  permuted: bool   # rows reach the kernel through a permutation (XLA only)
 
 
-def lora_topk(y, x, a_stack, b_stack, scales, topk_ids, gates):
-  return reference.lora_topk(y, x, a_stack, b_stack, scales, topk_ids, gates)
+_BLOCK_T = {"xla": 8, "tpu": 16, "tpu_interpret": 16, "triton": 16, "triton_interpret": 16}
+
+
+class _Bound:
+  """A Pallas kernel module with its `interpret` flag bound, shaped like the `xla` module."""
+
+  def __init__(self, module, interpret: bool):
+    self.shrink = functools.partial(module.shrink, interpret=interpret)
+    self.expand = functools.partial(module.expand, interpret=interpret)
+
+
+def _eng(cfg: _Cfg):
+  """The module (or bound kernel module) that implements cfg.impl."""
+  if cfg.impl == "xla":
+    return xla
+  interpret = cfg.impl.endswith("_interpret")
+  if cfg.impl.startswith("tpu"):
+    from kernels_pallas import sgmv_tpu  # pylint: disable=g-import-not-at-top
+    return _Bound(sgmv_tpu, interpret)
+  from kernels_pallas import sgmv_triton  # pylint: disable=g-import-not-at-top
+  return _Bound(sgmv_triton, interpret)
+
+
+def _kw(cfg: _Cfg, perm):
+  kw = dict(rank_axis=cfg.rank_axis, block_t=cfg.block_t)
+  if cfg.permuted:
+    kw["perm"] = perm
+  return kw
+
+
+# 1. The differentiable cores, on grouped rows. -------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _shrink_core(cfg, x, w, table, ranks, plan, perm):
+  return _eng(cfg).shrink(x, w, table, ranks, plan, **_kw(cfg, perm))
+
+
+def _shrink_fwd(cfg, x, w, table, ranks, plan, perm):
+  return _shrink_core(cfg, x, w, table, ranks, plan, perm), (x, w, table, ranks, plan, perm)
+
+
+def _shrink_bwd(cfg, res, dh):
+  x, w, table, ranks, plan, perm = res
+  zeros = jnp.zeros(x.shape, jnp.float32)
+  dx = _eng(cfg).expand(zeros, dh, w, table, ranks, plan, **_kw(cfg, perm))  # dh @ A^T
+  g = xla.outer_sum(x, dh, ranks, plan, ranks.shape[0], rank_side=1,
+                    block_t=cfg.block_t, perm=perm if cfg.permuted else None)  # [N, D, R]
+  dw = _grad_to_source(jnp.swapaxes(g, 1, 2), w, table, cfg.rank_axis)
+  return dx.astype(x.dtype), dw, None, None, None, None
+
+
+_shrink_core.defvjp(_shrink_fwd, _shrink_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _expand_core(cfg, y, h, w, table, ranks, plan, perm):
+  return _eng(cfg).expand(y, h, w, table, ranks, plan, **_kw(cfg, perm))
+
+
+def _expand_fwd(cfg, y, h, w, table, ranks, plan, perm):
+  out = _expand_core(cfg, y, h, w, table, ranks, plan, perm)
+  return out, (h, w, table, ranks, plan, perm)
+
+
+def _expand_bwd(cfg, res, dy):
+  h, w, table, ranks, plan, perm = res
+  dh = _eng(cfg).shrink(dy, w, table, ranks, plan, **_kw(cfg, perm))  # dy @ B^T
+  g = xla.outer_sum(h, dy, ranks, plan, ranks.shape[0], rank_side=0,
+                    block_t=cfg.block_t, perm=perm if cfg.permuted else None)  # [N, R, O]
+  dw = _grad_to_source(g, w, table, cfg.rank_axis)
+  # The output has y's dtype, so dy has too.
+  return dy, dh.astype(h.dtype), dw, None, None, None, None
+
+
+_expand_core.defvjp(_expand_fwd, _expand_bwd)
+
+
+def _grad_to_source(g_rank_major: jax.Array, w: jax.Array, table, rank_axis: int) -> jax.Array:
+  """[N, R, F] weight gradient laid out like the source it came from (dense stack or pool)."""
+  if table is None:
+    g = g_rank_major if rank_axis == 1 else jnp.swapaxes(g_rank_major, 1, 2)
+    return g.astype(w.dtype)
+  n, pages = table.shape
+  g = g_rank_major.reshape(n * pages, w.shape[1], w.shape[2])
+  # Pages past an adapter's rank carry zero gradient, so clamped table entries add nothing.
+  pool = jnp.zeros(w.shape, jnp.float32).at[jnp.clip(table.reshape(-1), 0, w.shape[0] - 1)].add(g)
+  return pool.astype(w.dtype)
+
+
+# 2. Layouts and sources. ------------------------------------------------------------------------
+
+def _source(weights, side: str):
+  """(array, table or None, rank_axis, N, R) of a dense stack or PagedWeights."""
+  if isinstance(weights, PagedWeights):
+    return (weights.pool, weights.table.astype(jnp.int32), 1, weights.table.shape[0],
+            weights.max_rank)
+  rank_axis = 2 if side == "a" else 1
+  return weights, None, rank_axis, weights.shape[0], weights.shape[rank_axis]
+
+
+def _ranks(ranks, n: int, r: int) -> jax.Array:
+  if ranks is None:
+    return jnp.full((n,), r, jnp.int32)
+  return jnp.clip(jnp.asarray(ranks, jnp.int32), 0, r)
+
+
+def _grouping(impl: str, row_ids: jax.Array, grouped: bool, max_runs: int, block_t: int):
+  """(plan, perm or None, order or None, inverse or None) for a batch of rows."""
+  if grouped:
+    return plan_lib.make_plan(row_ids, block_t, max_runs), None, None, None
+  order, inverse, sorted_ids = plan_lib.group_rows(row_ids)
+  plan = plan_lib.make_plan(sorted_ids, block_t, max_runs)
+  if impl == "xla":
+    return plan, order.astype(jnp.int32), None, None
+  return plan, None, order, inverse
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "grouped", "max_runs"))
+def _shrink(x, a_stack, row_ids, ranks, *, impl, grouped, max_runs):
+  w, table, rank_axis, n, r = _source(a_stack, "a")
+  block_t = _BLOCK_T[impl]
+  plan, perm, order, inverse = _grouping(impl, row_ids, grouped, max_runs, block_t)
+  cfg = _Cfg(impl, rank_axis, block_t, perm is not None)
+  xs = x if order is None else x[order]
+  h = _shrink_core(cfg, xs, w, table, _ranks(ranks, n, r), plan, perm)
+  h = h if inverse is None else h[inverse]
+  return h.astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "grouped", "max_runs"))
+def _expand(y, h, b_stack, row_ids, scales, ranks, *, impl, grouped, max_runs):
+  w, table, rank_axis, n, r = _source(b_stack, "b")
+  block_t = _BLOCK_T[impl]
+  valid = row_ids >= 0
+  row_scale = jnp.where(valid, scales[jnp.where(valid, row_ids, 0)], 0).astype(jnp.float32)
+  hs = h.astype(jnp.float32) * row_scale[:, None]
+  plan, perm, order, inverse = _grouping(impl, row_ids, grouped, max_runs, block_t)
+  cfg = _Cfg(impl, rank_axis, block_t, perm is not None)
+  if order is not None:
+    y, hs = y[order], hs[order]
+  out = _expand_core(cfg, y, hs, w, table, _ranks(ranks, n, r), plan, perm)
+  return out if inverse is None else out[inverse]
+
+
+# 3. Public ops. --------------------------------------------------------------------------------
+
+def lora_shrink(x: jax.Array, a_stack, ids: jax.Array, *, ranks=None) -> jax.Array:
+  """h[t] = x[t] @ A[ids[t]] on a per-row batch (BGMV); spec: `reference.lora_shrink`.
+
+  Args:
+    x: [T, D] tokens.
+    a_stack: [N, D, R] stack, or PagedWeights (pool [P, page_rows, D], table [N, max_pages]).
+    ids: [T] adapter id per row; < 0 means no adapter (the row of h is zero).
+    ranks: optional [N] true ranks (1..R); columns past an adapter's rank are zero and cost no
+      compute beyond the hardware block that holds the rank's end.
+
+  Returns:
+    [T, R] in x's dtype.
+
+  References:
+    S-LoRA (Sheng et al., 2023), Sec. 5.1: shrink of the heterogeneous batch (MBGMV).
+  """
+  reference._validate("lora_shrink", x, a_stack, ids, ranks, side="a")  # pylint: disable=protected-access
+  n = _source(a_stack, "a")[3]
+  return _shrink(x, a_stack, ids, ranks, impl=resolve_backend(), grouped=False,
+                 max_runs=min(x.shape[0], n + 1))
+
+
+def lora_expand(y: jax.Array, h: jax.Array, b_stack, ids: jax.Array, scales: jax.Array, *,
+                ranks=None) -> jax.Array:
+  """y[t] += scales[ids[t]] * h[t] @ B[ids[t]] per row (BGMV); spec: `reference.lora_expand`.
+
+  Args:
+    y: [T, O] base output.
+    h: [T, R] shrunk activations.
+    b_stack: [N, R, O] stack, or PagedWeights (pool [P, page_rows, O]).
+    ids: [T] adapter id per row; < 0 leaves the row unchanged.
+    scales: [N] per-adapter scale.
+    ranks: optional [N] true ranks; rank rows past them are ignored whatever they hold.
+
+  Returns:
+    [T, O] in y's dtype.
+
+  References:
+    S-LoRA (Sheng et al., 2023), Sec. 5.1: expand of the heterogeneous batch (MBGMV).
+  """
+  reference._validate("lora_expand", h, b_stack, ids, ranks, side="b")  # pylint: disable=protected-access
+  n = _source(b_stack, "b")[3]
+  _check_scales(scales, n)
+  return _expand(y, h, b_stack, ids, scales, ranks, impl=resolve_backend(), grouped=False,
+                 max_runs=min(y.shape[0], n + 1))
+
+
+def sgmv_shrink(x: jax.Array, a_stack, seg_ids: jax.Array, seg_lens: jax.Array, *,
+                ranks=None) -> jax.Array:
+  """`lora_shrink` on a segmented batch (SGMV); spec: `reference.sgmv_shrink`.
+
+  Args:
+    x: [T, D] rows grouped by adapter.
+    a_stack: [N, D, R] or PagedWeights.
+    seg_ids: [S] adapter id of each segment (< 0: none); seg_lens: [S] rows per segment (>= 0,
+      empty segments allowed). Rows past sum(seg_lens) have no adapter.
+    ranks: optional [N].
+
+  References:
+    S-LoRA (Sheng et al., 2023), Sec. 5.1: MBGMM on the prefill batch.
+  """
+  row_ids = reference.segment_row_ids(seg_ids, seg_lens, x.shape[0])
+  reference._validate("sgmv_shrink", x, a_stack, row_ids, ranks, side="a")  # pylint: disable=protected-access
+  return _shrink(x, a_stack, row_ids, ranks, impl=resolve_backend(), grouped=True,
+                 max_runs=min(x.shape[0], seg_ids.shape[0] + 1))
+
+
+def sgmv_expand(y: jax.Array, h: jax.Array, b_stack, seg_ids: jax.Array, seg_lens: jax.Array,
+                scales: jax.Array, *, ranks=None) -> jax.Array:
+  """`lora_expand` on a segmented batch (SGMV); spec: `reference.sgmv_expand`.
+
+  References:
+    S-LoRA (Sheng et al., 2023), Sec. 5.1: MBGMM on the prefill batch.
+  """
+  row_ids = reference.segment_row_ids(seg_ids, seg_lens, y.shape[0])
+  reference._validate("sgmv_expand", h, b_stack, row_ids, ranks, side="b")  # pylint: disable=protected-access
+  _check_scales(scales, _source(b_stack, "b")[3])
+  return _expand(y, h, b_stack, row_ids, scales, ranks, impl=resolve_backend(), grouped=True,
+                 max_runs=min(y.shape[0], seg_ids.shape[0] + 1))
+
+
+def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
+              topk_ids: jax.Array, gates: jax.Array, *, ranks=None) -> jax.Array:
+  """MeteoRA's top-k gated mixture; spec: `reference.lora_topk`.
+
+  Each of the K slots is one shrink and one expand on the per-row layout; the gate multiplies h
+  between them, so gradients reach the gates (and x, A, B) through the ops' custom_vjp.
+
+  Args:
+    y: [T, O]; x: [T, D]; a_stack: [N, D, R] or PagedWeights; b_stack: [N, R, O] or PagedWeights;
+    scales: [N]; topk_ids: [T, K] (< 0 skips the slot); gates: [T, K]; ranks: optional [N].
+
+  Returns:
+    [T, O] in y's dtype.
+
+  References:
+    MeteoRA (Xu et al., 2024), Sec. 3, Eq. 3-4.
+  """
+  if topk_ids.ndim != 2 or gates.shape != topk_ids.shape or topk_ids.shape[0] != x.shape[0]:
+    raise ValueError(f"lora_topk: expected topk_ids and gates of shape [T, K] with T={x.shape[0]}, "
+                     f"found {topk_ids.shape} and {gates.shape}")
+  out = y.astype(jnp.float32)
+  for j in range(topk_ids.shape[1]):
+    ids = topk_ids[:, j]
+    h = lora_shrink(x, a_stack, ids, ranks=ranks).astype(jnp.float32)
+    out = lora_expand(out, h * gates[:, j:j + 1].astype(jnp.float32), b_stack, ids, scales,
+                      ranks=ranks)
+  return out.astype(y.dtype)
+
+
+def _check_scales(scales: jax.Array, n: int) -> None:
+  if scales.shape != (n,):
+    raise ValueError(f"expected scales of shape [N]=[{n}], found {scales.shape}")

@@ -2,8 +2,8 @@
 
 Each visit slices one tile of rows and one adapter's weights (no [T, D, R] gather), so the work is
 that of the single-adapter matmul plus one weight read per visit. On 2 CPU cores, for T=512,
-D=O=2048, 64 adapters of rank 16, this is ~20x faster than the gather-einsum of `reference` and
-~60x faster than `lax.ragged_dot` (bench/kernels.py). The loop's trip count is the number of real
+D=O=2048, 64 adapters of rank 16, this measured 15-40x faster than the gather-einsum of
+`reference` and 50-100x faster than `lax.ragged_dot` (bench/kernels.py, docs/benchmarks.md). The loop's trip count is the number of real
 visits, so it is not reverse-differentiable by itself: `ops` wraps it in a custom_vjp whose
 backward pass is built from the same loops (`shrink_wgrad`, `expand_wgrad`).
 
@@ -15,6 +15,8 @@ References:
   S-LoRA (Sheng et al., 2023), Sec. 5.1 (MBGMM/MBGMV), Sec. 4.1 (weights in pages).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,28 +34,34 @@ def adapter_matrix(w: jax.Array, table, aid: jax.Array, rank_axis: int):
   return rows.reshape(-1, w.shape[2]), 0
 
 
-def _tile(num_rows: int, block_t: int, plan: Plan, v):
+def _tile(num_rows: int, block_t: int, plan: Plan, v, perm):
+  """(live rows mask [bt], row indices [bt]) of visit v; rows go through `perm` if given."""
   bt = min(block_t, num_rows)
   start = jnp.minimum(plan.tile[v] * bt, num_rows - bt)
   rows = start + jnp.arange(bt, dtype=jnp.int32)
   live = (rows >= plan.lo[v]) & (rows < plan.hi[v]) & (plan.ids[v] >= 0)
-  return bt, start, live
+  if perm is not None:
+    rows = lax.dynamic_slice_in_dim(perm, start, bt)
+  return live, rows
 
 
 def _rank_live(ranks: jax.Array, aid, r: int) -> jax.Array:
   return jnp.arange(r, dtype=jnp.int32) < ranks[aid]
 
 
+@functools.partial(jax.jit, static_argnames=("rank_axis", "block_t"))
 def shrink(x: jax.Array, w: jax.Array, table, ranks: jax.Array, plan: Plan, *, rank_axis: int,
-           block_t: int = 8) -> jax.Array:
-  """h[t] = x[t] @ W[id]: [T, F] -> [T, R] float32, on grouped rows.
+           block_t: int = 8, perm=None) -> jax.Array:
+  """h[t] = x[t] @ W[id]: [T, F] -> [T, R] float32.
 
   Args:
-    x: [T, F] grouped rows.
+    x: [T, F] rows (grouped, or grouped through `perm`).
     w, table, rank_axis: the weight source (module docstring).
     ranks: [N] int32 live rank of each adapter.
-    plan: the visit plan of x's rows.
+    plan: the visit plan of the grouped rows.
     block_t: rows per tile (the plan's).
+    perm: optional [T] int32: grouped row i is row perm[i] of x (and of the result), which saves
+      sorting x and un-sorting h.
 
   Returns:
     [T, R] float32; rows without adapter and columns past the rank are zero.
@@ -62,30 +70,30 @@ def shrink(x: jax.Array, w: jax.Array, table, ranks: jax.Array, plan: Plan, *, r
   r = w.shape[rank_axis] if table is None else table.shape[1] * w.shape[1]
 
   def visit(v, h):
-    bt, start, live = _tile(num_rows, block_t, plan, v)
+    live, rows = _tile(num_rows, block_t, plan, v, perm)
     aid = jnp.maximum(plan.ids[v], 0)
     mat, mat_rank = adapter_matrix(w, table, aid, rank_axis)
-    xt = lax.dynamic_slice_in_dim(x, start, bt)
-    ht = lax.dot_general(xt, mat, (((1,), (1 - mat_rank,)), ((), ())),
+    ht = lax.dot_general(x[rows], mat, (((1,), (1 - mat_rank,)), ((), ())),
                          preferred_element_type=jnp.float32)
     keep = live[:, None] & _rank_live(ranks, aid, r)[None, :]
-    old = lax.dynamic_slice_in_dim(h, start, bt)
-    return lax.dynamic_update_slice_in_dim(h, jnp.where(keep, ht, old), start, 0)
+    return h.at[rows].set(jnp.where(keep, ht, h[rows]), unique_indices=True)
 
   return lax.fori_loop(0, plan.count, visit, jnp.zeros((num_rows, r), jnp.float32))
 
 
+@functools.partial(jax.jit, static_argnames=("rank_axis", "block_t"))
 def expand(y: jax.Array, h: jax.Array, w: jax.Array, table, ranks: jax.Array, plan: Plan, *,
-           rank_axis: int, block_t: int = 8) -> jax.Array:
-  """y[t] += h[t] @ W[id]: [T, R] -> [T, F] in y's dtype (sums in float32), on grouped rows.
+           rank_axis: int, block_t: int = 8, perm=None) -> jax.Array:
+  """y[t] += h[t] @ W[id]: [T, R] -> [T, F] in y's dtype (sums in float32).
 
   Args:
-    y: [T, F] grouped rows of the base output.
+    y: [T, F] base output rows.
     h: [T, R] activations, already multiplied by any per-row scale or gate.
     w, table, rank_axis: the weight source (module docstring).
     ranks: [N] int32; rank rows past it are ignored whatever they hold.
     plan: the visit plan.
     block_t: rows per tile.
+    perm: optional [T] row permutation, as in `shrink`.
 
   Returns:
     [T, F] in y's dtype.
@@ -94,37 +102,37 @@ def expand(y: jax.Array, h: jax.Array, w: jax.Array, table, ranks: jax.Array, pl
   r = h.shape[1]
 
   def visit(v, acc):
-    bt, start, live = _tile(num_rows, block_t, plan, v)
+    live, rows = _tile(num_rows, block_t, plan, v, perm)
     aid = jnp.maximum(plan.ids[v], 0)
     mat, mat_rank = adapter_matrix(w, table, aid, rank_axis)
     rank_live = _rank_live(ranks, aid, r)
     mat = jnp.where(jnp.expand_dims(rank_live, 1 - mat_rank), mat, 0)
-    ht = lax.dynamic_slice_in_dim(h, start, bt)
-    ht = jnp.where(live[:, None] & rank_live[None, :], ht, 0)
+    ht = jnp.where(live[:, None] & rank_live[None, :], h[rows], 0)
     d = lax.dot_general(ht, mat.astype(ht.dtype), (((1,), (mat_rank,)), ((), ())),
                         preferred_element_type=jnp.float32)
-    old = lax.dynamic_slice_in_dim(acc, start, bt)
-    return lax.dynamic_update_slice_in_dim(acc, old + d, start, 0)
+    return acc.at[rows].add(d, unique_indices=True)
 
   acc = lax.fori_loop(0, plan.count, visit, y.astype(jnp.float32))
   return acc.astype(y.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("num_adapters", "rank_side", "block_t"))
 def outer_sum(u: jax.Array, g: jax.Array, ranks: jax.Array, plan: Plan, num_adapters: int, *,
-              rank_side: int, block_t: int = 8) -> jax.Array:
+              rank_side: int, block_t: int = 8, perm=None) -> jax.Array:
   """Per-adapter sums of outer products, the weight gradient of both ops.
 
   G[n] = sum over rows t with id n of u[t]^T g[t] (the grouped transposed matmul, megablox's
   "tgmm"). Rank slots at or past ranks[n] are zero.
 
   Args:
-    u: [T, P] left factor (x for dA, h for dB), grouped rows.
+    u: [T, P] left factor (x for dA, h for dB).
     g: [T, Q] right factor (dh for dA, dy for dB).
     ranks: [N] int32.
     plan: the visit plan.
     num_adapters: N.
     rank_side: 1 if Q is the rank axis (dA [N, D, R]), 0 if P is (dB [N, R, O]).
     block_t: rows per tile.
+    perm: optional [T] row permutation, as in `shrink`.
 
   Returns:
     [N, P, Q] float32.
@@ -133,12 +141,11 @@ def outer_sum(u: jax.Array, g: jax.Array, ranks: jax.Array, plan: Plan, num_adap
   r = (g if rank_side == 1 else u).shape[1]
 
   def visit(v, acc):
-    bt, start, live = _tile(num_rows, block_t, plan, v)
+    live, rows = _tile(num_rows, block_t, plan, v, perm)
     aid = jnp.maximum(plan.ids[v], 0)
-    ut = jnp.where(live[:, None], lax.dynamic_slice_in_dim(u, start, bt), 0)
-    gt = lax.dynamic_slice_in_dim(g, start, bt)
-    prod = lax.dot_general(ut.astype(jnp.float32), gt.astype(jnp.float32),
-                           (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    ut = jnp.where(live[:, None], u[rows], 0).astype(jnp.float32)
+    prod = lax.dot_general(ut, g[rows].astype(jnp.float32), (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
     prod = jnp.where(jnp.expand_dims(_rank_live(ranks, aid, r), 1 - rank_side), prod, 0)
     old = lax.dynamic_index_in_dim(acc, aid, 0, keepdims=False)
     return lax.dynamic_update_index_in_dim(acc, old + prod, aid, 0)

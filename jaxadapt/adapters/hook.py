@@ -81,21 +81,24 @@ def dora_weight_norm(kernel, a, b, scale):
 
 
 def _per_sequence(x, base, ctx: MixedLoRA):
-  """Mixed LoRA with one adapter per sequence: segments are the sequences (S-LoRA's SGMV with
-  equal segment lengths), so each sequence gathers its adapter's weights once, not per token."""
+  """Mixed LoRA with one adapter per sequence of x [B, S, in]: the sequences are the segments of
+  S-LoRA's SGMV (Sec. 5.1), so each sequence reads its adapter's weights once, not per token."""
   ids = ctx.token_ids.astype(jnp.int32)
   if ids.shape[0] != x.shape[0]:
     raise ValueError(f"MixedLoRA.token_ids has {ids.shape[0]} ids for x of shape {x.shape}: "
                      f"expected one per token ({x.shape[0] * x.shape[1]}) or per sequence")
-  valid = ids >= 0
-  safe = jnp.where(valid, ids, 0)
-  a, b = ctx.a[safe].astype(x.dtype), ctx.b[safe].astype(x.dtype)  # [B, in, r], [B, r, out]
-  scale = jnp.where(valid, ctx.scale[safe], 0).astype(x.dtype)
-  delta = jnp.einsum("bsr,bro->bso", jnp.einsum("bsd,bdr->bsr", x, a), b) * scale[:, None, None]
+  b, s = x.shape[:2]
+  x2, y2 = x.reshape(b * s, -1), base.reshape(b * s, -1)
+  lens = jnp.full((b,), s, jnp.int32)
+  h = kernels_pallas.ops.sgmv_shrink(x2, ctx.a.astype(x.dtype), ids, lens)
   if ctx.dora_scale is None:
-    return base + delta
-  ms = jnp.where(valid[:, None], ctx.dora_scale[safe], 1).astype(x.dtype)[:, None, :]
-  return ms * (base + delta)
+    return kernels_pallas.ops.sgmv_expand(y2, h, ctx.b.astype(x.dtype), ids, lens,
+                                          ctx.scale).reshape(b, s, -1)
+  # DoRA per sequence: y = m/n * (x W + s x A B), the bias added after.
+  d = kernels_pallas.ops.sgmv_expand(jnp.zeros_like(y2), h, ctx.b.astype(x.dtype), ids, lens,
+                                     ctx.scale).reshape(b, s, -1)
+  ms = jnp.where((ids >= 0)[:, None], ctx.dora_scale[jnp.maximum(ids, 0)], 1).astype(x.dtype)
+  return ms[:, None, :] * (base + d)
 
 
 def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
