@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxadapt.adapters import lora as lora_lib
-from jaxadapt.adapters import stack as stack_lib
+from jaxadapt.models.frozen import FrozenModel
 from jaxadapt.models.llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -31,13 +31,11 @@ def forward(graphdef, params, input_ids, attention_mask=None, positions=None, lo
   return module(input_ids, attention_mask, positions, lora)
 
 
-class CausalLM:
+class CausalLM(FrozenModel):
   """A frozen Llama-family model: `config`, `graphdef`, `params` (a pure dict, never mutated)."""
 
   def __init__(self, config: LlamaConfig, graphdef, params, *, merged: tuple = ()):
-    self.config = config
-    self.graphdef = graphdef
-    self.params = params
+    super().__init__(config, graphdef, params)
     self.merged = merged  # ((adapter, dora_norms), ...) folded in by `merge`, newest last
 
   @classmethod
@@ -46,54 +44,9 @@ class CausalLM:
     graphdef, state = nnx.split(LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed)))
     return cls(config, graphdef, nnx.to_pure_dict(state))
 
-  @functools.cached_property
-  def linear_paths(self) -> list[str]:
-    module = nnx.merge(self.graphdef, nnx.State(self.params))
-    return module.linear_paths()
-
   @property
   def dtype(self):
     return self.params["model"]["embed_tokens"]["embedding"].dtype
-
-  def lora_contexts(self, *, adapter=None, adapters=None, adapter_ids=None):
-    """The per-path adapter contexts `__call__` builds (exposed for training and serving)."""
-    if adapter is not None and adapters is not None:
-      raise ValueError("pass either adapter= (one for the batch) or adapters= with adapter_ids=, "
-                       "not both")
-    if adapter is not None:
-      self._check(adapter)
-      return lora_lib.contexts(adapter)
-    if adapters is not None:
-      if adapter_ids is None:
-        raise ValueError("adapters= needs adapter_ids= (one id per sequence, -1 = base)")
-      ids = np.asarray(adapter_ids)
-      if ids.ndim != 1 or ((ids < -1) | (ids >= len(adapters))).any():
-        raise ValueError(f"adapter_ids must be one int per sequence in [-1, {len(adapters) - 1}], "
-                         f"got {adapter_ids!r}")
-      for a in adapters:
-        self._check(a)
-      stacks = self._stacks(tuple(adapters))
-      return stack_lib.mixed_contexts(stacks, ids)
-    return None
-
-  def _stacks(self, adapters: tuple) -> dict:
-    """Stacked weights of `adapters`, cached for the last few distinct adapter lists."""
-    cache = self.__dict__.setdefault("_stack_cache", {})
-    key = tuple(id(a) for a in adapters)
-    hit = cache.get(key)
-    if hit is not None and all(x is y for x, y in zip(hit[0], adapters)):
-      return hit[1]
-    stacks = stack_lib.stack_adapters(self.params, adapters, dtype=self.dtype)
-    if len(cache) >= 4:
-      cache.pop(next(iter(cache)))
-    cache[key] = (adapters, stacks)  # holds the adapters, so their ids stay unique
-    return stacks
-
-  def _check(self, adapter):
-    unknown = [p for p in adapter.weights if p not in self.linear_paths]
-    if unknown:
-      raise ValueError(f"adapter targets {unknown[:3]}, which are not linear layers of this model "
-                       f"(e.g. {self.linear_paths[:3]})")
 
   def __call__(self, input_ids, attention_mask=None, *, adapter=None, adapters=None,
                adapter_ids=None, position_ids=None):
@@ -125,7 +78,7 @@ class CausalLM:
 
 def merge(model: CausalLM, adapter) -> CausalLM:
   """A new model with `adapter` folded into its kernels (the input model is untouched)."""
-  model._check(adapter)
+  model.check_adapter(adapter)
   params, norms = lora_lib.merge_params(model.params, adapter)
   return CausalLM(model.config, model.graphdef, params,
                   merged=model.merged + ((adapter, norms),))

@@ -22,7 +22,12 @@ class Checkpoints:
     if every < 1:
       raise ValueError(f"checkpoint interval must be >= 1 step, got {every}")
     self.every = every
-    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+    # Every `every` steps (and on a preemption notice), without orbax's default extra save at
+    # the first step of a fresh run.
+    policies = ocp.checkpoint_managers
+    policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(every),
+                                     policies.PreemptionCheckpointingPolicy()])
+    options = ocp.CheckpointManagerOptions(save_decision_policy=policy, max_to_keep=keep,
                                            cleanup_tmp_directories=True, create=True)
     self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                          item_names=("state", "record"))

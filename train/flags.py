@@ -10,6 +10,7 @@ tuple fields. `--help` lists the fields with their defaults and comments.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import inspect
@@ -63,7 +64,8 @@ def help_text(config) -> str:
   comments = field_comments(cls)
   lines = [f"fields of {cls.__name__} (override with --name value or --config.name=value):"]
   for f in dataclasses.fields(cls):
-    lines.append(f"  --{f.name}={getattr(config, f.name)!r:<20} {comments.get(f.name, '')}")
+    flag = f"--{f.name}={getattr(config, f.name)!r}"
+    lines.append(f"  {flag:<34} {comments.get(f.name, '')}")
   return "\n".join(lines)
 
 
@@ -154,7 +156,7 @@ def apply_overrides(config, argv: Sequence[str]):
         raise FlagError(f"--{key} needs a value (--{key} VALUE or --{key}=VALUE)")
     key = key.removeprefix("config.")
     if key not in names:
-      close = [n for n in names if key.split("_")[0] in n][:5]
+      close = difflib.get_close_matches(key, names, n=3)
       raise FlagError(f"unknown flag --{key}; {cls.__name__} has fields {names}"
                       + (f" (did you mean {close}?)" if close else ""))
     changes[key] = parse_value(key, hints[key], value)

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxadapt.models import frozen
+from jaxadapt.models.frozen import FrozenModel, apply  # noqa: F401  (re-exported)
 from jaxadapt.models.layers import Linear, insert
 
 __all__ = [
@@ -453,69 +455,10 @@ class FeedForward(nnx.Module):
     return self.net[2](self.net[0](x, lora), lora)
 
 
-# ----------------------------------------------------------------------------- frozen wrappers
-
-def load_params(directory: str, build: Callable[[], nnx.Module], *, dtype=jnp.float32,
-                sharding=None, stem: str = "diffusion_pytorch_model",
-                name_fn: Callable = torch_name):
-  """(graphdef, params pure dict) of `build()` filled from the safetensors of `directory`.
-
-  The module is built abstractly (`nnx.eval_shape`), so no random weights are materialised; each
-  tensor is memory-mapped, converted to jaxadapt's layout and placed on its sharding.
-  """
-  from jaxadapt.io.hf import load_tree  # late: io.hf imports jaxadapt.models (cycle)
-  graphdef, state = nnx.split(nnx.eval_shape(build))
-  params = load_tree(directory, nnx.to_pure_dict(state), name_fn, dtype=dtype,
-                     sharding=sharding, stem=stem)
-  return graphdef, params
 
 
-def apply(graphdef, params, method: str, *args, **kwargs):
-  """The pure forward `module.<method>(*args, **kwargs)` of graphdef + params (not jitted)."""
-  module = nnx.merge(graphdef, nnx.State(params))
-  return getattr(module, method)(*args, **kwargs)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _apply_jit(graphdef, params, method, static, args, kwargs):
-  static = dict(static)
-  if "inserts" in static:
-    static["inserts"] = dict(static["inserts"])
-  return apply(graphdef, params, method, *args, **static, **kwargs)
-
-
-class FrozenModel:
-  """A frozen model: `config`, `graphdef`, `params` (a pure dict, never mutated); jitted calls.
-
-  `inserts` (insertion-point functions) and the keyword arguments listed in `static` are
-  compile-time constants: a new function object recompiles. Use `apply` inside your own
-  jit/grad (training) to close over them instead.
-  """
-
-  def __init__(self, config, graphdef, params):
-    self.config = config
-    self.graphdef = graphdef
-    self.params = params
-
-  @property
-  def dtype(self):
-    return jax.tree_util.tree_leaves(self.params)[0].dtype
-
-  @functools.cached_property
-  def linear_paths(self) -> list[str]:
-    """Paths of every `Linear` (LoRA targets), in module order."""
-    module = nnx.merge(self.graphdef, nnx.State(self.params))
-    paths = [m.path for _, m in nnx.iter_graph(module) if isinstance(m, Linear)]
-    return sorted(set(paths), key=paths.index)
-
-  def _call(self, method: str, args: tuple, kwargs: dict, *, inserts=None, static=()):
-    lora = kwargs.get("lora")
-    if lora:
-      unknown = [p for p in lora if p not in self.linear_paths]
-      if unknown:
-        raise ValueError(f"lora targets {unknown[:3]}, which are not linear layers of this "
-                         f"model (e.g. {self.linear_paths[:3]})")
-    static = tuple(static)
-    if inserts:
-      static += (("inserts", tuple(sorted(inserts.items()))),)
-    return _apply_jit(self.graphdef, self.params, method, static, args, kwargs)
+def load_params(directory: str, build, *, dtype=jnp.float32, sharding=None,
+                stem: str = "diffusion_pytorch_model", name_fn: Callable = torch_name):
+  """`frozen.load_params` with diffusers' defaults (file stem, torch layout names)."""
+  return frozen.load_params(directory, build, dtype=dtype, sharding=sharding, stem=stem,
+                            name_fn=name_fn)

@@ -543,33 +543,6 @@ class UNet(dl.FrozenModel):
     """Names of every insertion point (each attention module's path), in module order."""
     return nnx.merge(self.graphdef, nnx.State(self.params)).attention_paths()
 
-  def _check(self, adapter):
-    unknown = [p for p in adapter.weights if p not in self.linear_paths]
-    if unknown:
-      raise ValueError(f"adapter targets {unknown[:3]}, which are not linear layers of this "
-                       f"U-Net (e.g. {self.linear_paths[:3]})")
-
-  def lora_contexts(self, *, adapter=None, adapters=None, adapter_ids=None):
-    """The per-path adapter contexts `__call__` builds (exposed for training and serving)."""
-    if adapter is not None and adapters is not None:
-      raise ValueError("pass either adapter= (one for the batch) or adapters= with "
-                       "adapter_ids=, not both")
-    if adapter is not None:
-      self._check(adapter)
-      return lora_lib.contexts(adapter)
-    if adapters is not None:
-      if adapter_ids is None:
-        raise ValueError("adapters= needs adapter_ids= (one id per batch element, -1 = base)")
-      ids = np.asarray(adapter_ids)
-      if ids.ndim != 1 or ((ids < -1) | (ids >= len(adapters))).any():
-        raise ValueError(f"adapter_ids must be one int per batch element in "
-                         f"[-1, {len(adapters) - 1}], got {adapter_ids!r}")
-      for a in adapters:
-        self._check(a)
-      stacks = stack_lib.stack_adapters(self.params, adapters, dtype=self.dtype)
-      return stack_lib.mixed_contexts(stacks, ids)
-    return None
-
   def __call__(self, sample, timesteps, encoder_hidden_states, *, adapter=None, adapters=None,
                adapter_ids=None, lora=None, inserts=None):
     """The model output `[B, C_out, H, W]` (NCHW) for noisy latents `sample [B, C_in, H, W]`.

@@ -1,0 +1,131 @@
+"""`FrozenModel`: what every jaxadapt model wrapper shares.
+
+A frozen model is `config`, `graphdef` and `params` (a pure dict that nothing mutates). It knows
+its linear layers (the LoRA targets), builds adapter contexts for one adapter or a mixed batch
+(one adapter id per batch element), and runs jitted forwards.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxadapt.adapters import lora as lora_lib
+from jaxadapt.adapters import stack as stack_lib
+from jaxadapt.models.layers import Linear
+
+
+def load_params(directory: str, build: Callable[[], nnx.Module], *, dtype, sharding=None,
+                stem: str, name_fn: Callable):
+  """(graphdef, params pure dict) of `build()` filled from the safetensors of `directory`.
+
+  The module is built abstractly (`nnx.eval_shape`), so no random weights are materialised; each
+  tensor is memory-mapped, converted to jaxadapt's layout by `name_fn` and placed on its sharding.
+  """
+  from jaxadapt.io.hf import load_tree  # late: io.hf imports jaxadapt.models (cycle)
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+  params = load_tree(directory, nnx.to_pure_dict(state), name_fn, dtype=dtype,
+                     sharding=sharding, stem=stem)
+  return graphdef, params
+
+
+def apply(graphdef, params, method: str, *args, **kwargs):
+  """The pure forward `module.<method>(*args, **kwargs)` of graphdef + params (not jitted)."""
+  module = nnx.merge(graphdef, nnx.State(params))
+  return getattr(module, method)(*args, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _apply_jit(graphdef, params, method, static, args, kwargs):
+  static = dict(static)
+  if "inserts" in static:
+    static["inserts"] = dict(static["inserts"])
+  return apply(graphdef, params, method, *args, **static, **kwargs)
+
+
+class FrozenModel:
+  """A frozen model: `config`, `graphdef`, `params` (a pure dict, never mutated); jitted calls.
+
+  `inserts` (insertion-point functions) and the keyword arguments listed in `static` are
+  compile-time constants: a new function object recompiles. Use `apply` inside your own
+  jit/grad (training) to close over them instead.
+  """
+
+  def __init__(self, config, graphdef, params):
+    self.config = config
+    self.graphdef = graphdef
+    self.params = params
+
+  @property
+  def dtype(self):
+    return jax.tree_util.tree_leaves(self.params)[0].dtype
+
+  @functools.cached_property
+  def linear_paths(self) -> list[str]:
+    """Paths of every `Linear` (LoRA targets), in module order."""
+    module = nnx.merge(self.graphdef, nnx.State(self.params))
+    paths = [m.path for _, m in nnx.iter_graph(module) if isinstance(m, Linear)]
+    return sorted(set(paths), key=paths.index)
+
+  def check_adapter(self, adapter) -> None:
+    """Raises if `adapter` targets a path that is not a linear layer of this model."""
+    unknown = [p for p in adapter.weights if p not in self.linear_paths]
+    if unknown:
+      raise ValueError(f"adapter targets {unknown[:3]}, which are not linear layers of this "
+                       f"{type(self).__name__} (e.g. {self.linear_paths[:3]})")
+
+  def _stacks(self, adapters: tuple) -> dict:
+    """Stacked weights of `adapters`, cached for the last few distinct adapter lists."""
+    cache = self.__dict__.setdefault("_stack_cache", {})
+    key = tuple(id(a) for a in adapters)
+    hit = cache.get(key)
+    if hit is not None and all(x is y for x, y in zip(hit[0], adapters)):
+      return hit[1]
+    stacks = stack_lib.stack_adapters(self.params, adapters, dtype=self.dtype)
+    if len(cache) >= 4:
+      cache.pop(next(iter(cache)))
+    cache[key] = (adapters, stacks)  # holds the adapters, so their ids stay unique
+    return stacks
+
+  def lora_contexts(self, *, adapter=None, adapters=None, adapter_ids=None):
+    """Per-path adapter contexts: one adapter for the batch, or a mixed batch.
+
+    Args:
+      adapter: one `LoraAdapter` for every batch element.
+      adapters: a list of adapters, with `adapter_ids` one id per batch element (-1 = base).
+
+    Returns:
+      {path: context} for the projection hook, or None for the plain base.
+    """
+    if adapter is not None and adapters is not None:
+      raise ValueError("pass either adapter= (one for the batch) or adapters= with adapter_ids=, "
+                       "not both")
+    if adapter is not None:
+      self.check_adapter(adapter)
+      return lora_lib.contexts(adapter)
+    if adapters is not None:
+      if adapter_ids is None:
+        raise ValueError("adapters= needs adapter_ids= (one id per batch element, -1 = base)")
+      ids = np.asarray(adapter_ids)
+      if ids.ndim != 1 or ((ids < -1) | (ids >= len(adapters))).any():
+        raise ValueError(f"adapter_ids must be one int per batch element in "
+                         f"[-1, {len(adapters) - 1}], got {adapter_ids!r}")
+      for a in adapters:
+        self.check_adapter(a)
+      return stack_lib.mixed_contexts(self._stacks(tuple(adapters)), ids)
+    return None
+
+  def _call(self, method: str, args: tuple, kwargs: dict, *, inserts=None, static=()):
+    lora = kwargs.get("lora")
+    if lora:
+      unknown = [p for p in lora if p not in self.linear_paths]
+      if unknown:
+        raise ValueError(f"lora targets {unknown[:3]}, which are not linear layers of this "
+                         f"model (e.g. {self.linear_paths[:3]})")
+    static = tuple(static)
+    if inserts:
+      static += (("inserts", tuple(sorted(inserts.items()))),)
+    return _apply_jit(self.graphdef, self.params, method, static, args, kwargs)
