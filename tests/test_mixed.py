@@ -78,3 +78,87 @@ def test_per_token_ids_equal_per_sequence_ids(llama_dir):
   np.testing.assert_allclose(np.asarray(per_tok), np.asarray(per_seq), atol=1e-5, rtol=0)
   alone = model(ids[:1], adapter=adapters[1])
   np.testing.assert_allclose(np.asarray(per_tok[:1]), np.asarray(alone), atol=1e-5, rtol=0)
+
+
+def _stack_setup(llama_dir, use_dora=False):
+  from jaxadapt.adapters import stack as stack_lib
+  model = ja.load_model(llama_dir[0])
+  adapters = [_perturbed(ja.init_lora(model, ja.LoraConfig(r=r, target_modules=t, use_dora=use_dora),
+                                      seed=r), r)
+              for r, t in ((3, "all-linear"), (6, ["q_proj", "down_proj"]), (1, ["v_proj"]))]
+  return model, adapters, stack_lib.stack_adapters(model.params, adapters)
+
+
+def test_paged_pool_equals_dense_stack(llama_dir):
+  """Adapters read from shuffled pages of a pool (S-LoRA unified paging) == the dense stack."""
+  from jaxadapt.adapters import stack as stack_lib
+  from jaxadapt.causal_lm import _forward
+  model, adapters, stacks = _stack_setup(llama_dir, use_dora=True)
+  ids = np.random.default_rng(2).integers(0, 97, (4, 5))
+  which = np.array([2, 0, -1, 1])
+  tokens = np.repeat(which, ids.shape[1])
+  dense = _forward(model.graphdef, model.params, ids, None, None,
+                   stack_lib.mixed_contexts(stacks, tokens))
+  for page_rows in (1, 4):
+    paged = stack_lib.page_stacks(stacks, page_rows, seed=page_rows)
+    out = _forward(model.graphdef, model.params, ids, None, None,
+                   stack_lib.mixed_contexts(paged, tokens))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=1e-5, rtol=0)
+  alone = model(ids[:1], adapter=adapters[2])
+  np.testing.assert_allclose(np.asarray(dense[:1]), np.asarray(alone), atol=1e-5, rtol=0)
+
+
+def test_gated_topk_equals_weighted_sum_of_adapters(llama_dir):
+  """MeteoRA's gated context at every projection == the gate-weighted sum of single LoRAs
+  (MeteoRA Eq. 3-4), checked projection by projection against the jnp specification."""
+  import jax.numpy as jnp
+  from jaxadapt.adapters import stack as stack_lib
+  from jaxadapt.adapters.hook import SingleLoRA, project
+  from jaxadapt.adapters.lora import kernel_at
+  model, adapters, stacks = _stack_setup(llama_dir)
+  rng = np.random.default_rng(3)
+  t = 7
+  topk = np.stack([rng.permutation(3)[:2] for _ in range(t)]).astype(np.int32)
+  topk[0, 1] = -1  # a skipped slot
+  gates = rng.uniform(0.1, 1.0, (t, 2)).astype(np.float32)
+  ctxs = stack_lib.gated_contexts(stacks, topk, gates)
+  for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+    kernel = kernel_at(model.params, path)
+    x = jnp.asarray(rng.normal(size=(t, kernel.shape[0])), jnp.float32)
+    got = project(x, kernel, None, ctxs[path])
+    want = np.array(x @ kernel)
+    for i in range(t):
+      for j in range(2):
+        a = topk[i, j]
+        if a < 0 or path not in adapters[a].weights:
+          continue
+        w = adapters[a].weights[path]
+        single = SingleLoRA(a=w["a"], b=w["b"], scale=jnp.float32(adapters[a].scale(path)))
+        want[i] += gates[i, j] * np.asarray(project(x[i:i + 1], kernel, None, single)
+                                            - x[i:i + 1] @ kernel)[0]
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+
+
+def test_hook_runs_the_pallas_kernels(llama_dir):
+  """The hook's mixed path through the interpreted Pallas kernels == its XLA path."""
+  import jax.numpy as jnp
+  import kernels_pallas
+  from jaxadapt.adapters import stack as stack_lib
+  from jaxadapt.adapters.hook import project
+  from jaxadapt.adapters.lora import kernel_at
+  model, _, stacks = _stack_setup(llama_dir)
+  path = "model.layers.1.self_attn.q_proj"
+  kernel = kernel_at(model.params, path)
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, kernel.shape[0])), jnp.float32)
+  outs = {}
+  for backend in ("xla", "pallas_interpret"):
+    kernels_pallas.set_backend(backend)
+    try:
+      per_seq = stack_lib.mixed_contexts(stacks, np.array([1, 0]))[path]
+      per_tok = stack_lib.mixed_contexts(stacks, np.array([1, 1, 0, -1, 2] * 2))[path]
+      outs[backend] = (project(x, kernel, None, per_seq), project(x, kernel, None, per_tok))
+    finally:
+      kernels_pallas.set_backend("auto")
+  for got, want in zip(outs["pallas_interpret"], outs["xla"]):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+  assert np.abs(np.asarray(outs["xla"][0]) - np.asarray(x @ kernel)).max() > 1e-3

@@ -46,25 +46,36 @@ class SingleLoRA:
 class MixedLoRA:
   """A stack of adapters and one adapter id per token (-1 = base only).
 
+  `a` and `b` are dense stacks or `kernels_pallas.PagedWeights` (pages of S-LoRA's unified
+  pool, Sec. 4.1). `ranks[n]` is adapter n's true rank, so the kernels skip the padding.
   `dora_scale[n]` is DoRA's `m / ||W + s A B||_c` per output column (ones for plain LoRA),
   or None when no adapter in the stack uses DoRA.
   """
-  a: jax.Array                      # [N, in, r_max], ranks zero-padded
-  b: jax.Array                      # [N, r_max, out]
+  a: Any                            # [N, in, r_max] (ranks zero-padded) or PagedWeights
+  b: Any                            # [N, r_max, out] or PagedWeights
   scale: jax.Array                  # [N]
   token_ids: jax.Array              # [T] int32 (T = product of x's leading dims), or [B] one
                                     # id per sequence of x [B, S, in] (tokens already segmented)
   dora_scale: Optional[jax.Array] = None  # [N, out]
+  ranks: Optional[jax.Array] = None       # [N] int32 true ranks, or None (all r_max)
 
 
 @_pytree()
 class GatedLoRA:
   """MeteoRA: per-token top-k adapters mixed with gate weights (MeteoRA Eq. 3-4)."""
-  a: jax.Array                      # [N, in, r_max]
-  b: jax.Array                      # [N, r_max, out]
+  a: Any                            # [N, in, r_max] or PagedWeights
+  b: Any                            # [N, r_max, out] or PagedWeights
   scale: jax.Array                  # [N]
-  topk_ids: jax.Array               # [T, K]
-  gates: jax.Array                  # [T, K]
+  topk_ids: jax.Array               # [T, K] adapter ids, -1 skips the slot
+  gates: jax.Array                  # [T, K] gate weights
+  ranks: Optional[jax.Array] = None       # [N] int32 true ranks, or None
+
+
+def _cast(w, dtype):
+  """A dense stack or a PagedWeights in `dtype`."""
+  if isinstance(w, kernels_pallas.PagedWeights):
+    return kernels_pallas.PagedWeights(w.pool.astype(dtype), w.table)
+  return w.astype(dtype)
 
 
 def _dropout(x, rate, key):
@@ -90,13 +101,13 @@ def _per_sequence(x, base, ctx: MixedLoRA):
   b, s = x.shape[:2]
   x2, y2 = x.reshape(b * s, -1), base.reshape(b * s, -1)
   lens = jnp.full((b,), s, jnp.int32)
-  h = kernels_pallas.ops.sgmv_shrink(x2, ctx.a.astype(x.dtype), ids, lens)
+  h = kernels_pallas.ops.sgmv_shrink(x2, _cast(ctx.a, x.dtype), ids, lens, ranks=ctx.ranks)
   if ctx.dora_scale is None:
-    return kernels_pallas.ops.sgmv_expand(y2, h, ctx.b.astype(x.dtype), ids, lens,
-                                          ctx.scale).reshape(b, s, -1)
+    return kernels_pallas.ops.sgmv_expand(y2, h, _cast(ctx.b, x.dtype), ids, lens, ctx.scale,
+                                          ranks=ctx.ranks).reshape(b, s, -1)
   # DoRA per sequence: y = m/n * (x W + s x A B), the bias added after.
-  d = kernels_pallas.ops.sgmv_expand(jnp.zeros_like(y2), h, ctx.b.astype(x.dtype), ids, lens,
-                                     ctx.scale).reshape(b, s, -1)
+  d = kernels_pallas.ops.sgmv_expand(jnp.zeros_like(y2), h, _cast(ctx.b, x.dtype), ids, lens,
+                                     ctx.scale, ranks=ctx.ranks).reshape(b, s, -1)
   ms = jnp.where((ids >= 0)[:, None], ctx.dora_scale[jnp.maximum(ids, 0)], 1).astype(x.dtype)
   return ms[:, None, :] * (base + d)
 
@@ -134,23 +145,24 @@ def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
     x2 = x.reshape(-1, x.shape[-1])
     y2 = base.reshape(-1, base.shape[-1])
     ids = ctx.token_ids.astype(jnp.int32)
-    h = kernels_pallas.ops.lora_shrink(x2, ctx.a.astype(x.dtype), ids)
+    h = kernels_pallas.ops.lora_shrink(x2, _cast(ctx.a, x.dtype), ids, ranks=ctx.ranks)
     if ctx.dora_scale is None:
-      y2 = kernels_pallas.ops.lora_expand(y2, h, ctx.b.astype(x.dtype), ids, ctx.scale)
+      y2 = kernels_pallas.ops.lora_expand(y2, h, _cast(ctx.b, x.dtype), ids, ctx.scale,
+                                          ranks=ctx.ranks)
     else:
       # DoRA per token: y = m/n * (x W + s x A B), the bias added after.
       safe = jnp.where(ids >= 0, ids, 0)
       ms = jnp.where((ids >= 0)[:, None], ctx.dora_scale[safe], 1).astype(x.dtype)
-      d = kernels_pallas.ops.lora_expand(jnp.zeros_like(y2), h, ctx.b.astype(x.dtype), ids,
-                                         ctx.scale)
+      d = kernels_pallas.ops.lora_expand(jnp.zeros_like(y2), h, _cast(ctx.b, x.dtype), ids,
+                                         ctx.scale, ranks=ctx.ranks)
       y2 = ms * (y2 + d)
     out = y2.reshape(*lead, -1)
   elif isinstance(ctx, GatedLoRA):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     y2 = base.reshape(-1, base.shape[-1])
-    y2 = kernels_pallas.ops.lora_topk(y2, x2, ctx.a.astype(x.dtype), ctx.b.astype(x.dtype),
-                                      ctx.scale, ctx.topk_ids, ctx.gates)
+    y2 = kernels_pallas.ops.lora_topk(y2, x2, _cast(ctx.a, x.dtype), _cast(ctx.b, x.dtype),
+                                      ctx.scale, ctx.topk_ids, ctx.gates, ranks=ctx.ranks)
     out = y2.reshape(*lead, -1)
   else:
     raise TypeError(f"adapter context must be None, SingleLoRA, MixedLoRA or GatedLoRA; "
