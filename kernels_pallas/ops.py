@@ -312,6 +312,39 @@ def sgmv_expand(y: jax.Array, h: jax.Array, b_stack, seg_ids: jax.Array, seg_len
                  max_runs=min(y.shape[0], seg_ids.shape[0] + 1))
 
 
+def lora_batched(y: jax.Array, x: jax.Array, a_stack, b_stack, ids: jax.Array,
+                 scales: jax.Array, *, ranks=None) -> jax.Array:
+  """y[b] += scales[ids[b]] * x[b] @ A[ids[b]] @ B[ids[b]]: one adapter per batch row.
+
+  The SGMV layout with B equal segments of S rows (a mixed batch of sequences, each with its own
+  adapter). On the XLA path each row gathers its adapter's weights once
+  (`xla.batched_lora`); on Pallas paths it is `sgmv_shrink` + `sgmv_expand` with
+  `seg_lens = S`. Spec: `reference.sgmv_shrink/expand` on the flattened rows.
+
+  Args:
+    y: [B, S, O]; x: [B, S, D]; a_stack: [N, D, R] or PagedWeights; b_stack: [N, R, O] or
+    PagedWeights; ids: [B] adapter id per row (< 0: none); scales: [N]; ranks: optional [N].
+
+  Returns:
+    [B, S, O] in y's dtype.
+
+  References:
+    S-LoRA (Sheng et al., 2023), Sec. 5.1 (MBGMM on the prefill batch).
+  """
+  if x.ndim != 3 or y.ndim != 3 or x.shape[:2] != y.shape[:2] or ids.shape != (x.shape[0],):
+    raise ValueError(f"lora_batched: expected x [B, S, D], y [B, S, O] and ids [B], found "
+                     f"{x.shape}, {y.shape} and {ids.shape}")
+  bsz, seq = x.shape[:2]
+  if resolve_backend() == "xla":
+    _check_scales(scales, _source(b_stack, "b")[3])
+    return xla.batched_lora(y, x, reference.dense_a(a_stack), reference.dense_b(b_stack),
+                            ids.astype(jnp.int32), scales, ranks)
+  lens = jnp.full((bsz,), seq, jnp.int32)
+  h = sgmv_shrink(x.reshape(bsz * seq, -1), a_stack, ids, lens, ranks=ranks)
+  out = sgmv_expand(y.reshape(bsz * seq, -1), h, b_stack, ids, lens, scales, ranks=ranks)
+  return out.reshape(bsz, seq, -1)
+
+
 def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
               topk_ids: jax.Array, gates: jax.Array, *, ranks=None) -> jax.Array:
   """MeteoRA's top-k gated mixture; spec: `reference.lora_topk`.

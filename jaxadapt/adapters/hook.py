@@ -98,16 +98,12 @@ def _per_sequence(x, base, ctx: MixedLoRA):
   if ids.shape[0] != x.shape[0]:
     raise ValueError(f"MixedLoRA.token_ids has {ids.shape[0]} ids for x of shape {x.shape}: "
                      f"expected one per token ({x.shape[0] * x.shape[1]}) or per sequence")
-  b, s = x.shape[:2]
-  x2, y2 = x.reshape(b * s, -1), base.reshape(b * s, -1)
-  lens = jnp.full((b,), s, jnp.int32)
-  h = kernels_pallas.ops.sgmv_shrink(x2, _cast(ctx.a, x.dtype), ids, lens, ranks=ctx.ranks)
+  a, b = _cast(ctx.a, x.dtype), _cast(ctx.b, x.dtype)
   if ctx.dora_scale is None:
-    return kernels_pallas.ops.sgmv_expand(y2, h, _cast(ctx.b, x.dtype), ids, lens, ctx.scale,
-                                          ranks=ctx.ranks).reshape(b, s, -1)
+    return kernels_pallas.ops.lora_batched(base, x, a, b, ids, ctx.scale, ranks=ctx.ranks)
   # DoRA per sequence: y = m/n * (x W + s x A B), the bias added after.
-  d = kernels_pallas.ops.sgmv_expand(jnp.zeros_like(y2), h, _cast(ctx.b, x.dtype), ids, lens,
-                                     ctx.scale, ranks=ctx.ranks).reshape(b, s, -1)
+  d = kernels_pallas.ops.lora_batched(jnp.zeros_like(base), x, a, b, ids, ctx.scale,
+                                      ranks=ctx.ranks)
   ms = jnp.where((ids >= 0)[:, None], ctx.dora_scale[jnp.maximum(ids, 0)], 1).astype(x.dtype)
   return ms[:, None, :] * (base + d)
 
