@@ -40,18 +40,26 @@ def apply(graphdef, params, method: str, *args, **kwargs):
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
 def _apply_jit(graphdef, params, method, static, args, kwargs):
-  static = dict(static)
-  if "inserts" in static:
-    static["inserts"] = dict(static["inserts"])
-  return apply(graphdef, params, method, *args, **static, **kwargs)
+  return apply(graphdef, params, method, *args, **dict(static), **kwargs)
+
+
+def as_traced_fns(inserts):
+  """Insertion-point fns as `jax.tree_util.Partial`s, so they pass through jit as arguments: the
+  function is part of the tree structure (a new function object recompiles) while a Partial's
+  bound arguments (e.g. an adapter module's params) are traced, so new values do not."""
+  if not inserts:
+    return None
+  return {name: fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn)
+          for name, fn in inserts.items()}
 
 
 class FrozenModel:
   """A frozen model: `config`, `graphdef`, `params` (a pure dict, never mutated); jitted calls.
 
-  `inserts` (insertion-point functions) and the keyword arguments listed in `static` are
-  compile-time constants: a new function object recompiles. Use `apply` inside your own
-  jit/grad (training) to close over them instead.
+  `inserts` (insertion-point functions) reach the jitted forward as `jax.tree_util.Partial`s:
+  pass `Partial(fn, adapter_params)` so new adapter params do not recompile. The keyword
+  arguments listed in `static` are compile-time constants. Inside your own jit/grad (training)
+  use `apply`.
   """
 
   def __init__(self, config, graphdef, params):
@@ -125,7 +133,6 @@ class FrozenModel:
       if unknown:
         raise ValueError(f"lora targets {unknown[:3]}, which are not linear layers of this "
                          f"model (e.g. {self.linear_paths[:3]})")
-    static = tuple(static)
     if inserts:
-      static += (("inserts", tuple(sorted(inserts.items()))),)
-    return _apply_jit(self.graphdef, self.params, method, static, args, kwargs)
+      kwargs = dict(kwargs, inserts=as_traced_fns(inserts))
+    return _apply_jit(self.graphdef, self.params, method, tuple(static), args, kwargs)

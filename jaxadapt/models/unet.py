@@ -508,16 +508,6 @@ def forward(graphdef, params, sample, timesteps, encoder_hidden_states, lora=Non
                   lora=lora, inserts=inserts)
 
 
-def _as_pytree_fns(inserts):
-  """Insert fns as `jax.tree_util.Partial`s, passed to jit as traced arguments: the function
-  is part of the tree structure (a new function object recompiles), the Partial's arguments
-  (e.g. an adapter module's params) are traced, so new values do not recompile."""
-  if not inserts:
-    return None
-  return {name: fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn)
-          for name, fn in inserts.items()}
-
-
 class UNet(dl.FrozenModel):
   """A frozen U-Net: `config`, `graphdef`, `params` (a pure dict, never mutated); jitted calls.
 
@@ -580,8 +570,7 @@ class UNet(dl.FrozenModel):
     # Timesteps as float32 [B] before jit: scalar, [1] and [B], int or float, share a compile.
     t = jnp.asarray(timesteps, jnp.float32)
     t = jnp.broadcast_to(t.reshape(-1), (sample.shape[0],))
-    return self._call("__call__", (sample, t, ehs),
-                      dict(lora=lora, inserts=_as_pytree_fns(inserts)))
+    return self._call("__call__", (sample, t, ehs), dict(lora=lora), inserts=inserts)
 
 
 def _scheduler_prediction_type(directory: str) -> Optional[str]:
