@@ -12,15 +12,22 @@ ja.save_adapter(adapter, "out_dir")
 """
 from jaxadapt.adapters.lora import LoraAdapter, LoraConfig
 from jaxadapt.causal_lm import CausalLM, load_model, merge, unmerge
+from jaxadapt.diffusion.images import save_image_grid
+from jaxadapt.diffusion.pipeline import load_pipeline
 from jaxadapt.io.peft import load_adapter, save_adapter
+from jaxadapt.models.clip import load_clip_text
+from jaxadapt.models.dit import load_dit
+from jaxadapt.models.unet import load_unet
+from jaxadapt.models.vae import load_vae
 
 
-def init_lora(model: CausalLM, config: LoraConfig, *, seed: int = 0, dtype="float32"):
-  """A fresh LoRA adapter for `model` (B = 0, so the adapted model starts equal to the base)."""
+def init_lora(model, config: LoraConfig, *, seed: int = 0, dtype="float32"):
+  """A fresh LoRA adapter for any jaxadapt model (B = 0: the adapted model equals the base)."""
   import jax
   from jaxadapt.adapters.lora import init_lora as _init
   return _init(model.params, model.linear_paths, config, jax.random.key(seed), dtype=dtype)
 
 
-__all__ = ["CausalLM", "LoraAdapter", "LoraConfig", "init_lora", "load_adapter", "load_model",
-           "merge", "save_adapter", "unmerge"]
+__all__ = ["CausalLM", "LoraAdapter", "LoraConfig", "init_lora", "load_adapter", "load_clip_text",
+           "load_dit", "load_model", "load_pipeline", "load_unet", "load_vae", "merge",
+           "save_adapter", "save_image_grid", "unmerge"]

@@ -34,10 +34,6 @@ def forward(graphdef, params, input_ids, attention_mask=None, positions=None, lo
 class CausalLM(FrozenModel):
   """A frozen Llama-family model: `config`, `graphdef`, `params` (a pure dict, never mutated)."""
 
-  def __init__(self, config: LlamaConfig, graphdef, params, *, merged: tuple = ()):
-    super().__init__(config, graphdef, params)
-    self.merged = merged  # ((adapter, dora_norms), ...) folded in by `merge`, newest last
-
   @classmethod
   def random(cls, config: LlamaConfig, *, seed: int = 0, dtype=jnp.float32) -> "CausalLM":
     """A randomly initialised model (demos, benchmarks, tests)."""
@@ -76,15 +72,17 @@ class CausalLM(FrozenModel):
     return _forward(self.graphdef, self.params, input_ids, attention_mask, position_ids, lora)
 
 
-def merge(model: CausalLM, adapter) -> CausalLM:
-  """A new model with `adapter` folded into its kernels (the input model is untouched)."""
+def merge(model: FrozenModel, adapter) -> FrozenModel:
+  """A new model with `adapter` folded into its kernels (the input model is untouched).
+
+  Works for every jaxadapt model (LLMs, UNet, DiT, ...); `unmerge` undoes it exactly.
+  """
   model.check_adapter(adapter)
   params, norms = lora_lib.merge_params(model.params, adapter)
-  return CausalLM(model.config, model.graphdef, params,
-                  merged=model.merged + ((adapter, norms),))
+  return model.with_params(params, merged=model.merged + ((adapter, norms),))
 
 
-def unmerge(model: CausalLM, adapter=None) -> CausalLM:
+def unmerge(model: FrozenModel, adapter=None) -> FrozenModel:
   """Removes the most recently merged adapter (or the given one, which must be the newest)."""
   if not model.merged:
     raise ValueError("this model has no merged adapter to unmerge")
@@ -93,7 +91,7 @@ def unmerge(model: CausalLM, adapter=None) -> CausalLM:
     raise ValueError("unmerge removes adapters newest first; the given adapter is not the "
                      "newest merged one")
   params = lora_lib.unmerge_params(model.params, last, norms)
-  return CausalLM(model.config, model.graphdef, params, merged=model.merged[:-1])
+  return model.with_params(params, merged=model.merged[:-1])
 
 
 def load_model(directory: str, *, dtype="float32", sharding=None) -> CausalLM:

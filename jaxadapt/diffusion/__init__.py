@@ -9,11 +9,14 @@ from jaxadapt.diffusion.ddpm import DDPMScheduler, DDPMState
 from jaxadapt.diffusion.dpm_solver import DPMSolverMultistepScheduler, DPMSolverState
 from jaxadapt.diffusion.euler import EulerDiscreteScheduler, EulerState
 from jaxadapt.diffusion.guidance import cfg_combine, guide_model_output
+from jaxadapt.diffusion.images import save_image_grid, to_uint8
+from jaxadapt.diffusion.pipeline import DiTPipeline, StableDiffusionPipeline, load_pipeline
 from jaxadapt.diffusion.sampling import sample
 from jaxadapt.diffusion.schedulers import SCHEDULERS, Scheduler, scheduler_from_config
 
 __all__ = [
     "DDIMScheduler", "DDIMState", "DDPMScheduler", "DDPMState", "DPMSolverMultistepScheduler",
-    "DPMSolverState", "EulerDiscreteScheduler", "EulerState", "SCHEDULERS", "Scheduler",
-    "cfg_combine", "guide_model_output", "sample", "scheduler_from_config",
+    "DPMSolverState", "DiTPipeline", "EulerDiscreteScheduler", "EulerState", "SCHEDULERS",
+    "Scheduler", "StableDiffusionPipeline", "cfg_combine", "guide_model_output", "load_pipeline",
+    "sample", "save_image_grid", "scheduler_from_config", "to_uint8",
 ]

@@ -6,6 +6,7 @@ its linear layers (the LoRA targets), builds adapter contexts for one adapter or
 """
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Callable
 
@@ -62,10 +63,18 @@ class FrozenModel:
   use `apply`.
   """
 
-  def __init__(self, config, graphdef, params):
+  def __init__(self, config, graphdef, params, *, merged: tuple = ()):
     self.config = config
     self.graphdef = graphdef
     self.params = params
+    self.merged = merged  # ((adapter, dora_norms), ...) folded in by `merge`, newest last
+
+  def with_params(self, params, *, merged: tuple) -> "FrozenModel":
+    """The same model (type, config, graphdef) over other params; caches are not carried."""
+    new = copy.copy(self)
+    new.__dict__.pop("_stack_cache", None)  # stacks hold DoRA norms of the old weights
+    new.params, new.merged = params, merged
+    return new
 
   @property
   def dtype(self):

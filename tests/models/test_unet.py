@@ -266,3 +266,31 @@ def test_prediction_type_from_scheduler(sd21, tmp_path):
   with open(tmp_path / "scheduler" / "scheduler_config.json", "w") as f:
     json.dump({"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}, f)
   assert unet_lib.load_unet(str(tmp_path / "unet")).prediction_type == "v_prediction"
+
+
+def test_merge_and_unmerge_on_unet(sd15):
+  """`ja.merge` folds a LoRA (DoRA too) into UNet kernels: merged == unmerged forward, and
+  `ja.unmerge` restores the base kernels."""
+  import jaxadapt as ja
+  from jaxadapt.adapters.lora import LoraAdapter, kernel_at
+  directory, _ = sd15
+  unet = unet_lib.load_unet(directory)
+  cfg = ja.LoraConfig(r=3, target_modules=["to_q", "to_v", "proj_in"], use_dora=True)
+  adapter = ja.init_lora(unet, cfg, seed=2)
+  key = jax.random.key(3)
+  weights = {}
+  for path, w in adapter.weights.items():  # non-zero B, moved magnitudes
+    key, k1 = jax.random.split(key)
+    weights[path] = dict(w, b=0.3 * jax.random.normal(k1, w["b"].shape),
+                         magnitude=w["magnitude"] * 1.1)
+  adapter = LoraAdapter(weights=weights, config=cfg)
+  sample, t, ehs = inputs(SD15)
+  unmerged = np.asarray(unet(sample, t, ehs, adapter=adapter))
+  merged = ja.merge(unet, adapter)
+  assert type(merged) is type(unet)
+  np.testing.assert_allclose(np.asarray(merged(sample, t, ehs)), unmerged, atol=1e-4, rtol=0)
+  assert np.abs(unmerged - np.asarray(unet(sample, t, ehs))).max() > 1e-3
+  restored = ja.unmerge(merged)
+  for path in adapter.weights:
+    np.testing.assert_allclose(np.asarray(kernel_at(restored.params, path)),
+                               np.asarray(kernel_at(unet.params, path)), atol=1e-5, rtol=0)

@@ -1,0 +1,501 @@
+"""Text-to-image and class-to-image pipelines over diffusers pipeline folders.
+
+```python
+import jaxadapt as ja
+pipe = ja.load_pipeline("sd_pipeline_dir")          # model_index.json + unet/ vae/ text_encoder/...
+images = pipe.generate(prompt=["a cat", "a dog"], num_steps=30, scheduler="dpm++2m", seed=0)
+ja.save_image_grid(images, "samples.png")            # images: uint8 [N, H, W, 3]
+dit = ja.load_pipeline("dit_pipeline_dir")           # DiTPipeline: transformer/ vae/ scheduler/
+images = dit.generate(class_labels=[207, "umbrella"], guidance_scale=4.0)
+```
+
+Each pipeline reproduces its diffusers counterpart step for step, so that the same initial noise
+(``latents``, NCHW as diffusers takes it) gives the same image:
+
+- Stable Diffusion (latent diffusion, Rombach et al. 2022, Sec. 3.3): CLIP text states of the
+  prompt (``last_hidden_state``, as ``StableDiffusionPipeline`` uses by default, SD 2.x
+  included) condition the U-Net; the empty (or negative) prompt is the unconditional branch of
+  classifier-free guidance (Ho & Salimans 2022, Eq. 6); the final latents are divided by the
+  VAE's ``scaling_factor`` and decoded.
+- DiT (Peebles & Xie 2023): class labels condition the transformer, the null class
+  ``num_classes`` is the unconditional branch, guidance applies to the noise half of the
+  learned-sigma output only, and the VAE decodes ``latents / scaling_factor``.
+
+Pixels are ``round(255 * clip(x / 2 + 0.5, 0, 1))`` as in diffusers (``images.to_uint8``).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxadapt.diffusion import images as images_lib
+from jaxadapt.diffusion import sampling
+from jaxadapt.diffusion.schedulers import SCHEDULERS, scheduler_from_config
+from jaxadapt.models import frozen
+
+logger = logging.getLogger(__name__)
+
+# Sampler names for `generate(scheduler=...)`: (diffusers class, options replacing the config's).
+# A swap keeps the pipeline's noise schedule (betas, spacing, prediction type), as diffusers'
+# `Scheduler.from_config(pipe.scheduler.config)` does.
+SCHEDULER_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-karras": ("EulerDiscreteScheduler", dict(use_karras_sigmas=True)),
+    "dpm++2m": ("DPMSolverMultistepScheduler", dict(solver_order=2)),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", dict(solver_order=2,
+                                                           use_karras_sigmas=True)),
+}
+
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+DIT_COMPONENTS = ("transformer", "vae", "scheduler")
+
+
+# ----------------------------------------------------------------------------- denoisers
+
+def _unet_denoise(graphdef, params, lora, x, t, text_states):
+  """The U-Net prediction (epsilon or v) at (x_t, t, text states); pure, traced in `sample`."""
+  return frozen.apply(graphdef, params, "__call__", x, t, text_states, lora=lora)
+
+
+def _dit_denoise(graphdef, params, lora, x, t, labels):
+  """The DiT output (noise, and the learned variance when the model has it); pure."""
+  return frozen.apply(graphdef, params, "__call__", x, t, labels, lora=lora)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def _resolve_scheduler(scheduler, config: dict):
+  """A jaxadapt scheduler from a name, a diffusers class name, a scheduler object or None."""
+  if scheduler is None:
+    try:
+      return scheduler_from_config(config)
+    except ValueError as e:
+      raise ValueError(
+          f"{e} The pipeline's own scheduler ({config.get('_class_name')!r}) cannot run; pass"
+          f" generate(scheduler=...) with one of {sorted(SCHEDULER_NAMES)}.") from None
+  if isinstance(scheduler, tuple(SCHEDULERS.values())):
+    return scheduler
+  if isinstance(scheduler, str):
+    if scheduler.lower() in SCHEDULER_NAMES:
+      cls, overrides = SCHEDULER_NAMES[scheduler.lower()]
+      return scheduler_from_config(config, class_name=cls, **overrides)
+    if scheduler in SCHEDULERS:
+      return scheduler_from_config(config, class_name=scheduler)
+  raise ValueError(
+      f"scheduler must be None (the pipeline's own), a name in {sorted(SCHEDULER_NAMES)}, a"
+      f" diffusers class name in {sorted(SCHEDULERS)} or a jaxadapt scheduler object; got"
+      f" {scheduler!r}.")
+
+
+def _guidance(guidance_scale, groups: int, per_group: int) -> np.ndarray | None:
+  """The per-image guidance scale [B], or None when no image is guided.
+
+  As diffusers, a scale <= 1 turns guidance off (the conditional prediction alone); a per-sample
+  value <= 1 is therefore used as 1, which gives exactly the conditional prediction.
+  """
+  g = np.asarray(guidance_scale, np.float32)
+  batch = groups * per_group
+  if g.ndim == 0:
+    return None if g <= 1 else np.full((batch,), g, np.float32)
+  if g.ndim != 1 or g.shape[0] not in (groups, batch):
+    raise ValueError(
+        f"guidance_scale must be a float or one value per prompt/label ({groups}) or per image"
+        f" ({batch}); got shape {g.shape}.")
+  if g.shape[0] != batch:
+    g = np.repeat(g, per_group)
+  if (g <= 1).all():
+    return None
+  return np.maximum(g, 1.0)
+
+
+def _as_list(value, name: str) -> list:
+  if isinstance(value, (str, int, np.integer)):
+    return [value]
+  if isinstance(value, np.ndarray):
+    return value.reshape(-1).tolist()
+  if isinstance(value, Sequence):
+    return list(value)
+  raise TypeError(f"{name} must be one item or a list of them; got {type(value).__name__}.")
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+class _Pipeline:
+  """What both pipelines share: latent size, initial noise, sampling, decoding."""
+
+  backbone_name = ""  # "unet" or "transformer"
+
+  def __init__(self, directory: str, backbone, vae, scheduler_config: dict, index: dict):
+    self.directory = directory
+    self.vae = vae
+    self.scheduler_config = scheduler_config
+    self.model_index = index
+    setattr(self, self.backbone_name, backbone)
+
+  @property
+  def backbone(self):
+    return getattr(self, self.backbone_name)
+
+  @property
+  def vae_scale_factor(self) -> int:
+    """Pixels per latent cell: 2 ** (number of VAE levels - 1), as diffusers' pipelines."""
+    return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+  @property
+  def latent_channels(self) -> int:
+    return self.backbone.config.in_channels
+
+  @property
+  def default_scheduler(self):
+    """The scheduler the pipeline dir names (what `generate(scheduler=None)` uses)."""
+    return _resolve_scheduler(None, self.scheduler_config)
+
+  def _latent_size(self, height, width, latents) -> tuple[int, int]:
+    f = self.vae_scale_factor
+    for name, v in (("height", height), ("width", width)):
+      if v is not None and (int(v) != v or v <= 0 or v % f):
+        raise ValueError(f"{name} must be a positive multiple of the VAE's downsampling factor"
+                         f" {f}; got {v}.")
+    if latents is not None and height is None and width is None and np.ndim(latents) == 4:
+      return int(np.shape(latents)[2]), int(np.shape(latents)[3])
+    s = self.backbone.config.sample_size
+    if s is None and (height is None or width is None):
+      raise ValueError(f"the {self.backbone_name} config has no sample_size; pass height= and"
+                       " width= (pixels) or latents=.")
+    s = tuple(s) if isinstance(s, (list, tuple)) else (s, s)
+    return (s[0] if height is None else int(height) // f,
+            s[1] if width is None else int(width) // f)
+
+  def _initial_noise(self, latents, shape: tuple, key) -> jax.Array:
+    if latents is None:
+      return jax.random.normal(key, shape, jnp.float32)
+    if tuple(np.shape(latents)) != shape:
+      raise ValueError(
+          f"latents must be the initial noise [batch, channels, height/{self.vae_scale_factor},"
+          f" width/{self.vae_scale_factor}] = {shape} (NCHW, as diffusers takes it; batch ="
+          f" number of prompts/labels x num_images_per_prompt); got shape {np.shape(latents)}.")
+    if hasattr(latents, "detach"):  # a torch tensor
+      latents = latents.detach().cpu().float().numpy()
+    return jnp.asarray(latents, jnp.float32)
+
+  def _lora(self, adapter):
+    return None if adapter is None else self.backbone.lora_contexts(adapter=adapter)
+
+  def _run(self, denoise, cond, uncond, scale, *, latents, shape, num_steps, seed, scheduler,
+           mesh, progress):
+    """Samples the latents and decodes them to uint8 images [B, H, W, C]."""
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+      raise ValueError(f"num_steps must be a positive int; got {num_steps!r}.")
+    sched = _resolve_scheduler(scheduler, self.scheduler_config)
+    noise_key, step_key = jax.random.split(jax.random.key(seed))
+    x = self._initial_noise(latents, shape, noise_key)
+    if scale is None:
+      uncond = None
+    z = sampling.sample(denoise, sched, x, cond, uncond, scale, int(num_steps), step_key,
+                        mesh=mesh, progress=progress)
+    # LDM (Rombach et al. 2022): the diffusion model works on latents * scaling_factor.
+    return images_lib.to_uint8(self.vae.decode(z / self.vae.config.scaling_factor))
+
+
+# ----------------------------------------------------------------------------- Stable Diffusion
+
+class StableDiffusionPipeline(_Pipeline):
+  """Text-to-image latent diffusion (Rombach et al. 2022) with classifier-free guidance.
+
+  Attributes:
+    unet: the frozen `UNet`.
+    vae: the frozen `VAE`.
+    text_encoder: the frozen `CLIPTextEncoder`.
+    tokenizer: transformers' `CLIPTokenizer` from the dir's `tokenizer/`.
+    scheduler_config: the dir's `scheduler/scheduler_config.json`.
+  """
+
+  backbone_name = "unet"
+
+  def __init__(self, directory, unet, vae, text_encoder, tokenizer, scheduler_config, index,
+               text_encoder_config):
+    super().__init__(directory, unet, vae, scheduler_config, index)
+    self.text_encoder = text_encoder
+    self.tokenizer = tokenizer
+    self._use_attention_mask = bool(text_encoder_config.get("use_attention_mask", False))
+
+  def encode_prompt(self, prompts: list[str]) -> jax.Array:
+    """CLIP text states [B, model_max_length, D] as diffusers' `encode_prompt` builds them.
+
+    Tokens are padded to the tokenizer's `model_max_length` and truncated; the conditioning is
+    the final `last_hidden_state` (attention mask only when the text config asks for it).
+    """
+    max_length = self.tokenizer.model_max_length
+    tok = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                         return_tensors="np")
+    lengths = [len(ids) for ids in self.tokenizer(prompts).input_ids]
+    if max(lengths) > max_length:
+      logger.warning("prompt(s) of %d tokens cut to the text encoder's %d (CLIP's limit), as"
+                     " diffusers does.", max(lengths), max_length)
+    mask = tok["attention_mask"] if self._use_attention_mask else None
+    return self.text_encoder.prompt_embeds(np.asarray(tok["input_ids"], np.int32), mask)
+
+  def generate(self, prompt=None, *, class_labels=None, num_steps: int = 50,
+               guidance_scale=7.5, seed: int = 0, scheduler=None, latents=None,
+               negative_prompt=None, height: int | None = None, width: int | None = None,
+               num_images_per_prompt: int = 1, adapter=None, mesh=None,
+               progress: bool = True) -> np.ndarray:
+    """Generates images for text prompts; returns uint8 numpy [N, H, W, 3].
+
+    Classifier-free guidance (Ho & Salimans 2022, Eq. 6 with s = 1 + w):
+    eps = eps(x, "") + s * (eps(x, prompt) - eps(x, "")), the empty prompt replaced by
+    `negative_prompt` when given; guidance is off (one forward pass) when every scale is <= 1,
+    as in diffusers' `StableDiffusionPipeline`.
+
+    Args:
+      prompt: a prompt or a list of P prompts.
+      class_labels: not for this pipeline (raises).
+      num_steps: sampling steps.
+      guidance_scale: s, a float or one value per prompt [P] or per image [N].
+      seed: seeds the initial noise (unless `latents`) and stochastic samplers (DDPM).
+      scheduler: None (the dir's scheduler), a name ("ddim", "ddpm", "euler", "dpm++2m", ...), a
+        diffusers scheduler class name or a jaxadapt scheduler object. A name keeps the dir's
+        noise schedule, as diffusers' `Scheduler.from_config(pipe.scheduler.config)`.
+      latents: the initial noise [N, 4, H / f, W / f] (NCHW, f the VAE factor) from N(0, I),
+        exactly as diffusers' `latents=` (scaled by the scheduler's `init_noise_sigma` here).
+      negative_prompt: a prompt or P prompts for the unconditional branch (default "").
+      height, width: image size in pixels (multiples of f); default the U-Net's
+        `sample_size * f`, or the size of `latents`.
+      num_images_per_prompt: images per prompt; image i*n + j is prompt i's j-th.
+      adapter: a `LoraAdapter` on the U-Net (e.g. `ja.load_adapter(peft_dir)`).
+      mesh: a mesh whose "data" axis splits the batch.
+      progress: show a tqdm bar over the steps.
+
+    Returns:
+      uint8 numpy [N, H, W, 3], N = P * num_images_per_prompt.
+    """
+    if class_labels is not None:
+      raise ValueError("This is a text-to-image Stable Diffusion pipeline: pass prompt=..., not"
+                       " class_labels= (class labels are for DiT pipelines).")
+    if prompt is None:
+      raise ValueError("generate needs prompt=... (a string or a list of strings) for a Stable"
+                       " Diffusion pipeline.")
+    prompts = _as_list(prompt, "prompt")
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+      raise TypeError(f"prompt must be a string or a non-empty list of strings; got {prompt!r}.")
+    n = int(num_images_per_prompt)
+    if n < 1:
+      raise ValueError(f"num_images_per_prompt must be >= 1; got {num_images_per_prompt}.")
+    scale = _guidance(guidance_scale, len(prompts), n)
+    h, w = self._latent_size(height, width, latents)
+    shape = (len(prompts) * n, self.latent_channels, h, w)
+
+    cond = jnp.repeat(self.encode_prompt(prompts), n, axis=0)
+    uncond = None
+    if scale is not None:
+      if negative_prompt is None:
+        negatives = [""] * len(prompts)
+      else:
+        negatives = _as_list(negative_prompt, "negative_prompt")
+        if len(negatives) == 1:
+          negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+          raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)}"
+                           " prompts; pass one, or one per prompt.")
+      uncond = jnp.repeat(self.encode_prompt(negatives), n, axis=0)
+    denoise = jax.tree_util.Partial(_unet_denoise, self.unet.graphdef, self.unet.params,
+                                    self._lora(adapter))
+    return self._run(denoise, cond, uncond, scale, latents=latents, shape=shape,
+                     num_steps=num_steps, seed=seed, scheduler=scheduler, mesh=mesh,
+                     progress=progress)
+
+
+# ----------------------------------------------------------------------------- DiT
+
+class DiTPipeline(_Pipeline):
+  """Class-conditional latent diffusion with a DiT (Peebles & Xie 2023) and guidance.
+
+  Attributes:
+    transformer: the frozen `DiT`.
+    vae: the frozen `VAE`.
+    labels: {label name: class id} from the dir's `id2label` (empty when it has none).
+    scheduler_config: the dir's `scheduler/scheduler_config.json`.
+  """
+
+  backbone_name = "transformer"
+
+  def __init__(self, directory, transformer, vae, scheduler_config, index, id2label=None):
+    super().__init__(directory, transformer, vae, scheduler_config, index)
+    self.id2label = {int(k): v for k, v in (id2label or {}).items()}
+    self.labels = {}
+    for key, names in self.id2label.items():  # "tench, Tinca tinca" -> two names for one id
+      for name in names.split(","):
+        self.labels[name.strip()] = key
+
+  @property
+  def num_classes(self) -> int:
+    """Number of classes; the label `num_classes` is the null class (unconditional)."""
+    return self.transformer.config.num_embeds_ada_norm
+
+  def label_ids(self, class_labels) -> np.ndarray:
+    """Class ids [P] from ints in [0, num_classes) or label names of the dir's id2label."""
+    ids = []
+    for label in _as_list(class_labels, "class_labels"):
+      if isinstance(label, str):
+        if label not in self.labels:
+          known = f"e.g. {sorted(self.labels)[:5]}" if self.labels else "this dir has no id2label"
+          raise ValueError(f"class label {label!r} is not a label name ({known}); pass class ids"
+                           f" in [0, {self.num_classes}) instead.")
+        ids.append(self.labels[label])
+      elif isinstance(label, (int, np.integer)) and 0 <= label < self.num_classes:
+        ids.append(int(label))
+      else:
+        raise ValueError(f"class labels must be ints in [0, {self.num_classes}) or label names;"
+                         f" got {label!r}.")
+    if not ids:
+      raise ValueError("class_labels is empty; pass at least one class id.")
+    return np.asarray(ids, np.int32)
+
+  def generate(self, prompt=None, *, class_labels=None, num_steps: int = 50,
+               guidance_scale=4.0, seed: int = 0, scheduler=None, latents=None,
+               negative_prompt=None, height: int | None = None, width: int | None = None,
+               num_images_per_prompt: int = 1, adapter=None, mesh=None,
+               progress: bool = True) -> np.ndarray:
+    """Generates images of classes; returns uint8 numpy [N, H, W, 3].
+
+    Classifier-free guidance (Ho & Salimans 2022, Eq. 6) with the null class `num_classes` as
+    the unconditional branch, on the noise channels of the learned-sigma output (the variance
+    channels are the conditional ones), as diffusers' `DiTPipeline`; off when every scale is
+    <= 1. Differences from diffusers' `DiTPipeline`: the null class is `num_classes` (diffusers
+    hard-codes 1000, the same for ImageNet models) and the initial noise is scaled by the
+    scheduler's `init_noise_sigma` (diffusers omits it; the same for DDPM/DDIM/DPM-Solver,
+    whose sigma is 1, but not for Euler).
+
+    Args:
+      prompt: not for this pipeline (raises).
+      class_labels: a class id / label name, or a list of P of them.
+      num_steps: sampling steps.
+      guidance_scale: s, a float or one value per label [P] or per image [N].
+      seed: seeds the initial noise (unless `latents`) and stochastic samplers (DDPM).
+      scheduler: as `StableDiffusionPipeline.generate`.
+      latents: the initial noise [N, C, H / f, W / f] (NCHW) from N(0, I).
+      negative_prompt: not for this pipeline (raises).
+      height, width: image size in pixels; default `sample_size * f`, or the size of `latents`.
+      num_images_per_prompt: images per label; image i*n + j is label i's j-th.
+      adapter: a `LoraAdapter` on the DiT.
+      mesh: a mesh whose "data" axis splits the batch.
+      progress: show a tqdm bar over the steps.
+
+    Returns:
+      uint8 numpy [N, H, W, 3], N = P * num_images_per_prompt.
+    """
+    if prompt is not None or negative_prompt is not None:
+      raise ValueError("This is a class-conditional DiT pipeline: it takes class_labels=... (ids"
+                       f" in [0, {self.num_classes}) or id2label names), not text prompts.")
+    if class_labels is None:
+      raise ValueError("generate needs class_labels=... (class ids or label names) for a DiT"
+                       " pipeline.")
+    ids = self.label_ids(class_labels)
+    n = int(num_images_per_prompt)
+    if n < 1:
+      raise ValueError(f"num_images_per_prompt must be >= 1; got {num_images_per_prompt}.")
+    scale = _guidance(guidance_scale, len(ids), n)
+    h, w = self._latent_size(height, width, latents)
+    shape = (len(ids) * n, self.latent_channels, h, w)
+    cond = jnp.asarray(np.repeat(ids, n))
+    uncond = jnp.full_like(cond, self.num_classes)
+    denoise = jax.tree_util.Partial(_dit_denoise, self.transformer.graphdef,
+                                    self.transformer.params, self._lora(adapter))
+    return self._run(denoise, cond, uncond, scale, latents=latents, shape=shape,
+                     num_steps=num_steps, seed=seed, scheduler=scheduler, mesh=mesh,
+                     progress=progress)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _describe(directory: str, index: dict | None) -> str:
+  entries = sorted(e + ("/" if os.path.isdir(os.path.join(directory, e)) else "")
+                   for e in os.listdir(directory))
+  name = (index or {}).get("_class_name")
+  what = f"model_index.json names {name!r}" if index else "no model_index.json"
+  return f"{what}; the folder holds {entries[:12]}{' ...' if len(entries) > 12 else ''}"
+
+
+def load_pipeline(directory: str | os.PathLike, *, dtype="float32", sharding=None):
+  """Loads a diffusers pipeline folder as a jaxadapt pipeline.
+
+  Recognised folders (by `model_index.json` and their sub-folders):
+  - Stable Diffusion 1.x / 2.x (`StableDiffusionPipeline`): unet/, vae/, text_encoder/,
+    tokenizer/, scheduler/ -> `StableDiffusionPipeline` (LDM, Rombach et al. 2022).
+  - DiT (`DiTPipeline`): transformer/, vae/, scheduler/ and `id2label` when present ->
+    `DiTPipeline` (Peebles & Xie 2023).
+
+  Args:
+    directory: the pipeline folder (what diffusers' `save_pretrained` writes).
+    dtype: parameter dtype of every model ("float32" or "bfloat16").
+    sharding: None, a Sharding, a Mesh or callable(path, shape), for every model's params (see
+      `jaxadapt.io.hf.load_tree`).
+
+  Returns:
+    A `StableDiffusionPipeline` or a `DiTPipeline`; call `.generate(...)`.
+
+  Raises:
+    ValueError: the folder is neither kind (the message says what it found).
+  """
+  from jaxadapt.models.clip import load_clip_text
+  from jaxadapt.models.dit import load_dit
+  from jaxadapt.models.unet import load_unet
+  from jaxadapt.models.vae import load_vae
+
+  directory = os.fspath(directory)
+  dtype = jnp.dtype(dtype)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"load_pipeline: {directory!r} is not a folder (expected a diffusers"
+                            " pipeline folder with model_index.json).")
+  index_path = os.path.join(directory, "model_index.json")
+  index = _read_json(index_path) if os.path.exists(index_path) else None
+  name = (index or {}).get("_class_name") or ""
+  path = functools.partial(os.path.join, directory)
+  kw = dict(dtype=dtype, sharding=sharding)
+
+  def require(parts):
+    missing = [p for p in parts if not os.path.isdir(path(p))]
+    if missing:
+      raise ValueError(f"load_pipeline: {directory} is a {name} without {missing}"
+                       f" ({_describe(directory, index)}); expected sub-folders {list(parts)}.")
+
+  if index is not None and name == "DiTPipeline":
+    require(DIT_COMPONENTS)
+    return DiTPipeline(directory, load_dit(path("transformer"), **kw), load_vae(path("vae"), **kw),
+                       _read_json(path("scheduler", "scheduler_config.json")), index,
+                       index.get("id2label"))
+
+  if index is not None and name.startswith("StableDiffusion"):
+    entry = index.get("text_encoder_2")  # SDXL; [null, null] when absent
+    if "XL" in name or (isinstance(entry, list) and entry and entry[0] is not None):
+      raise ValueError(f"load_pipeline: {directory} is a {name} (Stable Diffusion XL: two text"
+                       " encoders); jaxadapt supports Stable Diffusion 1.x/2.x pipelines"
+                       " (StableDiffusionPipeline) and DiTPipeline.")
+    require(SD_COMPONENTS)
+    from transformers import CLIPTokenizer
+    return StableDiffusionPipeline(
+        directory, load_unet(path("unet"), **kw), load_vae(path("vae"), **kw),
+        load_clip_text(path("text_encoder"), **kw),
+        CLIPTokenizer.from_pretrained(path("tokenizer")),
+        _read_json(path("scheduler", "scheduler_config.json")), index,
+        _read_json(path("text_encoder", "config.json")))
+
+  raise ValueError(
+      f"load_pipeline: {directory} is not a pipeline jaxadapt can load:"
+      f" {_describe(directory, index)}. Expected a diffusers StableDiffusionPipeline folder"
+      f" (model_index.json with {list(SD_COMPONENTS)}) or a DiTPipeline folder (model_index.json"
+      f" with {list(DIT_COMPONENTS)}). For a single model folder use load_unet / load_dit /"
+      " load_vae.")
