@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxadapt.adapters import lora as lora_lib
-from jaxadapt.models.frozen import FrozenModel
+from jaxadapt.models.frozen import FrozenModel, token_inputs
 from jaxadapt.models.llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -55,20 +55,12 @@ class CausalLM(FrozenModel):
       adapters: a list of adapters, with `adapter_ids` one id per sequence (-1 = base only).
       position_ids: [batch, seq] positions; default `arange(seq)` as transformers.
     """
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    if input_ids.ndim != 2:
-      raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    input_ids, attention_mask, position_ids = token_inputs(input_ids, attention_mask,
+                                                           position_ids)
     if adapter_ids is not None and len(adapter_ids) != input_ids.shape[0]:
       raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for a batch of "
                        f"{input_ids.shape[0]} sequences")
     lora = self.lora_contexts(adapter=adapter, adapters=adapters, adapter_ids=adapter_ids)
-    if attention_mask is not None:
-      attention_mask = jnp.asarray(attention_mask)
-      if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape "
-                         f"{input_ids.shape}")
-    if position_ids is not None:
-      position_ids = jnp.asarray(position_ids, jnp.int32)
     return _forward(self.graphdef, self.params, input_ids, attention_mask, position_ids, lora)
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxadapt.models import diffusion_layers as dl
+from jaxadapt.models import frozen
 from jaxadapt.models.layers import Linear, insert
 
 SUPPORTED_ACTIVATIONS = ("quick_gelu", "gelu")
@@ -203,16 +204,8 @@ class CLIPTextEncoder(dl.FrozenModel):
   def __call__(self, input_ids, attention_mask=None, *, position_ids=None, lora=None,
                inserts=None) -> CLIPTextOutput:
     """`CLIPTextOutput` for `input_ids` [B, S] (see `CLIPTextModel`)."""
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    if input_ids.ndim != 2:
-      raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-    if attention_mask is not None:
-      attention_mask = jnp.asarray(attention_mask)
-      if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape "
-                         f"{input_ids.shape}")
-    if position_ids is not None:
-      position_ids = jnp.asarray(position_ids, jnp.int32)
+    input_ids, attention_mask, position_ids = frozen.token_inputs(input_ids, attention_mask,
+                                                                   position_ids)
     return self._call("__call__", (input_ids, attention_mask),
                       dict(position_ids=position_ids, lora=lora), inserts=inserts)
 

@@ -11,6 +11,7 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -52,6 +53,28 @@ def as_traced_fns(inserts):
     return None
   return {name: fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn)
           for name, fn in inserts.items()}
+
+
+def token_inputs(input_ids, attention_mask=None, position_ids=None):
+  """`input_ids [B, S]`, an optional mask of the same shape and positions, as jnp int arrays.
+
+  Raises:
+    ValueError: naming the shape expected and the shape found.
+  """
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+  if attention_mask is not None:
+    attention_mask = jnp.asarray(attention_mask)
+    if attention_mask.shape != input_ids.shape:
+      raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape "
+                       f"{input_ids.shape}")
+  if position_ids is not None:
+    position_ids = jnp.asarray(position_ids, jnp.int32)
+    if position_ids.shape != input_ids.shape:
+      raise ValueError(f"position_ids shape {position_ids.shape} != input_ids shape "
+                       f"{input_ids.shape}")
+  return input_ids, attention_mask, position_ids
 
 
 class FrozenModel:
