@@ -1,8 +1,9 @@
 """Meshes and partition rules for frozen base params and adapters.
 
 Tensor parallelism follows Megatron-LM (Shoeybi et al., 2019) as S-LoRA Sec. 6 extends it to
-adapters: column-parallel projections (q, k, v, gate, up, lm_head) split their output dim over
-the `model` axis, row-parallel ones (o, down) their input dim. A LoRA pair follows its base:
+adapters: column-parallel projections (q, k, v, gate, up, lm_head; diffusers' to_q/k/v and the
+first feed-forward layer) split their output dim over the `model` axis, row-parallel ones (o,
+down; to_out.0 and the second feed-forward layer) their input dim. A LoRA pair follows its base:
 column-parallel -> `A` replicated, `B` split on out; row-parallel -> `A` split on in, `B`
 replicated. A dim that does not divide the axis size stays replicated.
 """
@@ -15,8 +16,21 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA, MODEL = "data", "model"
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
-ROW_PARALLEL = ("o_proj", "down_proj")
+# Module-path suffixes (Llama/Mistral/Qwen2, CLIP, diffusers' attention and feed-forward).
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head", "fc1",
+                   "to_q", "to_k", "to_v", "ff.net.0.proj")
+ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "fc2", "to_out.0", "ff.net.2")
+
+
+def parallel_kind(module_path: str) -> Optional[str]:
+  """"column", "row" or None for the linear layer at `module_path` (matched by suffix)."""
+  def has(suffixes):
+    return any(module_path == s or module_path.endswith("." + s) for s in suffixes)
+  if has(COLUMN_PARALLEL):
+    return "column"
+  if has(ROW_PARALLEL):
+    return "row"
+  return None
 
 
 def make_mesh(data: int = 1, model: int = 1, devices: Optional[Sequence] = None) -> Mesh:
@@ -36,15 +50,15 @@ def _axis(mesh: Mesh, dim: int) -> Optional[str]:
 
 def param_spec(mesh: Mesh, path: str, shape: tuple) -> P:
   """PartitionSpec of a base parameter at dotted `path` (e.g. `...q_proj.kernel`)."""
-  parts = path.split(".")
-  module, leaf = (parts[-2] if len(parts) > 1 else ""), parts[-1]
-  if module in COLUMN_PARALLEL and leaf == "kernel":
+  module, _, leaf = path.rpartition(".")
+  kind = parallel_kind(module)
+  if len(shape) == 2 and kind == "column" and leaf == "kernel":
     return P(None, _axis(mesh, shape[1]))
-  if module in COLUMN_PARALLEL and leaf == "bias":
+  if len(shape) == 1 and kind == "column" and leaf == "bias":
     return P(_axis(mesh, shape[0]))
-  if module in ROW_PARALLEL and leaf == "kernel":
+  if len(shape) == 2 and kind == "row" and leaf == "kernel":
     return P(_axis(mesh, shape[0]), None)
-  if module == "embed_tokens":
+  if module.endswith("embed_tokens") and len(shape) == 2:
     return P(None, _axis(mesh, shape[1]))
   return P()
 
@@ -55,13 +69,13 @@ def param_sharding(mesh: Mesh, path: str, shape: tuple) -> NamedSharding:
 
 def adapter_spec(mesh: Mesh, path: str, leaf: str, shape: tuple) -> P:
   """PartitionSpec of an adapter leaf (`a`, `b` or `magnitude`) for the projection at `path`."""
-  module = path.rsplit(".", 1)[-1]
-  if module in COLUMN_PARALLEL:
+  kind = parallel_kind(path)
+  if kind == "column":
     if leaf == "b":
       return P(None, _axis(mesh, shape[1]))
     if leaf == "magnitude":
       return P(_axis(mesh, shape[0]))
-  if module in ROW_PARALLEL and leaf == "a":
+  if kind == "row" and leaf == "a":
     return P(_axis(mesh, shape[0]), None)
   return P()
 

@@ -124,6 +124,24 @@ def test_sharded_load(sd21):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_tensor_parallel_load_and_forward(sd21):
+  """On a (data=2, model=4) mesh attention and feed-forward kernels are split Megatron-style
+  (to_q/k/v and ff.net.0 on out, to_out.0 and ff.net.2 on in) and the output is unchanged."""
+  from jax.sharding import PartitionSpec as P
+  from jaxadapt import sharding as sharding_lib
+  d, _ = sd21
+  mesh = sharding_lib.make_mesh(data=2, model=4)
+  unet = unet_lib.load_unet(d, sharding=mesh)
+  block = unet.params["down_blocks"][0]["attentions"][0]["transformer_blocks"][0]
+  assert block["attn1"]["to_q"]["kernel"].sharding.spec == P(None, "model")
+  assert block["attn1"]["to_out"][0]["kernel"].sharding.spec == P("model", None)
+  assert block["ff"]["net"][0]["proj"]["kernel"].sharding.spec == P(None, "model")
+  assert block["ff"]["net"][2]["kernel"].sharding.spec == P("model", None)
+  sample, t, ehs = inputs(SD21)
+  want = np.asarray(unet_lib.load_unet(d)(sample, t, ehs))
+  np.testing.assert_allclose(np.asarray(unet(sample, t, ehs)), want, atol=1e-5, rtol=0)
+
+
 def test_bfloat16_close_to_diffusers_float32(sd21):
   d, model = sd21
   sample, t, ehs = inputs(SD21)
