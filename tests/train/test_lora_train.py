@@ -278,5 +278,5 @@ def test_bfloat16_base_trains_close_to_float32(tmp_path):
   assert all(x.dtype == jax.numpy.float32 for x in jax.tree_util.tree_leaves(b16.adapter.weights))
   l32, l16 = np.asarray(f32.losses), np.asarray(b16.losses)
   assert np.isfinite(l16).all() and l16[-1] < l16[0] - 0.1
-  np.testing.assert_allclose(l16[0], l32[0], rtol=5e-3)  # same model, bf16 rounding only
+  np.testing.assert_allclose(l16[0], l32[0], rtol=1e-2)  # same model, bf16 rounding only
   np.testing.assert_allclose(l16, l32, rtol=0.05)  # trajectories drift apart a little
