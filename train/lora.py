@@ -4,6 +4,10 @@
       [--out_dir runs/x] [--steps 200] [--config.data_parallel=4] ...
   jaxadapt train lora ARGS   (the same: `main(argv)`)
 
+Multi-host: run the same command on every host with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+and JAX_PROCESS_ID set (or JAXADAPT_DISTRIBUTED=1 where JAX detects the cluster); the mesh then
+spans every host's devices (see `train/distributed.py`).
+
 Only the adapter trains: the loss is differentiated with respect to the adapter weights pytree
 (LoRA `a`, `b`, and DoRA `magnitude`) while the base params are a non-differentiated argument,
 so no base gradient or optimizer state exists. The run checkpoints (orbax) every
@@ -37,6 +41,7 @@ from jaxadapt.io.peft import save_adapter
 from jaxadapt.models.llama import LlamaConfig
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
+from train import distributed
 from train import flags
 
 # The embedded default base: a tiny random Llama with a byte-level vocabulary.
@@ -397,6 +402,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     config = config_from_argv(argv)
+    distributed.initialize_from_env()  # multi-host: before any JAX computation
   except (flags.FlagError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
