@@ -7,6 +7,7 @@ all run the same jitted forward; only the adapter context differs.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional, Sequence
 
 import jax
@@ -43,6 +44,17 @@ class CausalLM(FrozenModel):
   @property
   def dtype(self):
     return self.params["model"]["embed_tokens"]["embedding"].dtype
+
+  @functools.cached_property
+  def tokenizer(self):
+    """The transformers tokenizer saved in the model dir (local files only), or None."""
+    directory = getattr(self, "directory", None)
+    if directory is None or not any(
+        os.path.exists(os.path.join(directory, f))
+        for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+      return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
   def __call__(self, input_ids, attention_mask=None, *, adapter=None, adapters=None,
                adapter_ids=None, position_ids=None):
@@ -90,4 +102,6 @@ def load_model(directory: str, *, dtype="float32", sharding=None) -> CausalLM:
   """Loads a Hugging Face Llama/Mistral/Qwen2 dir as a frozen `CausalLM`."""
   from jaxadapt.io.hf import load_llama
   config, graphdef, params = load_llama(directory, dtype=jnp.dtype(dtype), sharding=sharding)
-  return CausalLM(config, graphdef, params)
+  model = CausalLM(config, graphdef, params)
+  model.directory = os.fspath(directory)
+  return model

@@ -99,3 +99,25 @@ def test_missing_dir_and_tensor_errors(tmp_path):
   os.remove(tmp_path / "model.safetensors")
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
     ja.load_model(str(tmp_path))
+
+
+def test_tokenizer_from_the_model_dir(tmp_path):
+  """`model.tokenizer` is the dir's transformers tokenizer; text in, logits as transformers."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  ref_model = make_hf_model("llama", str(tmp_path))
+  assert ja.load_model(str(tmp_path)).tokenizer is None
+  vocab = {"[UNK]": 0, "</s>": 1, "hello": 2, "world": 3, "again": 4}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]",
+                          pad_token="</s>").save_pretrained(str(tmp_path))
+  model = ja.load_model(str(tmp_path))
+  enc = model.tokenizer(["hello world again", "world"], padding=True, return_tensors="np")
+  np.testing.assert_array_equal(enc["input_ids"], [[2, 3, 4], [3, 1, 1]])
+  with torch.no_grad():
+    ref = ref_model(torch.from_numpy(enc["input_ids"]),
+                    attention_mask=torch.from_numpy(enc["attention_mask"])).logits.numpy()
+  out = np.asarray(model(enc["input_ids"], attention_mask=enc["attention_mask"]))
+  real = enc["attention_mask"].astype(bool)
+  np.testing.assert_allclose(out[real], ref[real], atol=1e-4, rtol=0)
