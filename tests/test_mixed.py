@@ -162,3 +162,21 @@ def test_hook_runs_the_pallas_kernels(llama_dir):
   for got, want in zip(outs["pallas_interpret"], outs["xla"]):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
   assert np.abs(np.asarray(outs["xla"][0]) - np.asarray(x @ kernel)).max() > 1e-3
+
+
+def test_adapter_for_another_base_is_refused(llama_dir):
+  """An adapter whose weights do not fit the kernels fails early with both shapes named."""
+  import pytest
+  model = ja.load_model(llama_dir[0])
+  a = ja.init_lora(model, ja.LoraConfig(r=2, target_modules=["q_proj"]))
+  path = next(iter(a.weights))
+  bad = LoraAdapter(weights={**a.weights, path: dict(a.weights[path],
+                                                     a=np.zeros((16, 2), np.float32))},
+                    config=a.config)
+  ids = np.zeros((1, 3), np.int32)
+  with pytest.raises(ValueError, match=r"do not fit .*\[32, 32\].*found a \[16, 2\]"):
+    model(ids, adapter=bad)
+  with pytest.raises(ValueError, match="do not fit"):
+    model(ids, adapters=[a, bad], adapter_ids=[1])
+  with pytest.raises(ValueError, match="do not fit"):
+    ja.merge(model, bad)

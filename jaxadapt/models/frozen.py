@@ -111,11 +111,24 @@ class FrozenModel:
     return sorted(set(paths), key=paths.index)
 
   def check_adapter(self, adapter) -> None:
-    """Raises if `adapter` targets a path that is not a linear layer of this model."""
+    """Raises if `adapter` targets a path that is not a linear layer of this model, or its
+    weights do not fit that layer (an adapter made for another base model)."""
     unknown = [p for p in adapter.weights if p not in self.linear_paths]
     if unknown:
       raise ValueError(f"adapter targets {unknown[:3]}, which are not linear layers of this "
                        f"{type(self).__name__} (e.g. {self.linear_paths[:3]})")
+    for path, w in adapter.weights.items():
+      din, dout = lora_lib.kernel_at(self.params, path).shape
+      a, b = w["a"].shape, w["b"].shape
+      mag = w.get("magnitude")
+      if (len(a) != 2 or len(b) != 2 or a[0] != din or b[1] != dout or a[1] != b[0]
+          or (mag is not None and mag.shape != (dout,))):
+        raise ValueError(
+            f"adapter weights at {path} do not fit this model's [{din}, {dout}] kernel: expected "
+            f"a [{din}, r], b [r, {dout}]{f', magnitude [{dout}]' if mag is not None else ''}; "
+            f"found a {list(a)}, b {list(b)}"
+            f"{f', magnitude {list(mag.shape)}' if mag is not None else ''}. Was the adapter "
+            f"made for another base model?")
 
   def _stacks(self, adapters: tuple) -> dict:
     """Stacked weights of `adapters`, cached for the last few distinct adapter lists."""
