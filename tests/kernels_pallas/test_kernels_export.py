@@ -35,6 +35,8 @@ def _programs():
       "paged_expand": (lambda y, h, p: kp.lora_expand(
           y, h, kp.PagedWeights(p[:, :, :O], table), ids, scales), (y, x[:, :R], pool)),
       "topk_grad": (jax.grad(grads, argnums=(0, 1, 2, 3)), (x, a, b, gates)),
+      "batched": (lambda y3, x3, a, b: kp.lora_batched(y3, x3, a, b, jnp.arange(N) - 1, scales),
+                  (y.reshape(N, T // N, O), x.reshape(N, T // N, D), a, b)),
   }
 
 
