@@ -312,3 +312,35 @@ def test_merge_and_unmerge_on_unet(sd15):
   for path in adapter.weights:
     np.testing.assert_allclose(np.asarray(kernel_at(restored.params, path)),
                                np.asarray(kernel_at(unet.params, path)), atol=1e-5, rtol=0)
+
+
+def test_sd15_with_chunked_attention_matches_diffusers(sd15, monkeypatch):
+  """The whole U-Net with query blocks of 16 (so every attention is chunked) == diffusers."""
+  from jaxadapt.models import diffusion_layers
+  monkeypatch.setattr(diffusion_layers, "QUERY_BLOCK", 16)
+  seen = []
+  attend = diffusion_layers._attend
+  monkeypatch.setattr(diffusion_layers, "_attend",
+                      lambda q, *a: seen.append(q.shape[1]) or attend(q, *a))
+  jax.clear_caches()  # an earlier test may have compiled this U-Net unchunked
+  d, model = sd15
+  sample, t, ehs = inputs(SD15, size=10)
+  unet = unet_lib.load_unet(d)
+  np.testing.assert_allclose(np.asarray(unet(sample, t, ehs)), torch_out(model, sample, t, ehs),
+                             atol=1e-4, rtol=0)
+  assert 16 in seen  # the blocked path was traced
+
+
+def test_chunked_attention_equals_full():
+  """Query-blocked attention (bounded score memory) == full attention, values and grads."""
+  from jaxadapt.models.diffusion_layers import dot_product_attention
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(2, 37, 16)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(2, 23, 16)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(2, 23, 16)), jnp.float32)
+  full = dot_product_attention(q, k, v, 4, 0.5, query_block=64)
+  blocked = dot_product_attention(q, k, v, 4, 0.5, query_block=8)  # 5 blocks, last padded
+  np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), atol=1e-6, rtol=0)
+  grad = lambda qb: jax.grad(lambda x: jnp.sum(dot_product_attention(x, k, v, 4, 0.5,
+                                                                     query_block=qb) ** 2))(q)
+  np.testing.assert_allclose(np.asarray(grad(8)), np.asarray(grad(64)), atol=1e-5, rtol=0)
