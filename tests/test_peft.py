@@ -126,3 +126,27 @@ def test_lora_dropout_matches_its_definition():
   keep = jax.random.bernoulli(key, 0.75, x.shape)
   want = x @ w + 0.5 * ((jnp.where(keep, x / 0.75, 0)) @ a) @ b
   np.testing.assert_allclose(np.asarray(project(x, w, None, ctx)), np.asarray(want), atol=1e-5)
+
+
+def test_diffusers_lora_file_components(tmp_path):
+  """A diffusers LoRA file with several components needs component=; each reads on its own."""
+  from safetensors.numpy import save_file
+  rng = np.random.default_rng(0)
+  t = {"unet.mid.attn.to_q.lora_A.weight": rng.normal(size=(2, 8)).astype(np.float32),
+       "unet.mid.attn.to_q.lora_B.weight": rng.normal(size=(6, 2)).astype(np.float32),
+       "text_encoder.layers.0.q_proj.lora_A.weight": rng.normal(size=(3, 4)).astype(np.float32),
+       "text_encoder.layers.0.q_proj.lora_B.weight": rng.normal(size=(4, 3)).astype(np.float32)}
+  save_file(t, str(tmp_path / "pytorch_lora_weights.safetensors"))
+  with pytest.raises(ValueError, match=r"\['text_encoder', 'unet'\]; pass component="):
+    ja.load_adapter(str(tmp_path))
+  unet = ja.load_adapter(str(tmp_path), component="unet")
+  assert list(unet.weights) == ["mid.attn.to_q"] and unet.scale("mid.attn.to_q") == 1.0
+  np.testing.assert_array_equal(np.asarray(unet.weights["mid.attn.to_q"]["b"]),
+                                t["unet.mid.attn.to_q.lora_B.weight"].T)
+  te = ja.load_adapter(str(tmp_path / "pytorch_lora_weights.safetensors"),
+                       component="text_encoder")
+  assert te.rank("layers.0.q_proj") == 3
+  with pytest.raises(ValueError, match="no LoRA for component 'vae'"):
+    ja.load_adapter(str(tmp_path), component="vae")
+  with pytest.raises(FileNotFoundError, match="PEFT adapter dir"):
+    ja.load_adapter(str(tmp_path / "nothing_here"))

@@ -1,4 +1,5 @@
-"""PEFT LoRA dirs (`adapter_config.json` + `adapter_model.safetensors`) in and out.
+"""PEFT LoRA dirs (`adapter_config.json` + `adapter_model.safetensors`) in and out; diffusers'
+LoRA files (`pytorch_lora_weights.safetensors`) in.
 
 PEFT stores torch layout, `lora_A.weight [r, in]`, `lora_B.weight [out, r]`, under keys
 `base_model.model.<module path>.lora_A.weight`; jaxadapt keeps `a [in, r]`, `b [r, out]`.
@@ -6,6 +7,7 @@ A PEFT option jaxadapt does not implement raises an error naming it: never silen
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -19,8 +21,9 @@ from jaxadapt.adapters.lora import LoraAdapter, LoraConfig
 from jaxadapt.io.safetensors_mmap import SafetensorsFile
 
 _PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|"
+_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|"
                   r"lora_magnitude_vector(?:\.weight)?)$")
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 
 # Options PEFT has that jaxadapt does not implement, each with the values that are harmless.
 _UNSUPPORTED = {
@@ -94,40 +97,100 @@ def config_to_peft(config: LoraConfig) -> dict:
   }
 
 
-def load_adapter(directory: str, *, dtype="float32") -> LoraAdapter:
-  """Loads a PEFT LoRA dir as a `LoraAdapter` (JAX layout)."""
-  directory = os.fspath(directory)
-  cfg_path = os.path.join(directory, "adapter_config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"{directory}: no adapter_config.json (expected a PEFT adapter dir)")
-  with open(cfg_path) as f:
-    config = config_from_peft(json.load(f))
-  st_path = os.path.join(directory, "adapter_model.safetensors")
-  if not os.path.exists(st_path):
-    raise FileNotFoundError(f"{directory}: no adapter_model.safetensors (pickled .bin adapters "
-                            f"are not read; re-save with safe_serialization=True)")
-  tensors = SafetensorsFile(st_path)
+def _read_weights(tensors, keys, prefix: str, st_path: str, dtype) -> dict:
+  """{path: {"a", "b"[, "magnitude"]}} in JAX layout from LoRA tensors named `prefix<path>...`."""
   weights: dict[str, dict] = {}
-  for key in tensors:
-    m = _KEY.match(key)
+  for key in keys:
+    m = _KEY.match(key[len(prefix):]) if key.startswith(prefix) else None
     if m is None:
       raise NotImplementedError(f"{st_path}: tensor {key!r} is not a LoRA A/B/magnitude of a "
                                 f"linear layer (embedding or conv LoRA is not supported)")
     arr = np.asarray(tensors[key]).astype(jnp.dtype(dtype))
-    kind = m["kind"]
     slot = weights.setdefault(m["path"], {})
-    if kind == "lora_A.weight":
+    if m["kind"] == "lora_A.weight":
       slot["a"] = jnp.asarray(arr.T)
-    elif kind == "lora_B.weight":
+    elif m["kind"] == "lora_B.weight":
       slot["b"] = jnp.asarray(arr.T)
     else:
       slot["magnitude"] = jnp.asarray(arr)
   for path, w in weights.items():
     if "a" not in w or "b" not in w:
       raise ValueError(f"{st_path}: {path} has {sorted(w)}, expected both lora_A and lora_B")
+  return weights
+
+
+def _check_dora(weights: dict, config: LoraConfig, st_path: str) -> None:
+  for path, w in weights.items():
     if ("magnitude" in w) != config.use_dora:
       raise ValueError(f"{st_path}: {path} magnitude vector present={('magnitude' in w)} but "
                        f"use_dora={config.use_dora}")
+
+
+def load_adapter(path: str, *, dtype="float32", component: str | None = None) -> LoraAdapter:
+  """Loads a LoRA adapter in JAX layout.
+
+  Two formats:
+    * a PEFT dir (`adapter_config.json` + `adapter_model.safetensors`);
+    * diffusers' LoRA file (`pytorch_lora_weights.safetensors`, or its dir), as
+      `save_lora_weights` writes it: keys `<component>.<module path>.lora_A.weight`; the LoRA
+      config comes from its `lora_adapter_metadata`, or, without one, as diffusers infers it:
+      ranks from the shapes and alpha = rank (scale 1) for every module.
+
+  Args:
+    path: the PEFT dir, a diffusers LoRA file or the dir that holds one.
+    dtype: dtype of the loaded weights.
+    component: for diffusers files, which model's LoRA to read ("unet", "transformer",
+      "text_encoder", ...); needed only when the file holds several.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, "adapter_config.json")):
+    return _load_peft_dir(path, dtype)
+  st_path = path if path.endswith(".safetensors") else os.path.join(path, DIFFUSERS_LORA_FILE)
+  if not os.path.exists(st_path):
+    found = sorted(os.listdir(path)) if os.path.isdir(path) else "no such file or directory"
+    raise FileNotFoundError(f"{path}: expected a PEFT adapter dir (adapter_config.json + "
+                            f"adapter_model.safetensors) or a diffusers LoRA file "
+                            f"({DIFFUSERS_LORA_FILE}); found {found}")
+  return _load_diffusers_file(st_path, dtype, component)
+
+
+def _load_peft_dir(directory: str, dtype) -> LoraAdapter:
+  with open(os.path.join(directory, "adapter_config.json")) as f:
+    config = config_from_peft(json.load(f))
+  st_path = os.path.join(directory, "adapter_model.safetensors")
+  if not os.path.exists(st_path):
+    raise FileNotFoundError(f"{directory}: no adapter_model.safetensors (pickled .bin adapters "
+                            f"are not read; re-save with safe_serialization=True)")
+  tensors = SafetensorsFile(st_path)
+  weights = _read_weights(tensors, list(tensors), _PREFIX, st_path, dtype)
+  _check_dora(weights, config, st_path)
+  return LoraAdapter(weights=weights, config=config)
+
+
+def _load_diffusers_file(st_path: str, dtype, component) -> LoraAdapter:
+  tensors = SafetensorsFile(st_path)
+  components = sorted({key.split(".", 1)[0] for key in tensors})
+  if component is None:
+    if len(components) != 1:
+      raise ValueError(f"{st_path} holds LoRAs for {components}; pass component= one of them")
+    component = components[0]
+  if component not in components:
+    raise ValueError(f"{st_path} has no LoRA for component {component!r}; it has {components}")
+  prefix = component + "."
+  keys = [k for k in tensors if k.startswith(prefix)]
+  weights = _read_weights(tensors, keys, prefix, st_path, dtype)
+  meta = tensors.metadata.get("lora_adapter_metadata")
+  if meta:
+    cfg = {k[len(prefix):]: v for k, v in json.loads(meta).items() if k.startswith(prefix)}
+    config = config_from_peft(cfg)
+  else:  # diffusers' inference: scale 1 everywhere (alpha = rank per module)
+    ranks = {p: int(w["a"].shape[1]) for p, w in weights.items()}
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    odd = {re.escape(p): k for p, k in ranks.items() if k != r}
+    config = LoraConfig(r=r, lora_alpha=float(r), target_modules=tuple(sorted(weights)),
+                        rank_pattern=odd, alpha_pattern={p: float(k) for p, k in odd.items()},
+                        use_dora=any("magnitude" in w for w in weights.values()))
+  _check_dora(weights, config, st_path)
   return LoraAdapter(weights=weights, config=config)
 
 

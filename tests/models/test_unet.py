@@ -344,3 +344,37 @@ def test_chunked_attention_equals_full():
   grad = lambda qb: jax.grad(lambda x: jnp.sum(dot_product_attention(x, k, v, 4, 0.5,
                                                                      query_block=qb) ** 2))(q)
   np.testing.assert_allclose(np.asarray(grad(8)), np.asarray(grad(64)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("with_metadata", [True, False])
+def test_diffusers_lora_file_matches_diffusers(sd21, tmp_path, with_metadata):
+  """`ja.load_adapter` reads diffusers' `pytorch_lora_weights.safetensors` (save_lora_weights)
+  and gives diffusers' noise prediction: from its metadata, or, without metadata, as diffusers
+  infers the config (ranks from shapes, scale 1)."""
+  import copy
+  from peft import LoraConfig
+  from peft.utils import get_peft_model_state_dict
+  d, base = sd21
+  torch.manual_seed(7)
+  lora_unet = copy.deepcopy(base)
+  cfg = LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_v", "to_out.0"],
+                   rank_pattern={"to_v": 2}, init_lora_weights=False)
+  lora_unet.add_adapter(cfg)
+  out_dir = tmp_path / "lora"
+  diffusers.StableDiffusionPipeline.save_lora_weights(
+      str(out_dir), unet_lora_layers=get_peft_model_state_dict(lora_unet),
+      unet_lora_adapter_metadata=cfg.to_dict() if with_metadata else None)
+  if with_metadata:
+    reference = lora_unet.eval()
+  else:  # diffusers' own reading of a file without metadata
+    reference = copy.deepcopy(base)
+    reference.load_lora_adapter(str(out_dir), prefix="unet", use_safetensors=True,
+                                weight_name="pytorch_lora_weights.safetensors")
+    reference.eval()
+  sample, t, ehs = inputs(SD21)
+  want = torch_out(reference, sample, t, ehs)
+  adapter = jaxadapt.load_adapter(str(out_dir))
+  unet = unet_lib.load_unet(d)
+  got = np.asarray(unet(sample, t, ehs, adapter=adapter))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  assert np.abs(want - torch_out(base, sample, t, ehs)).max() > 1e-3  # the LoRA matters
