@@ -16,7 +16,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import kernels_pallas as kp
 from kernels_pallas import reference

@@ -8,28 +8,21 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Sequence
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxadapt.adapters import lora as lora_lib
-from jaxadapt.models.frozen import FrozenModel, token_inputs
+from jaxadapt.models.frozen import FrozenModel, apply, token_inputs
 from jaxadapt.models.llama import LlamaConfig, LlamaForCausalLM
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _forward(graphdef, params, input_ids, attention_mask, positions, lora):
-  module = nnx.merge(graphdef, nnx.State(params))
-  return module(input_ids, attention_mask, positions, lora)
 
 
 def forward(graphdef, params, input_ids, attention_mask=None, positions=None, lora=None):
   """The pure forward (not jitted): for use inside a user's own jit/grad (training)."""
-  module = nnx.merge(graphdef, nnx.State(params))
-  return module(input_ids, attention_mask, positions, lora)
+  return apply(graphdef, params, "__call__", input_ids, attention_mask, positions, lora)
+
+
+_forward = jax.jit(forward, static_argnums=(0,))
 
 
 class CausalLM(FrozenModel):

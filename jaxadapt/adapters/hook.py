@@ -98,14 +98,33 @@ def _per_sequence(x, base, ctx: MixedLoRA):
   if ids.shape[0] != x.shape[0]:
     raise ValueError(f"MixedLoRA.token_ids has {ids.shape[0]} ids for x of shape {x.shape}: "
                      f"expected one per token ({x.shape[0] * x.shape[1]}) or per sequence")
-  a, b = _cast(ctx.a, x.dtype), _cast(ctx.b, x.dtype)
-  if ctx.dora_scale is None:
-    return kernels_pallas.ops.lora_batched(base, x, a, b, ids, ctx.scale, ranks=ctx.ranks)
-  # DoRA per sequence: y = m/n * (x W + s x A B), the bias added after.
-  d = kernels_pallas.ops.lora_batched(jnp.zeros_like(base), x, a, b, ids, ctx.scale,
-                                      ranks=ctx.ranks)
-  ms = jnp.where((ids >= 0)[:, None], ctx.dora_scale[jnp.maximum(ids, 0)], 1).astype(x.dtype)
-  return ms[:, None, :] * (base + d)
+  y0 = base if ctx.dora_scale is None else jnp.zeros_like(base)
+  out = kernels_pallas.ops.lora_batched(y0, x, _cast(ctx.a, x.dtype), _cast(ctx.b, x.dtype), ids,
+                                        ctx.scale, ranks=ctx.ranks)
+  return out if ctx.dora_scale is None else _mixed_dora(base, out, ctx.dora_scale, ids)
+
+
+def _per_token(x, base, ctx: MixedLoRA):
+  """Mixed LoRA with one adapter id per token (S-LoRA's BGMV layout, Sec. 5.1)."""
+  x2, y2 = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
+  ids = ctx.token_ids.astype(jnp.int32)
+  h = kernels_pallas.ops.lora_shrink(x2, _cast(ctx.a, x.dtype), ids, ranks=ctx.ranks)
+  y0 = y2 if ctx.dora_scale is None else jnp.zeros_like(y2)
+  out = kernels_pallas.ops.lora_expand(y0, h, _cast(ctx.b, x.dtype), ids, ctx.scale,
+                                       ranks=ctx.ranks)
+  if ctx.dora_scale is not None:
+    out = _mixed_dora(y2, out, ctx.dora_scale, ids)
+  return out.reshape(base.shape)
+
+
+def _mixed_dora(base, delta, dora_scale, ids):
+  """DoRA in a mixed batch (Eq. 5): `m/n * (x W + s x A B)` with each row's adapter's `m/n`
+  (ones for plain LoRA and for rows without an adapter); the bias is added after.
+
+  base/delta: [rows, ..., out]; ids: [rows]."""
+  ms = jnp.where((ids >= 0)[:, None], dora_scale[jnp.maximum(ids, 0)], 1).astype(base.dtype)
+  ms = ms.reshape(ms.shape[:1] + (1,) * (base.ndim - 2) + ms.shape[1:])
+  return ms * (base + delta)
 
 
 def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
@@ -134,32 +153,14 @@ def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
       mag = (ctx.magnitude.astype(jnp.float32) / norm).astype(x.dtype)
       base_d = base if xd is x else jnp.matmul(xd, kernel.astype(x.dtype))
       out = base + (mag - 1) * base_d + mag * delta
-  elif isinstance(ctx, MixedLoRA) and x.ndim == 3 and ctx.token_ids.shape[0] != x.shape[0] * x.shape[1]:
-    out = _per_sequence(x, base, ctx)
   elif isinstance(ctx, MixedLoRA):
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    y2 = base.reshape(-1, base.shape[-1])
-    ids = ctx.token_ids.astype(jnp.int32)
-    h = kernels_pallas.ops.lora_shrink(x2, _cast(ctx.a, x.dtype), ids, ranks=ctx.ranks)
-    if ctx.dora_scale is None:
-      y2 = kernels_pallas.ops.lora_expand(y2, h, _cast(ctx.b, x.dtype), ids, ctx.scale,
-                                          ranks=ctx.ranks)
-    else:
-      # DoRA per token: y = m/n * (x W + s x A B), the bias added after.
-      safe = jnp.where(ids >= 0, ids, 0)
-      ms = jnp.where((ids >= 0)[:, None], ctx.dora_scale[safe], 1).astype(x.dtype)
-      d = kernels_pallas.ops.lora_expand(jnp.zeros_like(y2), h, _cast(ctx.b, x.dtype), ids,
-                                         ctx.scale, ranks=ctx.ranks)
-      y2 = ms * (y2 + d)
-    out = y2.reshape(*lead, -1)
+    per_token = ctx.token_ids.shape[0] == base.size // base.shape[-1]
+    out = _per_token(x, base, ctx) if per_token or x.ndim != 3 else _per_sequence(x, base, ctx)
   elif isinstance(ctx, GatedLoRA):
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    y2 = base.reshape(-1, base.shape[-1])
-    y2 = kernels_pallas.ops.lora_topk(y2, x2, _cast(ctx.a, x.dtype), _cast(ctx.b, x.dtype),
-                                      ctx.scale, ctx.topk_ids, ctx.gates, ranks=ctx.ranks)
-    out = y2.reshape(*lead, -1)
+    out = kernels_pallas.ops.lora_topk(
+        base.reshape(-1, base.shape[-1]), x.reshape(-1, x.shape[-1]), _cast(ctx.a, x.dtype),
+        _cast(ctx.b, x.dtype), ctx.scale, ctx.topk_ids, ctx.gates,
+        ranks=ctx.ranks).reshape(base.shape)
   else:
     raise TypeError(f"adapter context must be None, SingleLoRA, MixedLoRA or GatedLoRA; "
                     f"got {type(ctx).__name__}")

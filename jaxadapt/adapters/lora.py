@@ -19,7 +19,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxadapt.adapters import targets as targets_lib
 from jaxadapt.adapters.hook import SingleLoRA, dora_weight_norm
@@ -57,11 +56,9 @@ class LoraConfig:
         value = tuple(value.items())
       if isinstance(value, (list, set)):
         value = tuple(value)
+      if value is None and name in ("rank_pattern", "alpha_pattern"):
+        value = ()
       object.__setattr__(self, name, _freeze(value) if value is not None else None)
-    if object.__getattribute__(self, "rank_pattern") is None:
-      object.__setattr__(self, "rank_pattern", ())
-    if object.__getattribute__(self, "alpha_pattern") is None:
-      object.__setattr__(self, "alpha_pattern", ())
     if self.target_modules is None:
       raise ValueError("LoraConfig needs target_modules: a list of module names, a regex, or "
                        "'all-linear'")
@@ -143,7 +140,7 @@ def init_lora(params: Mapping, linear_paths: Sequence[str], config: LoraConfig,
   """
   weights = {}
   for path in config.targets(linear_paths):
-    if path in targets_lib.OUTPUT_LAYERS and path == "lm_head" and "lm_head" not in params:
+    if path == "lm_head" and "lm_head" not in params:
       raise ValueError("LoRA on a tied lm_head is not supported; drop lm_head from targets")
     kernel = kernel_at(params, path)
     din, dout = kernel.shape
@@ -215,7 +212,3 @@ def _set_kernel(params, path, value):
   if path == "lm_head" and "lm_head" not in params:
     raise ValueError("cannot merge into a tied lm_head")
   return path_set(params, path, "kernel", value)
-
-
-def adapter_to_numpy(adapter: LoraAdapter) -> dict:
-  return jax.tree_util.tree_map(np.asarray, adapter.weights)

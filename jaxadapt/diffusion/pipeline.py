@@ -97,6 +97,13 @@ def _resolve_scheduler(scheduler, config: dict):
       f" {scheduler!r}.")
 
 
+def _images_per_prompt(value) -> int:
+  n = int(value)
+  if n < 1:
+    raise ValueError(f"num_images_per_prompt must be >= 1; got {value}.")
+  return n
+
+
 def _guidance(guidance_scale, groups: int, per_group: int) -> np.ndarray | None:
   """The per-image guidance scale [B], or None when no image is guided.
 
@@ -291,9 +298,7 @@ class StableDiffusionPipeline(_Pipeline):
     prompts = _as_list(prompt, "prompt")
     if not prompts or not all(isinstance(p, str) for p in prompts):
       raise TypeError(f"prompt must be a string or a non-empty list of strings; got {prompt!r}.")
-    n = int(num_images_per_prompt)
-    if n < 1:
-      raise ValueError(f"num_images_per_prompt must be >= 1; got {num_images_per_prompt}.")
+    n = _images_per_prompt(num_images_per_prompt)
     scale = _guidance(guidance_scale, len(prompts), n)
     h, w = self._latent_size(height, width, latents)
     shape = (len(prompts) * n, self.latent_channels, h, w)
@@ -404,9 +409,7 @@ class DiTPipeline(_Pipeline):
       raise ValueError("generate needs class_labels=... (class ids or label names) for a DiT"
                        " pipeline.")
     ids = self.label_ids(class_labels)
-    n = int(num_images_per_prompt)
-    if n < 1:
-      raise ValueError(f"num_images_per_prompt must be >= 1; got {num_images_per_prompt}.")
+    n = _images_per_prompt(num_images_per_prompt)
     scale = _guidance(guidance_scale, len(ids), n)
     h, w = self._latent_size(height, width, latents)
     shape = (len(ids) * n, self.latent_channels, h, w)

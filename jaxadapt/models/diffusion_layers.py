@@ -19,7 +19,6 @@ References:
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Optional, Sequence
 

@@ -137,6 +137,8 @@ class FrozenModel:
     hit = cache.get(key)
     if hit is not None and all(x is y for x, y in zip(hit[0], adapters)):
       return hit[1]
+    for a in adapters:  # checked once per distinct adapter list, not on every call
+      self.check_adapter(a)
     stacks = stack_lib.stack_adapters(self.params, adapters, dtype=self.dtype)
     if len(cache) >= 4:
       cache.pop(next(iter(cache)))
@@ -166,8 +168,6 @@ class FrozenModel:
       if ids.ndim != 1 or ((ids < -1) | (ids >= len(adapters))).any():
         raise ValueError(f"adapter_ids must be one int per batch element in "
                          f"[-1, {len(adapters) - 1}], got {adapter_ids!r}")
-      for a in adapters:
-        self.check_adapter(a)
       return stack_lib.mixed_contexts(self._stacks(tuple(adapters)), ids)
     return None
 

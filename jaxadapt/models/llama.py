@@ -156,10 +156,9 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-  def __init__(self, config: LlamaConfig, prefix: str, window: int, dtype, rngs):
+  def __init__(self, config: LlamaConfig, prefix: str, dtype, rngs):
     c = config
     self.config = c
-    self.window = window
     qd, kvd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     mk = lambda name, i, o, b: Linear(i, o, path=f"{prefix}.{name}", use_bias=b, dtype=dtype,
                                       rngs=rngs)
@@ -200,10 +199,9 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   def __init__(self, config: LlamaConfig, index: int, dtype, rngs):
     prefix = f"model.layers.{index}"
-    window = config.sliding_windows[index] if config.sliding_windows else 0
-    self.window = window
+    self.window = config.sliding_windows[index] if config.sliding_windows else 0  # 0: full
     self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-    self.self_attn = Attention(config, f"{prefix}.self_attn", window, dtype, rngs)
+    self.self_attn = Attention(config, f"{prefix}.self_attn", dtype, rngs)
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
     self.mlp = MLP(config, f"{prefix}.mlp", dtype, rngs)
 

@@ -32,13 +32,9 @@ import json
 import os
 from typing import Any, Mapping, Optional
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jaxadapt.adapters import lora as lora_lib
-from jaxadapt.adapters import stack as stack_lib
 from jaxadapt.models import diffusion_layers as dl
 from jaxadapt.models.diffusion_layers import (Attention, Conv2d, Downsample2D, FeedForward,
                                               GroupNorm, LayerNorm, ResnetBlock2D,
