@@ -22,7 +22,7 @@ from kernels_pallas import reference
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests", "kernels_pallas"))
-import _kernel_cases as cases  # noqa: E402  (the test suite's case table)
+import _kernel_cases as cases
 
 
 def _err(got, want) -> float:
