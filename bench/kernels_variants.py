@@ -58,29 +58,29 @@ def stream(y, x, a, b, scales, ids):
   return y + (jnp.sum(a) + jnp.sum(b))
 
 
+def _fused_visit(v, acc, x, a, b, scales, order, sid):
+  """Shrink and expand of tile v against its adapter, added into acc (one visit, no h trip)."""
+  rows = lax.dynamic_slice_in_dim(order, v * BT, BT)
+  aid = sid[v * BT]
+  d = scales[aid] * ((x[rows] @ a[aid]) @ b[aid])
+  return acc.at[rows].add(d, unique_indices=True)
+
+
 @jax.jit
 def fused_loop(y, x, a, b, scales, ids):
-  """Shrink and expand of a tile in one visit (one loop instead of two, no h round trip)."""
+  """One loop of fused visits instead of a shrink loop and an expand loop."""
   order, sid = _sorted(ids)
-
-  def body(v, acc):
-    rows = lax.dynamic_slice_in_dim(order, v * BT, BT)
-    aid = sid[v * BT]
-    d = scales[aid] * ((x[rows] @ a[aid]) @ b[aid])
-    return acc.at[rows].add(d, unique_indices=True)
-  return lax.fori_loop(0, T // BT, body, y)
+  return lax.fori_loop(0, T // BT, lambda v, acc: _fused_visit(v, acc, x, a, b, scales, order, sid),
+                       y)
 
 
 @jax.jit
 def scan_unrolled(y, x, a, b, scales, ids):
-  """The fused visit as a static-length scan, unrolled 8x (fewer loop iterations)."""
+  """The fused visits as a static-length scan, unrolled 8x (fewer loop iterations)."""
   order, sid = _sorted(ids)
 
   def body(acc, v):
-    rows = lax.dynamic_slice_in_dim(order, v * BT, BT)
-    aid = sid[v * BT]
-    d = scales[aid] * ((x[rows] @ a[aid]) @ b[aid])
-    return acc.at[rows].add(d, unique_indices=True), None
+    return _fused_visit(v, acc, x, a, b, scales, order, sid), None
   return lax.scan(body, y, jnp.arange(T // BT), unroll=8)[0]
 
 
