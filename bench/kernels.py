@@ -9,10 +9,11 @@ For each path it prints the median time of
   * mixed: the 64-adapter batch;
   * floor: the same op with all 512 tokens sharing one adapter (Punica's "identical" workload);
   * loop: a per-adapter loop, y += where(ids == n, s_n * x A_n B_n) for n = 1..64, jitted;
-and the ratios mixed/floor and loop/mixed. Context lines: the plain single-adapter matmul
-y + s * (x @ A) @ B (no multi-tenancy at all), the gather-einsum of `reference` and
-`lax.ragged_dot`. The last line is `RESULT mixed_vs_floor=<x> loop_vs_mixed=<y>` for the
-machine's default path (`kernels_pallas.resolve_backend("auto")`).
+and the ratios mixed/floor and loop/mixed (mixed and floor timed alternately). Context lines:
+the plain single-adapter matmul y + s * (x @ A) @ B (no multi-tenancy at all), the gather-einsum
+of `reference` and `lax.ragged_dot`. The last line is
+`RESULT mixed_vs_floor=<x> loop_vs_mixed=<y>` for the machine's default path
+(`kernels_pallas.resolve_backend("auto")`).
 Target on CPU: mixed_vs_floor <= 1.15 and loop_vs_mixed >= 6.
 """
 from __future__ import annotations
@@ -39,6 +40,20 @@ def _time(fn, *args, reps: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return 1e3 * float(np.median(times))
+
+
+def _time_pair(fn_a, args_a, fn_b, args_b, *, reps: int) -> tuple[float, float]:
+  """Median wall times (ms) of two jitted calls timed alternately, so that load drifting on a
+  shared machine hits both alike (their ratio is what the benchmark reports)."""
+  jax.block_until_ready(fn_a(*args_a))
+  jax.block_until_ready(fn_b(*args_b))
+  times = ([], [])
+  for _ in range(reps):
+    for fn, args, out in ((fn_a, args_a, times[0]), (fn_b, args_b, times[1])):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      out.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times[0])), 1e3 * float(np.median(times[1]))
 
 
 def _inputs():
@@ -122,8 +137,7 @@ def main() -> None:
     fn = _lora(path)
     err = float(jnp.max(jnp.abs(fn(*inputs, mixed) - want)))
     reps = args.reps if "interpret" not in impl else 2
-    mixed_ms = _time(fn, *inputs, mixed, reps=reps)
-    floor_ms = _time(_lora(path), *inputs, same, reps=reps)
+    mixed_ms, floor_ms = _time_pair(fn, (*inputs, mixed), _lora(path), (*inputs, same), reps=reps)
     ratios[impl] = (mixed_ms / floor_ms, loop_ms / mixed_ms)
     print(f"path {impl:17s} mixed {mixed_ms:8.2f} ms  floor {floor_ms:8.2f} ms  "
           f"mixed/floor {ratios[impl][0]:5.2f}  loop/mixed {ratios[impl][1]:6.1f}  "
@@ -135,8 +149,8 @@ def main() -> None:
   @jax.jit
   def layer(x, a, b, scales, ids):
     return kp.lora_expand(x @ w, kp.lora_shrink(x, a, ids), b, ids, scales)
-  layer_mixed = _time(layer, x, a, b, scales, mixed, reps=args.reps)
-  layer_floor = _time(layer, x, a, b, scales, same, reps=args.reps)
+  layer_mixed, layer_floor = _time_pair(layer, (x, a, b, scales, mixed), layer,
+                                        (x, a, b, scales, same), reps=args.reps)
   print(f"context: in a {D}x{O} projection (x @ W + LoRA), mixed {layer_mixed:.2f} ms, "
         f"floor {layer_floor:.2f} ms, mixed/floor {layer_mixed / layer_floor:.2f}; adapter "
         f"weights read: mixed {N * (D + O) * R * 4 / 2**20:.1f} MiB, floor "
