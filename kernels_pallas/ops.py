@@ -9,6 +9,10 @@ Backends (`set_backend(name)` or the env var `JAXADAPT_KERNELS`, read at import)
   * "pallas_tpu", "pallas_triton": that compiled kernel whatever the platform (for jax.export).
 The choice is made when a function is traced: a function already jitted keeps its path.
 
+Out-of-range values follow `reference`'s rules: adapter ids >= N raise ValueError when concrete
+and mean "no adapter" under jit; live page-table entries outside the pool raise when concrete and
+are clamped under jit; nothing a row does not use reaches its output or gradients.
+
 Every op runs on grouped rows (the SGMV layout). The per-row (BGMV) ops sort rows by adapter id
 first (`plan.group_rows`); the XLA path reads through the permutation instead of copying.
 Gradients (custom_vjp): dx and dh come from the same kernels run transposed (shrink's backward is
@@ -191,6 +195,12 @@ def _ranks(ranks, n: int, r: int) -> jax.Array:
   return jnp.clip(jnp.asarray(ranks, jnp.int32), 0, r)
 
 
+def _in_range(row_ids: jax.Array, n: int) -> jax.Array:
+  """Row ids with every id outside [0, N) set to -1 (no adapter: see `reference`)."""
+  row_ids = row_ids.astype(jnp.int32)
+  return jnp.where((row_ids >= 0) & (row_ids < n), row_ids, -1)
+
+
 def _grouping(impl: str, row_ids: jax.Array, grouped: bool, max_runs: int, block_t: int):
   """(plan, perm or None, order or None, inverse or None) for a batch of rows."""
   if grouped:
@@ -205,7 +215,10 @@ def _grouping(impl: str, row_ids: jax.Array, grouped: bool, max_runs: int, block
 @functools.partial(jax.jit, static_argnames=("impl", "grouped", "max_runs"))
 def _shrink(x, a_stack, row_ids, ranks, *, impl, grouped, max_runs):
   w, table, rank_axis, n, r = _source(a_stack, "a")
+  if x.shape[0] == 0:
+    return jnp.zeros((0, r), x.dtype)
   block_t = _BLOCK_T[impl]
+  row_ids = _in_range(row_ids, n)
   plan, perm, order, inverse = _grouping(impl, row_ids, grouped, max_runs, block_t)
   cfg = _Cfg(impl, rank_axis, block_t, perm is not None)
   xs = x if order is None else x[order]
@@ -217,7 +230,10 @@ def _shrink(x, a_stack, row_ids, ranks, *, impl, grouped, max_runs):
 @functools.partial(jax.jit, static_argnames=("impl", "grouped", "max_runs"))
 def _expand(y, h, b_stack, row_ids, scales, ranks, *, impl, grouped, max_runs):
   w, table, rank_axis, n, r = _source(b_stack, "b")
+  if y.shape[0] == 0:
+    return y
   block_t = _BLOCK_T[impl]
+  row_ids = _in_range(row_ids, n)
   valid = row_ids >= 0
   row_scale = jnp.where(valid, scales[jnp.where(valid, row_ids, 0)], 0).astype(jnp.float32)
   hs = h.astype(jnp.float32) * row_scale[:, None]
@@ -237,7 +253,8 @@ def lora_shrink(x: jax.Array, a_stack, ids: jax.Array, *, ranks=None) -> jax.Arr
   Args:
     x: [T, D] tokens.
     a_stack: [N, D, R] stack, or PagedWeights (pool [P, page_rows, D], table [N, max_pages]).
-    ids: [T] adapter id per row; < 0 means no adapter (the row of h is zero).
+    ids: [T] adapter id per row; < 0 means no adapter (the row of h is zero); >= N raises
+      ValueError when concrete and means no adapter under jit.
     ranks: optional [N] true ranks (1..R); columns past an adapter's rank are zero and cost no
       compute beyond the hardware block that holds the rank's end.
 
@@ -261,7 +278,7 @@ def lora_expand(y: jax.Array, h: jax.Array, b_stack, ids: jax.Array, scales: jax
     y: [T, O] base output.
     h: [T, R] shrunk activations.
     b_stack: [N, R, O] stack, or PagedWeights (pool [P, page_rows, O]).
-    ids: [T] adapter id per row; < 0 leaves the row unchanged.
+    ids: [T] adapter id per row; < 0 leaves the row unchanged; >= N as in `lora_shrink`.
     scales: [N] per-adapter scale.
     ranks: optional [N] true ranks; rank rows past them are ignored whatever they hold.
 
@@ -271,9 +288,9 @@ def lora_expand(y: jax.Array, h: jax.Array, b_stack, ids: jax.Array, scales: jax
   References:
     S-LoRA (Sheng et al., 2023), Sec. 5.1: expand of the heterogeneous batch (MBGMV).
   """
-  reference._validate("lora_expand", h, b_stack, ids, ranks, side="b")  # pylint: disable=protected-access
+  reference._validate("lora_expand", h, b_stack, ids, ranks, side="b", y=y)  # pylint: disable=protected-access
   n = _source(b_stack, "b")[3]
-  _check_scales(scales, n)
+  reference.check_scales("lora_expand", scales, n)
   return _expand(y, h, b_stack, ids, scales, ranks, impl=resolve_backend(), grouped=False,
                  max_runs=min(y.shape[0], n + 1))
 
@@ -306,8 +323,8 @@ def sgmv_expand(y: jax.Array, h: jax.Array, b_stack, seg_ids: jax.Array, seg_len
     S-LoRA (Sheng et al., 2023), Sec. 5.1: MBGMM on the prefill batch.
   """
   row_ids = reference.segment_row_ids(seg_ids, seg_lens, y.shape[0])
-  reference._validate("sgmv_expand", h, b_stack, row_ids, ranks, side="b")  # pylint: disable=protected-access
-  _check_scales(scales, _source(b_stack, "b")[3])
+  reference._validate("sgmv_expand", h, b_stack, row_ids, ranks, side="b", y=y)  # pylint: disable=protected-access
+  reference.check_scales("sgmv_expand", scales, _source(b_stack, "b")[3])
   return _expand(y, h, b_stack, row_ids, scales, ranks, impl=resolve_backend(), grouped=True,
                  max_runs=min(y.shape[0], seg_ids.shape[0] + 1))
 
@@ -335,14 +352,22 @@ def lora_batched(y: jax.Array, x: jax.Array, a_stack, b_stack, ids: jax.Array,
     raise ValueError(f"lora_batched: expected x [B, S, D], y [B, S, O] and ids [B], found "
                      f"{x.shape}, {y.shape} and {ids.shape}")
   bsz, seq = x.shape[:2]
+  n = _source(b_stack, "b")[3]
+  rows = jax.ShapeDtypeStruct((bsz * seq,), jnp.int32)  # Shapes only; the ids are checked next.
+  shape = lambda *s: jax.ShapeDtypeStruct(s, x.dtype)
+  validate = reference._validate  # pylint: disable=protected-access
+  validate("lora_batched", shape(bsz * seq, x.shape[2]), a_stack, rows, ranks, side="a")
+  validate("lora_batched", shape(bsz * seq, reference.max_rank(a_stack)), b_stack, rows, ranks,
+           side="b", y=shape(bsz * seq, y.shape[2]))
+  reference.check_ids("lora_batched", ids, n)
+  reference.check_scales("lora_batched", scales, n)
   if resolve_backend() == "xla":
-    _check_scales(scales, _source(b_stack, "b")[3])
     return xla.batched_lora(y, x, reference.dense_a(a_stack), reference.dense_b(b_stack),
-                            ids.astype(jnp.int32), scales, ranks)
+                            _in_range(ids, n), scales, ranks)
   lens = jnp.full((bsz,), seq, jnp.int32)
-  h = sgmv_shrink(x.reshape(bsz * seq, -1), a_stack, ids, lens, ranks=ranks)
-  out = sgmv_expand(y.reshape(bsz * seq, -1), h, b_stack, ids, lens, scales, ranks=ranks)
-  return out.reshape(bsz, seq, -1)
+  h = sgmv_shrink(x.reshape(bsz * seq, x.shape[2]), a_stack, ids, lens, ranks=ranks)
+  out = sgmv_expand(y.reshape(bsz * seq, y.shape[2]), h, b_stack, ids, lens, scales, ranks=ranks)
+  return out.reshape(y.shape)
 
 
 def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
@@ -365,6 +390,9 @@ def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
   if topk_ids.ndim != 2 or gates.shape != topk_ids.shape or topk_ids.shape[0] != x.shape[0]:
     raise ValueError(f"lora_topk: expected topk_ids and gates of shape [T, K] with T={x.shape[0]}, "
                      f"found {topk_ids.shape} and {gates.shape}")
+  n = _source(b_stack, "b")[3]
+  reference.check_ids("lora_topk", topk_ids, n)
+  reference.check_scales("lora_topk", scales, n)
   out = y.astype(jnp.float32)
   for j in range(topk_ids.shape[1]):
     ids = topk_ids[:, j]
@@ -373,7 +401,3 @@ def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
                       ranks=ranks)
   return out.astype(y.dtype)
 
-
-def _check_scales(scales: jax.Array, n: int) -> None:
-  if scales.shape != (n,):
-    raise ValueError(f"expected scales of shape [N]=[{n}], found {scales.shape}")

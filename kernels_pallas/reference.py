@@ -4,6 +4,18 @@ Every kernel in this package is tested against these functions. Layout follows J
 `A: [N, D, R]`, `B: [N, R, O]`, adapter `n` contributes `scale[n] * (x @ A[n]) @ B[n]`.
 An adapter id below zero means "no adapter" for that token.
 
+Out-of-range values, one rule for every path:
+  * Adapter ids `>= N`: when the ids are concrete (not traced), every op raises ValueError naming
+    N and the offending id. Under `jit` they cannot be checked, and such a row has no adapter
+    (as id -1): it never reads another adapter's weights or memory past the stack.
+  * Page-table entries outside `[0, P)` in an adapter's live pages (those holding rank rows
+    below its rank): ValueError when the table (and ranks) are concrete; under `jit` they are
+    clamped into `[0, P)`, as are all entries past the live pages.
+  * Ranks are clamped to `[0, R]`.
+  * Whatever a row does not use (weights past its adapter's rank, other adapters' weights, pages
+    it does not read, x or h in rows without an adapter) never reaches its output or the
+    gradients of what it does use, even when it holds NaN or inf.
+
 Three axes of variation, each with one spelling:
 
 * Ranks: `ranks[N]` (keyword, optional) gives adapter n's true rank; rank rows/columns at or beyond
@@ -23,6 +35,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class PagedWeights(NamedTuple):
@@ -37,6 +50,8 @@ class PagedWeights(NamedTuple):
     * expand side: row `j * page_rows + i` of `B[n]` (length O).
   Entries of `table[n]` at or beyond `ceil(ranks[n] / page_rows)` are never read for data
   (they are clamped into range); rows of the last page beyond the rank may hold anything.
+  Live entries outside `[0, P)` are an error when the table is concrete and clamped under jit
+  (module docstring).
 
   Attributes:
     pool: [P, page_rows, H] the pool (H = D for A, O for B; one pool serves both when D == O).
@@ -50,7 +65,9 @@ class PagedWeights(NamedTuple):
     return self.table.shape[1] * self.pool.shape[1]
 
 
-def _validate(name: str, x_or_h: jax.Array, w, ids: jax.Array, ranks, *, side: str) -> None:
+def _validate(name: str, x_or_h: jax.Array, w, ids: jax.Array, ranks, *, side: str,
+              y=None) -> None:
+  """Shape checks of one side of an op (x or h against A or B, y against B's outputs)."""
   if x_or_h.ndim != 2:
     raise ValueError(f"{name}: expected a [T, features] activation, found shape {x_or_h.shape}")
   if ids.ndim != 1 or ids.shape[0] != x_or_h.shape[0]:
@@ -74,8 +91,59 @@ def _validate(name: str, x_or_h: jax.Array, w, ids: jax.Array, ranks, *, side: s
   if side == "b" and rank != want:
     raise ValueError(f"{name}: h is [T, R]=[.., {want}] but B holds rank {rank} "
                      f"(dense B must be [N, R, O], paged B must have max_pages*page_rows == R)")
-  if ranks is not None and ranks.shape != (n,):
-    raise ValueError(f"{name}: expected ranks of shape [N]=[{n}], found {ranks.shape}")
+  if y is not None and tuple(y.shape) != (x_or_h.shape[0], feat):
+    raise ValueError(f"{name}: expected y of shape [T, O]=[{x_or_h.shape[0]}, {feat}] (O from B), "
+                     f"found {tuple(y.shape)}")
+  if ranks is not None and jnp.shape(ranks) != (n,):
+    raise ValueError(f"{name}: expected ranks of shape [N]=[{n}], found {jnp.shape(ranks)}")
+  check_ids(name, ids, n)
+  if isinstance(w, PagedWeights):
+    check_table(name, w, ranks)
+
+
+def concrete(v) -> np.ndarray | None:
+  """v's values as numpy when they are known now (not traced, all on this host), else None."""
+  if v is None or isinstance(v, (jax.core.Tracer, jax.ShapeDtypeStruct)):
+    return None
+  if isinstance(v, jax.Array) and not v.is_fully_addressable:
+    return None
+  return np.asarray(v)
+
+
+def check_ids(name: str, ids, n: int) -> None:
+  """Raises ValueError if concrete `ids` hold an adapter id >= n (see the module docstring)."""
+  c = concrete(ids)
+  if c is None or c.size == 0 or c.max() < n:
+    return
+  where = np.argwhere(c >= n)[0]
+  raise ValueError(f"{name}: adapter ids must be < N={n} (or < 0 for no adapter), found "
+                   f"{c[tuple(where)]} at index {tuple(int(i) for i in where)}")
+
+
+def check_table(name: str, w: PagedWeights, ranks) -> None:
+  """Raises ValueError if a concrete page table sends a live page outside the pool."""
+  table = concrete(w.table)
+  if table is None or table.size == 0:
+    return
+  n, max_pages = table.shape
+  if ranks is None:
+    live_pages = np.full((n,), max_pages)
+  else:
+    r = concrete(ranks)
+    if r is None:
+      return
+    live_pages = -(-np.clip(r, 0, w.max_rank) // w.pool.shape[1])
+  num_pool = w.pool.shape[0]
+  bad = ((table < 0) | (table >= num_pool)) & (np.arange(max_pages)[None, :] < live_pages[:, None])
+  if bad.any():
+    i, j = (int(k) for k in np.argwhere(bad)[0])
+    raise ValueError(f"{name}: page table entry [{i}, {j}] = {table[i, j]} is outside the pool "
+                     f"of P={num_pool} pages (adapter {i} reads its first {live_pages[i]} pages)")
+
+
+def check_scales(name: str, scales, n: int) -> None:
+  if jnp.shape(scales) != (n,):
+    raise ValueError(f"{name}: expected scales of shape [N]=[{n}], found {jnp.shape(scales)}")
 
 
 def max_rank(w) -> int:
@@ -99,6 +167,12 @@ def dense_b(b) -> jax.Array:
   n, pages = b.table.shape
   rows = b.pool[jnp.clip(b.table, 0, b.pool.shape[0] - 1)]  # [N, max_pages, page_rows, O]
   return rows.reshape(n, pages * b.pool.shape[1], b.pool.shape[2])
+
+
+def _valid_ids(ids: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  """(valid [T] bool, safe [T] ids in [0, N)): ids outside [0, N) mean no adapter."""
+  valid = (ids >= 0) & (ids < n)
+  return valid, jnp.where(valid, ids, 0)
 
 
 def _rank_mask(ranks, n: int, r: int) -> jax.Array | None:
@@ -134,7 +208,7 @@ def lora_shrink(x: jax.Array, a_stack, ids: jax.Array, *, ranks=None) -> jax.Arr
   Args:
     x: [T, D] tokens.
     a_stack: [N, D, R] shrink weights of N adapters (ranks padded to R), or PagedWeights.
-    ids: [T] int adapter id per token, -1 for none.
+    ids: [T] int adapter id per token, -1 for none (>= N: see the module docstring).
     ranks: optional [N] int true rank of each adapter.
 
   Returns:
@@ -145,12 +219,14 @@ def lora_shrink(x: jax.Array, a_stack, ids: jax.Array, *, ranks=None) -> jax.Arr
   """
   _validate("lora_shrink", x, a_stack, ids, ranks, side="a")
   a_stack = dense_a(a_stack)
-  valid = ids >= 0
-  safe = jnp.where(valid, ids, 0)
-  a = a_stack[safe]  # [T, D, R]: the gather-einsum.
-  h = jnp.einsum("td,tdr->tr", x, a, preferred_element_type=jnp.float32)
-  live = valid[:, None]
+  valid, safe = _valid_ids(ids, a_stack.shape[0])
   mask = _rank_mask(ranks, a_stack.shape[0], a_stack.shape[2])
+  if mask is not None:  # Select (not multiply) so NaN past a rank reaches no value or gradient.
+    a_stack = jnp.where(mask[:, None, :], a_stack, 0)
+  a = a_stack[safe]  # [T, D, R]: the gather-einsum.
+  h = jnp.einsum("td,tdr->tr", jnp.where(valid[:, None], x, 0), a,
+                 preferred_element_type=jnp.float32)
+  live = valid[:, None]
   if mask is not None:
     live = live & mask[safe]
   return jnp.where(live, h, 0).astype(x.dtype)
@@ -164,7 +240,7 @@ def lora_expand(y: jax.Array, h: jax.Array, b_stack, ids: jax.Array, scales: jax
     y: [T, O] base output.
     h: [T, R] shrunk activations.
     b_stack: [N, R, O] expand weights, or PagedWeights.
-    ids: [T] int adapter id per token, -1 for none.
+    ids: [T] int adapter id per token, -1 for none (>= N: see the module docstring).
     scales: [N] per-adapter scale (alpha / r or alpha / sqrt(r)).
     ranks: optional [N] int true rank; rows of B (and columns of h) at or beyond it are ignored.
 
@@ -174,17 +250,19 @@ def lora_expand(y: jax.Array, h: jax.Array, b_stack, ids: jax.Array, scales: jax
   References:
     S-LoRA (Sheng et al., 2023), Sec. 5.1: the expand half of x A B on a heterogeneous batch.
   """
-  _validate("lora_expand", h, b_stack, ids, ranks, side="b")
+  _validate("lora_expand", h, b_stack, ids, ranks, side="b", y=y)
   b_stack = dense_b(b_stack)
-  valid = ids >= 0
-  safe = jnp.where(valid, ids, 0)
+  check_scales("lora_expand", scales, b_stack.shape[0])
+  valid, safe = _valid_ids(ids, b_stack.shape[0])
   mask = _rank_mask(ranks, b_stack.shape[0], b_stack.shape[1])
+  live = valid[:, None]
   if mask is not None:  # Ignored rows may hold anything (a paged pool's tail): select, not scale.
     b_stack = jnp.where(mask[:, :, None], b_stack, 0)
-    h = jnp.where(mask[safe], h, 0)
+    live = live & mask[safe]
+  h = jnp.where(live, h, 0)
   b = b_stack[safe]  # [T, R, O]
   d = jnp.einsum("tr,tro->to", h, b, preferred_element_type=jnp.float32)
-  d = d * jnp.where(valid, scales[safe], 0).astype(jnp.float32)[:, None]
+  d = jnp.where(valid[:, None], d * scales[safe].astype(jnp.float32)[:, None], 0)
   return (y.astype(jnp.float32) + d).astype(y.dtype)
 
 
@@ -230,6 +308,7 @@ def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
   if topk_ids.ndim != 2 or gates.shape != topk_ids.shape or topk_ids.shape[0] != x.shape[0]:
     raise ValueError(f"lora_topk: expected topk_ids and gates of shape [T, K] with T={x.shape[0]}, "
                      f"found {topk_ids.shape} and {gates.shape}")
+  check_ids("lora_topk", topk_ids, dense_b(b_stack).shape[0])
   out = y.astype(jnp.float32)
   b32 = dense_b(b_stack).astype(jnp.float32)
   for j in range(topk_ids.shape[1]):

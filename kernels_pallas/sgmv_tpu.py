@@ -65,8 +65,13 @@ def _validate_args(name: str, rows: jax.Array, w: jax.Array, table, rank_axis: i
   del rows
 
 
-def _scalars(plan: Plan, ranks: jax.Array, table, num_rows: int, block_t: int, br: int):
-  """The scalar-prefetch operands: per-visit tile, id, lo, hi, live rank blocks, rank, first."""
+def _scalars(plan: Plan, ranks: jax.Array, table, num_rows: int, block_t: int, br: int,
+             num_pages: int):
+  """The scalar-prefetch operands: per-visit tile, id, lo, hi, live rank blocks, rank, first.
+
+  Page indices are clamped into the pool's [0, num_pages), as `reference` clamps them: a DMA
+  never leaves the pool.
+  """
   real = plan.lo < num_rows
   live = plan.ids >= 0
   aid = jnp.maximum(plan.ids, 0)
@@ -74,7 +79,7 @@ def _scalars(plan: Plan, ranks: jax.Array, table, num_rows: int, block_t: int, b
   nrb = (rank + br - 1) // br
   first = (real & (plan.lo == plan.tile * block_t)).astype(jnp.int32)
   pages = (jnp.zeros((1,), jnp.int32) if table is None
-           else jnp.clip(table.reshape(-1), 0, None).astype(jnp.int32))
+           else jnp.clip(table.reshape(-1), 0, num_pages - 1).astype(jnp.int32))
   return plan.tile, aid, plan.lo, plan.hi, nrb, rank, first, pages
 
 
@@ -140,7 +145,10 @@ def _expand_kernel(tile_ref, id_ref, lo_ref, hi_ref, nrb_ref, rank_ref, first_re
     wb = w_ref[...]
     slots = r * br + lax.broadcasted_iota(jnp.int32, wb.shape, w_rank_dim)
     wb = jnp.where(slots < rank_ref[v], wb, 0)
-    acc_ref[...] += _dot(hb, wb, w_rank_dim)
+    prod = _dot(hb, wb, w_rank_dim)  # [bt, bo]
+    # Rows outside the visit add exactly zero, even when the live weights hold inf or NaN.
+    acc_ref[...] += jnp.where(_row_mask(tile_ref[v], lo_ref[v], hi_ref[v], prod.shape, bt),
+                              prod, 0.0)
 
   # 3. Write the tile as it stands after this visit.
   @pl.when(r == nr - 1)
@@ -175,7 +183,7 @@ def shrink(x: jax.Array, w: jax.Array, table, ranks: jax.Array, plan: Plan, *, r
   br, nr = _rank_block(w, table, rank_axis)
   bd = _feature_block(feature)
   nd = feature // bd
-  scalars = _scalars(plan, ranks, table, num_rows, block_t, br)
+  scalars = _scalars(plan, ranks, table, num_rows, block_t, br, w.shape[0])
   num_v = plan.lo.shape[0]
   max_pages = 1 if table is None else table.shape[1]
 
@@ -248,7 +256,7 @@ def expand(y: jax.Array, h: jax.Array, w: jax.Array, table, ranks: jax.Array, pl
   if h.shape != (num_rows, br * nr):
     raise ValueError(f"sgmv_tpu.expand: expected h of shape {(num_rows, br * nr)}, found {h.shape}")
   bo = _feature_block(feature)
-  scalars = _scalars(plan, ranks, table, num_rows, block_t, br)
+  scalars = _scalars(plan, ranks, table, num_rows, block_t, br, w.shape[0])
   num_v = plan.lo.shape[0]
   max_pages = 1 if table is None else table.shape[1]
   h3 = h.reshape(num_rows, nr, br).transpose(1, 0, 2)

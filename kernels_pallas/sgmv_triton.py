@@ -140,11 +140,12 @@ def _expand_kernel(tile_ref, id_ref, lo_ref, hi_ref, rank_ref, table_ref, y_ref,
                 (yb.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=ok)
 
 
-def _scalars(plan: Plan, ranks: jax.Array, table):
+def _scalars(plan: Plan, ranks: jax.Array, table, num_pages: int):
+  """Per-visit tile, id, lo, hi, rank, and the page table clamped into the pool [0, num_pages)."""
   live = plan.ids >= 0
   rank = jnp.where(live, ranks[jnp.maximum(plan.ids, 0)], 0)
   pages = (jnp.zeros((1,), jnp.int32) if table is None
-           else jnp.clip(table.reshape(-1), 0, None).astype(jnp.int32))
+           else jnp.clip(table.reshape(-1), 0, num_pages - 1).astype(jnp.int32))
   return plan.tile, plan.ids, plan.lo, plan.hi, rank, pages
 
 
@@ -180,7 +181,7 @@ def shrink(x: jax.Array, w: jax.Array, table, ranks: jax.Array, plan: Plan, *, r
       _shrink_kernel, bt=block_t, bf=bf, nf=-(-feature // bf), step=step, width=width,
       paged=table is not None, rank_axis=rank_axis,
       max_pages=1 if table is None else table.shape[1], num_features=feature, r_total=r_total)
-  scalars = _scalars(plan, ranks, table)
+  scalars = _scalars(plan, ranks, table, w.shape[0])
   zeros = jnp.zeros((num_rows, r_total), jnp.float32)
   return pl.pallas_call(
       kernel,
@@ -219,7 +220,7 @@ def expand(y: jax.Array, h: jax.Array, w: jax.Array, table, ranks: jax.Array, pl
       _expand_kernel, bt=block_t, bf=bf, step=step, width=width, paged=table is not None,
       rank_axis=rank_axis, max_pages=1 if table is None else table.shape[1],
       num_features=feature, r_total=h.shape[1])
-  scalars = _scalars(plan, ranks, table)
+  scalars = _scalars(plan, ranks, table, w.shape[0])
   del nk
   return pl.pallas_call(
       kernel,

@@ -110,7 +110,9 @@ def expand(y: jax.Array, h: jax.Array, w: jax.Array, table, ranks: jax.Array, pl
     ht = jnp.where(live[:, None] & rank_live[None, :], h[rows], 0)
     d = lax.dot_general(ht, mat.astype(ht.dtype), (((1,), (mat_rank,)), ((), ())),
                         preferred_element_type=jnp.float32)
-    return acc.at[rows].add(d, unique_indices=True)
+    # Rows of the tile outside the visit get exactly zero, even if this adapter's live weights
+    # hold inf or NaN (0 * inf would reach another adapter's rows).
+    return acc.at[rows].add(jnp.where(live[:, None], d, 0), unique_indices=True)
 
   acc = lax.fori_loop(0, plan.count, visit, y.astype(jnp.float32))
   return acc.astype(y.dtype)
@@ -144,8 +146,8 @@ def outer_sum(u: jax.Array, g: jax.Array, ranks: jax.Array, plan: Plan, num_adap
     live, rows = _tile(num_rows, block_t, plan, v, perm)
     aid = jnp.maximum(plan.ids[v], 0)
     ut = jnp.where(live[:, None], u[rows], 0).astype(jnp.float32)
-    prod = lax.dot_general(ut, g[rows].astype(jnp.float32), (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+    gt = jnp.where(live[:, None], g[rows], 0).astype(jnp.float32)  # Other rows' NaN stay there.
+    prod = lax.dot_general(ut, gt, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     prod = jnp.where(jnp.expand_dims(_rank_live(ranks, aid, r), 1 - rank_side), prod, 0)
     old = lax.dynamic_index_in_dim(acc, aid, 0, keepdims=False)
     return lax.dynamic_update_index_in_dim(acc, old + prod, aid, 0)
@@ -163,16 +165,23 @@ def batched_lora(y: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, ids: ja
   16 x 64-token batch, 8 adapters, d=256). Plain jnp: differentiable as it stands.
 
   Args:
-    y: [B, S, O]; x: [B, S, D]; a: [N, D, R] dense; b: [N, R, O] dense; ids: [B] (-1: none);
-    scales: [N]; ranks: [N] or None (rank slots past ranks[n] are ignored).
+    y: [B, S, O]; x: [B, S, D]; a: [N, D, R] dense; b: [N, R, O] dense; ids: [B] (-1: none;
+    ids >= N also mean none); scales: [N]; ranks: [N] or None (rank slots past ranks[n] are
+    ignored).
   """
-  valid = ids >= 0
+  valid = (ids >= 0) & (ids < a.shape[0])
   safe = jnp.where(valid, ids, 0)
-  h = jnp.einsum("bsd,bdr->bsr", x, a[safe], preferred_element_type=jnp.float32)
   live = valid[:, None]
   if ranks is not None:
     live = live & (jnp.arange(a.shape[2])[None, :] < jnp.asarray(ranks)[safe][:, None])
-  h = jnp.where(live[:, None, :], h, 0) * scales[safe].astype(jnp.float32)[:, None, None]
-  bw = jnp.where(live[:, :, None], b[safe].astype(jnp.float32), 0)  # NaN-safe past the rank
+  # Selects, not products, so NaN past a rank or in a row without adapter reaches no value or
+  # gradient of another.
+  aw = jnp.where(live[:, None, :], a[safe], 0)
+  xv = jnp.where(valid[:, None, None], x, 0)
+  h = jnp.einsum("bsd,bdr->bsr", xv, aw, preferred_element_type=jnp.float32)
+  row_scale = jnp.where(valid, scales[safe], 0).astype(jnp.float32)
+  h = jnp.where(live[:, None, :], h, 0) * row_scale[:, None, None]
+  bw = jnp.where(live[:, :, None], b[safe].astype(jnp.float32), 0)
   d = jnp.einsum("bsr,bro->bso", h, bw)
+  d = jnp.where(valid[:, None, None], d, 0)
   return (y.astype(jnp.float32) + d).astype(y.dtype)

@@ -55,7 +55,9 @@ class MixedLoRA:
   b: Any                            # [N, r_max, out] or PagedWeights
   scale: jax.Array                  # [N]
   token_ids: jax.Array              # [T] int32 (T = product of x's leading dims), or [B] one
-                                    # id per sequence of x [B, S, in] (tokens already segmented)
+                                    # id per sequence of x [B, ..., in] (tokens already
+                                    # segmented); ids outside [0, N) mean base only (eager
+                                    # calls with such concrete ids raise ValueError)
   dora_scale: Optional[jax.Array] = None  # [N, out]
   ranks: Optional[jax.Array] = None       # [N] int32 true ranks, or None (all r_max)
 
@@ -92,16 +94,21 @@ def dora_weight_norm(kernel, a, b, scale):
 
 
 def _per_sequence(x, base, ctx: MixedLoRA):
-  """Mixed LoRA with one adapter per sequence of x [B, S, in]: the sequences are the segments of
-  S-LoRA's SGMV (Sec. 5.1), so each sequence reads its adapter's weights once, not per token."""
+  """Mixed LoRA with one adapter per sequence of x [B, ..., in]: the sequences are the segments
+  of S-LoRA's SGMV (Sec. 5.1), so each sequence reads its adapter's weights once, not per token."""
   ids = ctx.token_ids.astype(jnp.int32)
   if ids.shape[0] != x.shape[0]:
     raise ValueError(f"MixedLoRA.token_ids has {ids.shape[0]} ids for x of shape {x.shape}: "
-                     f"expected one per token ({x.shape[0] * x.shape[1]}) or per sequence")
-  y0 = base if ctx.dora_scale is None else jnp.zeros_like(base)
-  out = kernels_pallas.ops.lora_batched(y0, x, _cast(ctx.a, x.dtype), _cast(ctx.b, x.dtype), ids,
+                     f"expected one per token ({base.size // base.shape[-1]}) or per sequence "
+                     f"({x.shape[0]})")
+  x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+  b3 = base.reshape(base.shape[0], -1, base.shape[-1])
+  y0 = b3 if ctx.dora_scale is None else jnp.zeros_like(b3)
+  out = kernels_pallas.ops.lora_batched(y0, x3, _cast(ctx.a, x.dtype), _cast(ctx.b, x.dtype), ids,
                                         ctx.scale, ranks=ctx.ranks)
-  return out if ctx.dora_scale is None else _mixed_dora(base, out, ctx.dora_scale, ids)
+  if ctx.dora_scale is not None:
+    out = _mixed_dora(b3, out, ctx.dora_scale, ids)
+  return out.reshape(base.shape)
 
 
 def _per_token(x, base, ctx: MixedLoRA):
@@ -121,8 +128,10 @@ def _mixed_dora(base, delta, dora_scale, ids):
   """DoRA in a mixed batch (Eq. 5): `m/n * (x W + s x A B)` with each row's adapter's `m/n`
   (ones for plain LoRA and for rows without an adapter); the bias is added after.
 
-  base/delta: [rows, ..., out]; ids: [rows]."""
-  ms = jnp.where((ids >= 0)[:, None], dora_scale[jnp.maximum(ids, 0)], 1).astype(base.dtype)
+  base/delta: [rows, ..., out]; ids: [rows]. Ids outside [0, N) have no adapter, as in the
+  kernels (`kernels_pallas.reference`)."""
+  valid = (ids >= 0) & (ids < dora_scale.shape[0])
+  ms = jnp.where(valid[:, None], dora_scale[jnp.where(valid, ids, 0)], 1).astype(base.dtype)
   ms = ms.reshape(ms.shape[:1] + (1,) * (base.ndim - 2) + ms.shape[1:])
   return ms * (base + delta)
 
@@ -155,7 +164,7 @@ def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
       out = base + (mag - 1) * base_d + mag * delta
   elif isinstance(ctx, MixedLoRA):
     per_token = ctx.token_ids.shape[0] == base.size // base.shape[-1]
-    out = _per_token(x, base, ctx) if per_token or x.ndim != 3 else _per_sequence(x, base, ctx)
+    out = _per_token(x, base, ctx) if per_token or x.ndim < 3 else _per_sequence(x, base, ctx)
   elif isinstance(ctx, GatedLoRA):
     out = kernels_pallas.ops.lora_topk(
         base.reshape(-1, base.shape[-1]), x.reshape(-1, x.shape[-1]), _cast(ctx.a, x.dtype),
