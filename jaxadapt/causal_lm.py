@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxadapt.adapters import lora as lora_lib
@@ -62,9 +64,9 @@ class CausalLM(FrozenModel):
     """
     input_ids, attention_mask, position_ids = token_inputs(input_ids, attention_mask,
                                                            position_ids)
-    if adapter_ids is not None and len(adapter_ids) != input_ids.shape[0]:
-      raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for a batch of "
-                       f"{input_ids.shape[0]} sequences")
+    if adapter_ids is not None and np.shape(adapter_ids) != (input_ids.shape[0],):
+      raise ValueError(f"adapter_ids must hold one id per sequence, shape "
+                       f"({input_ids.shape[0]},); got shape {np.shape(adapter_ids)}")
     lora = self.lora_contexts(adapter=adapter, adapters=adapters, adapter_ids=adapter_ids)
     return _forward(self.graphdef, self.params, input_ids, attention_mask, position_ids, lora)
 
@@ -92,8 +94,21 @@ def unmerge(model: FrozenModel, adapter=None) -> FrozenModel:
 
 
 def load_model(directory: str, *, dtype="float32", sharding=None) -> CausalLM:
-  """Loads a Hugging Face Llama/Mistral/Qwen2 dir as a frozen `CausalLM`."""
+  """Loads a Hugging Face Llama/Mistral/Qwen2 dir as a frozen `CausalLM`.
+
+  Args:
+    directory: dir with config.json and model.safetensors (or a sharded index).
+    dtype: a floating dtype for the params ("float32", "bfloat16", "float16").
+    sharding: None, a Sharding, a Mesh (jaxadapt.sharding rules) or callable(path, shape).
+  """
   from jaxadapt.io.hf import load_llama
+  try:
+    floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+  except TypeError:
+    floating = False
+  if not floating:
+    raise ValueError(f"dtype must be a floating dtype such as 'float32' or 'bfloat16', got "
+                     f"{dtype!r}")
   config, graphdef, params = load_llama(directory, dtype=jnp.dtype(dtype), sharding=sharding)
   model = CausalLM(config, graphdef, params)
   model.directory = os.fspath(directory)

@@ -18,17 +18,42 @@ from jax.sharding import Mesh, Sharding
 
 from jaxadapt import sharding as sharding_lib
 from jaxadapt.io.safetensors_mmap import CheckpointDir
-from jaxadapt.models.llama import LlamaConfig, LlamaForCausalLM
+from jaxadapt.models.llama import SUPPORTED_MODEL_TYPES, LlamaConfig, LlamaForCausalLM
 
 ShardingArg = Union[None, Sharding, Mesh, Callable[[str, tuple], Sharding]]
 
 
 def read_config(directory: str) -> dict:
-  path = os.path.join(os.fspath(directory), "config.json")
+  """The parsed `config.json` of a model dir.
+
+  Raises:
+    FileNotFoundError: no such dir, or it has no config.json (naming what it has).
+    ValueError: config.json is not a JSON object.
+  """
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    what = "a file" if os.path.exists(directory) else "no such directory"
+    raise FileNotFoundError(f"{directory}: expected a Hugging Face model dir (config.json + "
+                            f"safetensors), found {what}")
+  path = os.path.join(directory, "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model dir)")
-  with open(path) as f:
-    return json.load(f)
+    raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model dir); "
+                            f"found {sorted(os.listdir(directory))}")
+  try:
+    with open(path) as f:
+      cfg = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); expected the model's config") from None
+  if not isinstance(cfg, dict):
+    raise ValueError(  # noqa: TRY004 (a bad file: a bad value, not a bad argument type)
+        f"{path} holds a JSON {type(cfg).__name__}, expected an object of config keys "
+        f"(model_type, hidden_size, ...)")
+  return cfg
+
+
+# Keys of config.json that have no default: without them the architecture is unknown.
+_LLAMA_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads")
 
 
 def _resolve_sharding(sharding: ShardingArg) -> Callable[[str, tuple], Optional[Sharding]]:
@@ -92,7 +117,13 @@ def _llama_name(path: str):
 
 def load_llama(directory: str, *, dtype=jnp.float32, sharding: ShardingArg = None):
   """Loads a Llama/Mistral/Qwen2 dir. Returns (config, graphdef, params as a pure dict)."""
-  config = LlamaConfig.from_hf(read_config(directory))
+  cfg = read_config(directory)
+  missing = [k for k in _LLAMA_REQUIRED if cfg.get(k) is None]
+  if missing and cfg.get("model_type") in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"{os.path.join(directory, 'config.json')} lacks {missing}, which a "
+                     f"{cfg['model_type']} config needs ({list(_LLAMA_REQUIRED)}); is it the "
+                     f"config.json that came with the weights?")
+  config = LlamaConfig.from_hf(cfg)
   abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   params = load_tree(directory, nnx.to_pure_dict(state), _llama_name, dtype=dtype,

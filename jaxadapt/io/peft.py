@@ -8,6 +8,7 @@ A PEFT option jaxadapt does not implement raises an error naming it: never silen
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -44,7 +45,7 @@ _UNSUPPORTED = {
     "monteclora_config": (None, {}),
 }
 # Initialisations that also rewrite the base weights: the adapter alone does not reproduce them.
-_BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")
+_BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 
 
 def _check_supported(cfg: Mapping[str, Any]) -> None:
@@ -97,14 +98,45 @@ def config_to_peft(config: LoraConfig) -> dict:
   }
 
 
+def _unexpected(key: str) -> str:
+  """What a tensor that is not a linear layer's LoRA A/B/magnitude most likely is."""
+  if "lora_embedding_" in key:
+    return "a LoRA on an embedding layer, which jaxadapt does not support"
+  if "lora_down" in key or "lora_up" in key or "lora.down" in key or "lora.up" in key:
+    return ("a LoRA in the kohya / old diffusers format, which jaxadapt does not read; convert "
+            "it to PEFT or diffusers' current format first")
+  if re.search(r"\.lora_[AB]\.(?!weight$)", key):
+    return ("a LoRA tensor named in an unexpected way (an adapter name in the key, or a LoRA "
+            "bias, lora_bias=True); expected keys end in lora_A.weight / lora_B.weight")
+  if key.endswith(".bias"):
+    return "a bias (PEFT's bias='all' / 'lora_only'), which jaxadapt does not support"
+  return ("a full weight (PEFT's modules_to_save or trainable_token_indices), which jaxadapt "
+          "does not support")
+
+
 def _read_weights(tensors, keys, prefix: str, st_path: str, dtype) -> dict:
-  """{path: {"a", "b"[, "magnitude"]}} in JAX layout from LoRA tensors named `prefix<path>...`."""
+  """{path: {"a", "b"[, "magnitude"]}} in JAX layout from LoRA tensors named `prefix<path>...`.
+
+  Raises:
+    NotImplementedError: a tensor is not a linear layer's LoRA A/B/magnitude (named, with what
+      it most likely is).
+    ValueError: no LoRA tensors, a path without both A and B, or shapes that do not fit
+      together (A [r, in], B [out, r], magnitude [out]).
+  """
   weights: dict[str, dict] = {}
   for key in keys:
     m = _KEY.match(key[len(prefix):]) if key.startswith(prefix) else None
     if m is None:
-      raise NotImplementedError(f"{st_path}: tensor {key!r} is not a LoRA A/B/magnitude of a "
-                                f"linear layer (embedding or conv LoRA is not supported)")
+      raise NotImplementedError(f"{st_path}: tensor {key!r} is not the LoRA A/B/magnitude of a "
+                                f"linear layer (keys like {prefix}<module path>.lora_A.weight); "
+                                f"it looks like {_unexpected(key)}")
+    shape = tensors.info(key)[1] if hasattr(tensors, "info") else np.shape(tensors[key])
+    ndim = 1 if m["kind"].startswith("lora_magnitude") else 2
+    if len(shape) != ndim:
+      raise NotImplementedError(
+          f"{st_path}: tensor {key!r} has shape {list(shape)}, expected {ndim} dims (a "
+          f"{'magnitude [out]' if ndim == 1 else 'linear LoRA factor'}); LoRA on a conv layer "
+          f"is not supported")
     arr = np.asarray(tensors[key]).astype(jnp.dtype(dtype))
     slot = weights.setdefault(m["path"], {})
     if m["kind"] == "lora_A.weight":
@@ -113,10 +145,32 @@ def _read_weights(tensors, keys, prefix: str, st_path: str, dtype) -> dict:
       slot["b"] = jnp.asarray(arr.T)
     else:
       slot["magnitude"] = jnp.asarray(arr)
+  if not weights:
+    raise ValueError(f"{st_path} holds no LoRA tensors (expected keys like "
+                     f"{prefix}<module path>.lora_A.weight / .lora_B.weight)")
   for path, w in weights.items():
     if "a" not in w or "b" not in w:
       raise ValueError(f"{st_path}: {path} has {sorted(w)}, expected both lora_A and lora_B")
+    (din, r), (rb, dout) = w["a"].shape, w["b"].shape
+    mag = w.get("magnitude")
+    if r != rb or (mag is not None and mag.shape != (dout,)):
+      raise ValueError(
+          f"{st_path}: the LoRA tensors of {path} do not fit together: expected lora_A "
+          f"[r, in], lora_B [out, r]{', magnitude [out]' if mag is not None else ''} with one r; "
+          f"found lora_A {[r, din]}, lora_B {[dout, rb]}"
+          f"{f', magnitude {list(mag.shape)}' if mag is not None else ''}. The file is corrupt or "
+          f"was not written by PEFT")
   return weights
+
+
+def _check_ranks(weights: dict, config: LoraConfig, source: str) -> None:
+  """Raises if a tensor's rank is not the one the config gives its path (PEFT refuses too)."""
+  for path, w in weights.items():
+    want, found = config.rank(path), int(w["a"].shape[1])
+    if want != found:
+      raise ValueError(f"{source}: the config gives {path} rank {want} (r / rank_pattern) but its "
+                       f"tensors have rank {found}; the config and the weights do not belong "
+                       f"together (PEFT refuses this adapter too)")
 
 
 def _check_dora(weights: dict, config: LoraConfig, st_path: str) -> None:
@@ -138,11 +192,23 @@ def load_adapter(path: str, *, dtype="float32", component: str | None = None) ->
 
   Args:
     path: the PEFT dir, a diffusers LoRA file or the dir that holds one.
-    dtype: dtype of the loaded weights.
+    dtype: floating dtype of the loaded weights.
     component: for diffusers files, which model's LoRA to read ("unet", "transformer",
       "text_encoder", ...); needed only when the file holds several.
   """
+  try:
+    floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+  except TypeError:
+    floating = False
+  if not floating:
+    raise ValueError(f"dtype must be a floating dtype such as 'float32' or 'bfloat16', got "
+                     f"{dtype!r}")
   path = os.fspath(path)
+  if os.path.isfile(path) and os.path.basename(path) == "adapter_model.safetensors":
+    path = os.path.dirname(path) or "."  # a PEFT dir's weights: its config is beside them
+    if not os.path.exists(os.path.join(path, "adapter_config.json")):
+      raise FileNotFoundError(f"{path}: adapter_model.safetensors without adapter_config.json "
+                              f"beside it; a PEFT adapter needs both")
   if os.path.isdir(path) and os.path.exists(os.path.join(path, "adapter_config.json")):
     return _load_peft_dir(path, dtype)
   st_path = path if path.endswith(".safetensors") else os.path.join(path, DIFFUSERS_LORA_FILE)
@@ -155,21 +221,51 @@ def load_adapter(path: str, *, dtype="float32", component: str | None = None) ->
 
 
 def _load_peft_dir(directory: str, dtype) -> LoraAdapter:
-  with open(os.path.join(directory, "adapter_config.json")) as f:
-    config = config_from_peft(json.load(f))
+  cfg_path = os.path.join(directory, "adapter_config.json")
+  try:
+    with open(cfg_path) as f:
+      cfg = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{cfg_path} is not valid JSON ({e}); expected PEFT's adapter "
+                     f"config") from None
+  if not isinstance(cfg, dict):
+    raise ValueError(  # noqa: TRY004 (a bad file: a bad value, not a bad argument type)
+        f"{cfg_path} holds a JSON {type(cfg).__name__}, expected an object (r, lora_alpha, "
+        f"target_modules, ...)")
+  try:
+    config = config_from_peft(cfg)
+  except (TypeError, ValueError) as e:
+    raise type(e)(f"{cfg_path}: {e}") from None
   st_path = os.path.join(directory, "adapter_model.safetensors")
   if not os.path.exists(st_path):
-    raise FileNotFoundError(f"{directory}: no adapter_model.safetensors (pickled .bin adapters "
-                            f"are not read; re-save with safe_serialization=True)")
+    bins = [f for f in ("adapter_model.bin", "adapter_model.pt")
+            if os.path.exists(os.path.join(directory, f))]
+    raise FileNotFoundError(
+        f"{directory}: no adapter_model.safetensors (found {sorted(os.listdir(directory))}). "
+        + (f"{bins[0]} is a torch pickle, which jaxadapt does not read (it never runs torch); "
+           if bins else "")
+        + "re-save the adapter with PEFT's save_pretrained(..., safe_serialization=True)")
   tensors = SafetensorsFile(st_path)
   weights = _read_weights(tensors, list(tensors), _PREFIX, st_path, dtype)
   _check_dora(weights, config, st_path)
+  _check_ranks(weights, config, directory)
   return LoraAdapter(weights=weights, config=config)
 
 
 def _load_diffusers_file(st_path: str, dtype, component) -> LoraAdapter:
   tensors = SafetensorsFile(st_path)
+  kohya = [k for k in tensors if k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k]
+  if kohya:
+    raise NotImplementedError(f"{st_path} is a kohya / A1111-style LoRA (e.g. {kohya[0]!r}), "
+                              f"which jaxadapt does not read; convert it to diffusers' format "
+                              f"first (load it in diffusers and save_lora_weights)")
+  if any(k.startswith(_PREFIX) for k in tensors):
+    raise ValueError(f"{st_path} holds a PEFT adapter's weights ({_PREFIX}... keys); pass the "
+                     f"PEFT dir that holds it with its adapter_config.json instead")
   components = sorted({key.split(".", 1)[0] for key in tensors})
+  if not components:
+    raise ValueError(f"{st_path} holds no tensors; expected LoRA weights named "
+                     f"<component>.<module path>.lora_A.weight")
   if component is None:
     if len(components) != 1:
       raise ValueError(f"{st_path} holds LoRAs for {components}; pass component= one of them")
@@ -183,6 +279,7 @@ def _load_diffusers_file(st_path: str, dtype, component) -> LoraAdapter:
   if meta:
     cfg = {k[len(prefix):]: v for k, v in json.loads(meta).items() if k.startswith(prefix)}
     config = config_from_peft(cfg)
+    _check_ranks(weights, config, f"{st_path} (lora_adapter_metadata)")
   else:  # diffusers' inference: scale 1 everywhere (alpha = rank per module)
     ranks = {p: int(w["a"].shape[1]) for p, w in weights.items()}
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
@@ -195,9 +292,21 @@ def _load_diffusers_file(st_path: str, dtype, component) -> LoraAdapter:
 
 
 def save_adapter(adapter: LoraAdapter, directory: str) -> None:
-  """Writes `adapter` as a PEFT LoRA dir that `PeftModel.from_pretrained` loads."""
+  """Writes `adapter` as a PEFT LoRA dir that `PeftModel.from_pretrained` loads.
+
+  An existing dir is updated in place: each file is written beside its target and then renamed
+  over it, so a failed save leaves the previous files whole.
+
+  Raises:
+    TypeError: `adapter` is not a `LoraAdapter`.
+    FileExistsError: `directory` is an existing file.
+  """
+  if not isinstance(adapter, LoraAdapter):
+    raise TypeError(f"save_adapter expects a LoraAdapter, got {type(adapter).__name__}")
   directory = os.fspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise FileExistsError(f"{directory} is a file; save_adapter writes a dir (adapter_config.json "
+                          f"+ adapter_model.safetensors). Pass a dir path.")
   tensors = {}
   for path, w in adapter.weights.items():
     def host(x):
@@ -207,7 +316,25 @@ def save_adapter(adapter: LoraAdapter, directory: str) -> None:
     tensors[f"{_PREFIX}{path}.lora_B.weight"] = host(np.asarray(w["b"]).T)
     if "magnitude" in w:
       tensors[f"{_PREFIX}{path}.lora_magnitude_vector"] = host(w["magnitude"])
-  save_file(tensors, os.path.join(directory, "adapter_model.safetensors"),
-            metadata={"format": "pt"})
-  with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-    json.dump(config_to_peft(adapter.config), f, indent=2)
+  config = adapter.config
+  # jaxadapt scales by each tensor's own rank; PEFT builds (and scales) every layer with the rank
+  # its config gives. Paths whose tensors have another rank get an exact rank_pattern entry, first
+  # so that it wins (PEFT takes the first matching key).
+  odd = {re.escape(p): adapter.rank(p) for p in adapter.weights
+         if adapter.rank(p) != config.rank(p)}
+  if odd:
+    config = dataclasses.replace(config, rank_pattern=tuple(odd.items()) + config.rank_pattern)
+  config_text = json.dumps(config_to_peft(config), indent=2)
+  os.makedirs(directory, exist_ok=True)
+  st_path = os.path.join(directory, "adapter_model.safetensors")
+  cfg_path = os.path.join(directory, "adapter_config.json")
+  try:
+    save_file(tensors, st_path + ".tmp", metadata={"format": "pt"})
+    with open(cfg_path + ".tmp", "w") as f:
+      f.write(config_text)
+    os.replace(st_path + ".tmp", st_path)
+    os.replace(cfg_path + ".tmp", cfg_path)
+  finally:
+    for tmp in (st_path + ".tmp", cfg_path + ".tmp"):
+      if os.path.exists(tmp):
+        os.remove(tmp)

@@ -26,16 +26,50 @@ class SafetensorsFile(Mapping):
 
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
+    size = os.path.getsize(self.path)
     with open(self.path, "rb") as f:
       raw = f.read(8)
       if len(raw) != 8:
         raise ValueError(f"{self.path} is not a safetensors file (shorter than 8 bytes)")
       (n,) = struct.unpack("<Q", raw)
-      header = json.loads(f.read(n))
+      if n > size - 8:
+        raise ValueError(f"{self.path}: the header claims {n} bytes but the file has {size - 8} "
+                         f"after the length field; it is truncated or not a safetensors file. "
+                         f"Re-download or re-save it.")
+      try:
+        header = json.loads(f.read(n))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{self.path}: the header is not valid JSON ({e}); the file is corrupt "
+                         f"or not a safetensors file. Re-download or re-save it.") from None
+    if not isinstance(header, dict):
+      raise ValueError(  # noqa: TRY004 (a corrupt file: a bad value, not a bad argument type)
+          f"{self.path}: the header is a JSON {type(header).__name__}, expected an object of "
+          f"tensors; the file is corrupt or not a safetensors file")
     self.metadata = header.pop("__metadata__", {}) or {}
     self._header = header
     self._offset = 8 + n
     self._mm = None
+    for name in header:
+      self._check_entry(name, size - self._offset)
+
+  def _check_entry(self, name: str, data_bytes: int) -> None:
+    """Raises unless tensor `name`'s header entry is well formed and lies inside the file."""
+    h = self._header[name]
+    try:
+      dtype, shape = h["dtype"], tuple(int(d) for d in h["shape"])
+      start, end = (int(x) for x in h["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f"{self.path}: tensor {name!r} has header entry {h!r}, expected dtype, "
+                       f"shape and data_offsets [start, end]; the file is corrupt") from None
+    if not 0 <= start <= end <= data_bytes:
+      raise ValueError(f"{self.path}: tensor {name!r} spans bytes [{start}, {end}) of the data, "
+                       f"which holds {data_bytes} bytes; the file is truncated or corrupt. "
+                       f"Re-download or re-save it.")
+    if dtype in _DTYPES:
+      want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+      if end - start != want:
+        raise ValueError(f"{self.path}: tensor {name!r} ({dtype} {list(shape)}) needs {want} "
+                         f"bytes, its data_offsets give {end - start}; the file is corrupt")
 
   def _map(self):
     if self._mm is None:
@@ -73,8 +107,19 @@ class CheckpointDir(Mapping):
     self._where: dict[str, str] = {}
     self._files: dict[str, SafetensorsFile] = {}
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+      try:
+        with open(index) as f:
+          weight_map = json.load(f)["weight_map"]
+        weight_map = {str(k): os.fspath(v) for k, v in weight_map.items()}
+      except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: expected a JSON object with a \"weight_map\" of tensor name "
+                         f"-> shard file; could not read one ({type(e).__name__}: {e})") from None
+      missing = sorted({f for f in weight_map.values()
+                        if not os.path.isfile(os.path.join(directory, f))})
+      if missing:
+        raise FileNotFoundError(f"{index} names shard(s) {missing} that are not in {directory} "
+                                f"(found {sorted(os.listdir(directory))}); download the missing "
+                                f"shards or re-save the checkpoint")
       for name, fname in weight_map.items():
         self._where[name] = os.path.join(directory, fname)
     elif os.path.exists(single):
@@ -82,8 +127,13 @@ class CheckpointDir(Mapping):
         self._where[name] = single
     else:
       found = sorted(os.listdir(directory)) if os.path.isdir(directory) else "no such directory"
+      hint = ""
+      if isinstance(found, list) and any(f.endswith((".bin", ".pt", ".pth", ".ckpt"))
+                                         for f in found):
+        hint = (" (torch pickles are not read: jaxadapt does not run torch; re-save with "
+                "save_pretrained(..., safe_serialization=True) to get safetensors)")
       raise FileNotFoundError(f"{directory}: expected {stem}.safetensors or "
-                              f"{stem}.safetensors.index.json, found {found}")
+                              f"{stem}.safetensors.index.json, found {found}{hint}")
 
   def _file(self, path):
     if path not in self._files:

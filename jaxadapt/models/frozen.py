@@ -111,12 +111,27 @@ class FrozenModel:
     return sorted(set(paths), key=paths.index)
 
   def check_adapter(self, adapter) -> None:
-    """Raises if `adapter` targets a path that is not a linear layer of this model, or its
-    weights do not fit that layer (an adapter made for another base model)."""
+    """Raises if `adapter` targets a path that is not a linear layer of this model, has weights
+    at paths its own config does not target here (PEFT would ignore them), or its weights do not
+    fit that layer (an adapter made for another base model)."""
+    if not isinstance(adapter, lora_lib.LoraAdapter):
+      hint = ("; for several adapters pass adapters= with adapter_ids="
+              if isinstance(adapter, (list, tuple)) else "")
+      raise TypeError(f"expected a LoraAdapter (e.g. ja.load_adapter(path)), got "
+                      f"{type(adapter).__name__}{hint}")
     unknown = [p for p in adapter.weights if p not in self.linear_paths]
     if unknown:
       raise ValueError(f"adapter targets {unknown[:3]}, which are not linear layers of this "
                        f"{type(self).__name__} (e.g. {self.linear_paths[:3]})")
+    targets = self._config_targets(adapter.config)
+    untargeted = [p for p in adapter.weights if p not in targets]
+    if untargeted:
+      raise ValueError(
+          f"adapter has weights at {untargeted[:3]}, which its config (target_modules="
+          f"{adapter.config.target_modules!r}, exclude_modules={adapter.config.exclude_modules!r}"
+          f", layers_to_transform={adapter.config.layers_to_transform!r}) does not target in "
+          f"this {type(self).__name__}; PEFT would silently ignore them. Fix the config's "
+          f"target_modules or drop those weights.")
     for path, w in adapter.weights.items():
       din, dout = lora_lib.kernel_at(self.params, path).shape
       a, b = w["a"].shape, w["b"].shape
@@ -129,6 +144,16 @@ class FrozenModel:
             f"found a {list(a)}, b {list(b)}"
             f"{f', magnitude {list(mag.shape)}' if mag is not None else ''}. Was the adapter "
             f"made for another base model?")
+
+  def _config_targets(self, config) -> frozenset:
+    """The linear paths `config` targets in this model (cached per config: configs hash)."""
+    cache = self.__dict__.setdefault("_targets_cache", {})
+    if config not in cache:
+      try:
+        cache[config] = frozenset(config.targets(self.linear_paths))
+      except ValueError as e:  # matches nothing: PEFT raises too
+        raise ValueError(f"adapter config does not fit this {type(self).__name__}: {e}") from None
+    return cache[config]
 
   def _stacks(self, adapters: tuple) -> dict:
     """Stacked weights of `adapters`, cached for the last few distinct adapter lists."""
@@ -154,21 +179,35 @@ class FrozenModel:
 
     Returns:
       {path: context} for the projection hook, or None for the plain base.
+
+    Raises:
+      TypeError: an adapter that is not a `LoraAdapter`, or `adapters=` given one adapter.
+      ValueError: conflicting arguments, `adapter_ids` that are not one int in
+        [-1, len(adapters) - 1] per element, or an adapter that does not fit this model.
     """
     if adapter is not None and adapters is not None:
       raise ValueError("pass either adapter= (one for the batch) or adapters= with adapter_ids=, "
                        "not both")
+    if adapter_ids is not None and adapters is None:
+      raise ValueError("adapter_ids= needs adapters= (the list the ids index); for one adapter "
+                       "on the whole batch pass adapter= alone")
     if adapter is not None:
       self.check_adapter(adapter)
       return lora_lib.contexts(adapter)
     if adapters is not None:
+      if isinstance(adapters, lora_lib.LoraAdapter):
+        raise TypeError("adapters= takes a list of adapters (with adapter_ids=); for one "
+                        "adapter on the whole batch pass adapter=")
+      adapters = tuple(adapters)
       if adapter_ids is None:
         raise ValueError("adapters= needs adapter_ids= (one id per batch element, -1 = base)")
       ids = np.asarray(adapter_ids)
-      if ids.ndim != 1 or ((ids < -1) | (ids >= len(adapters))).any():
+      if (ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer))
+          or ((ids < -1) | (ids >= len(adapters))).any()):
         raise ValueError(f"adapter_ids must be one int per batch element in "
-                         f"[-1, {len(adapters) - 1}], got {adapter_ids!r}")
-      return stack_lib.mixed_contexts(self._stacks(tuple(adapters)), ids)
+                         f"[-1, {len(adapters) - 1}] (-1 = base only) for {len(adapters)} "
+                         f"adapter(s); got {adapter_ids!r} (shape {ids.shape}, dtype {ids.dtype})")
+      return stack_lib.mixed_contexts(self._stacks(adapters), ids.astype(np.int32))
     return None
 
   def _call(self, method: str, args: tuple, kwargs: dict, *, inserts=None, static=()):

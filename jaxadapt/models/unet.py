@@ -33,6 +33,7 @@ import os
 from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxadapt.models import diffusion_layers as dl
@@ -551,9 +552,9 @@ class UNet(dl.FrozenModel):
     if ehs.ndim != 3 or ehs.shape[0] != sample.shape[0]:
       raise ValueError(f"encoder_hidden_states must be [B, L, D] with B={sample.shape[0]}, got "
                        f"{ehs.shape}")
-    if adapter_ids is not None and len(adapter_ids) != sample.shape[0]:
-      raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for a batch of "
-                       f"{sample.shape[0]}")
+    if adapter_ids is not None and np.shape(adapter_ids) != (sample.shape[0],):
+      raise ValueError(f"adapter_ids must hold one id per sample, shape ({sample.shape[0]},); "
+                       f"got shape {np.shape(adapter_ids)}")
     if lora is not None and (adapter is not None or adapters is not None):
       raise ValueError("pass lora= (raw contexts) or adapter=/adapters=, not both")
     if lora is None:
