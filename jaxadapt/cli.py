@@ -20,6 +20,9 @@ def main(argv=None) -> int:
     demo.main(rest)
     return 0
   if cmd == "train":
+    if rest and rest[0] in ("-h", "--help"):
+      print("usage: jaxadapt train lora [ARGS]   (jaxadapt train lora --help lists the ARGS)")
+      return 0
     if not rest or rest[0] != "lora":
       print(f"jaxadapt train: expected a recipe name (lora), got {rest[:1]}", file=sys.stderr)
       return 2

@@ -40,6 +40,11 @@ class Checkpoints:
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=force)
 
+  def record(self, step: int) -> dict:
+    """The JSON record saved at `step`, without reading the state (to check it first)."""
+    out = self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+    return dict(out["record"])
+
   def restore(self, step: int, like: Any) -> tuple[Any, dict]:
     """The state at `step`, placed like `like` (same tree, shapes, dtypes and shardings)."""
     abstract = jax.tree.map(
@@ -53,25 +58,48 @@ class Checkpoints:
 
   def close(self):
     self.manager.wait_until_finished()
+    # The manager starts removing stale tmp dirs in a thread at construction, and its close()
+    # does not wait for it (orbax 0.12): a run that stops right away (a bad --model_dir) then
+    # exits with a traceback from that thread ("cannot schedule new futures after shutdown").
+    cleanup = getattr(self.manager, "_cleanup_tmp_directory_future", None)
+    if cleanup is not None:
+      cleanup.result()
     self.manager.close()
 
 
 class MetricsLog:
-  """`metrics.jsonl`: one JSON object per step. On resume, lines after the restored step go."""
+  """`metrics.jsonl`: one JSON object per step. On resume, lines after the restored step go.
+
+  A last line cut short (the process was killed while writing it) is dropped; it belongs to a
+  step after the checkpoint, which the resumed run logs again.
+  """
 
   def __init__(self, path: str, *, resume_step: int):
     self.path = path
     kept = []
     if resume_step > 0 and os.path.exists(path):
       with open(path) as f:
-        for line in f:
-          if line.strip():
-            row = json.loads(line)
-            if row["step"] <= resume_step:
-              kept.append(line if line.endswith("\n") else line + "\n")
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+      for n, (i, line) in enumerate(lines):
+        try:
+          row = json.loads(line)
+          step = int(row["step"])
+        except (ValueError, KeyError, TypeError) as e:
+          if n == len(lines) - 1 and not line.endswith("\n"):
+            break  # a partial write at the kill
+          raise ValueError(f"{path}:{i}: expected a JSON object with an integer 'step', found "
+                           f"{line.strip()[:80]!r} ({e}). Fix or delete that line, then rerun "
+                           f"to resume.") from None
+        if step <= resume_step:
+          kept.append(line if line.endswith("\n") else line + "\n")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    # Write-then-rename: a kill here leaves the old log or the new one, never a truncated one.
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
       f.writelines(kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
 
   def write(self, rows: list[dict]):
     with open(self.path, "a") as f:

@@ -13,7 +13,9 @@ Only the adapter trains: the loss is differentiated with respect to the adapter 
 so no base gradient or optimizer state exists. The run checkpoints (orbax) every
 `checkpoint_every` steps; rerunning the same command after a kill resumes from the latest
 checkpoint and continues the identical loss curve: data order, dropout keys and the learning
-rate are all pure functions of (seed, step). At the end the adapter is written as a PEFT dir
+rate are all pure functions of (seed, step). A checkpoint written with other settings, another
+base architecture or other data is refused (`RunError`, naming what differs) before its state is
+restored or anything is written. At the end the adapter is written as a PEFT dir
 (`out_dir/adapter`) and the per-step losses are in `out_dir/metrics.jsonl`.
 
 References:
@@ -23,7 +25,11 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
 import os
+import re
 import sys
 import time
 from typing import Any, Optional, Sequence, Union
@@ -35,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxadapt import sharding as sharding_lib
 from jaxadapt.adapters import lora as lora_lib
+from jaxadapt.adapters import targets as targets_lib
 from jaxadapt.causal_lm import CausalLM, forward, load_model
 from jaxadapt.io.peft import save_adapter
 from jaxadapt.models.llama import LlamaConfig
@@ -54,6 +61,14 @@ ALL_LINEAR_AND_HEAD = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
                        "down_proj", "lm_head")
 RESUMABLE_CHANGES = ("out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
                      "data_parallel", "model_parallel")
+
+
+class RunError(ValueError):
+  """A run that cannot start as configured (data, out_dir, resume, targets).
+
+  Its message says what was expected, what was found and what to do; `main` prints it without a
+  traceback.
+  """
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,15 +109,34 @@ class TrainConfig:
       # From the command line: "q_proj,v_proj" or "q_proj" are module names, not a regex.
       object.__setattr__(self, "target_modules", tuple(t.strip() for t in tm.split(",")
                                                        if t.strip()))
+    def is_int(v):
+      return isinstance(v, int) and not isinstance(v, bool)
     for name in ("steps", "batch_size", "seq_len", "lora_r", "data_parallel", "model_parallel",
                  "checkpoint_every", "keep_checkpoints", "log_every", "synthetic_docs"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+      if not is_int(getattr(self, name)) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+    for name in ("warmup_steps", "seed"):
+      if not is_int(getattr(self, name)):
+        raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
+    for name in ("learning_rate", "final_lr_fraction", "weight_decay", "grad_clip", "lora_alpha",
+                 "lora_dropout"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
     if self.seq_len < 2:
       raise ValueError(f"seq_len must be >= 2 for next-token prediction, got {self.seq_len}")
     if not 0 <= self.warmup_steps <= self.steps:
       raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got "
                        f"{self.warmup_steps}")
+    if self.lora_alpha <= 0:
+      raise ValueError(f"lora_alpha must be > 0 (the adapter's scale is alpha / r; 0 would "
+                       f"train nothing), got {self.lora_alpha}")
+    if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+      try:
+        re.compile(self.target_modules)
+      except re.error as e:
+        raise ValueError(f"target_modules={self.target_modules!r} is neither 'all-linear', a "
+                         f"comma-separated list of module names, nor a valid regex ({e})") from None
     if self.learning_rate <= 0:
       raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
     if not 0 <= self.final_lr_fraction <= 1:
@@ -160,7 +194,12 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
-  """Linear warmup to `learning_rate`, then cosine decay to `final_lr_fraction` of it."""
+  """Linear warmup to `learning_rate`, then cosine decay to `final_lr_fraction` of it.
+
+  With `warmup_steps == steps` the whole run is the warmup (optax's cosine part needs a step).
+  """
+  if config.warmup_steps >= config.steps:
+    return optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
       decay_steps=config.steps, end_value=config.learning_rate * config.final_lr_fraction)
@@ -259,29 +298,100 @@ def build_data(config: TrainConfig, vocab_size: int) -> data_lib.PackedStream:
   else:
     if not os.path.isfile(config.data):
       raise FileNotFoundError(f"--data {config.data}: no such file (expected a UTF-8 text file)")
-    with open(config.data, encoding="utf-8") as f:
-      text = f.read()
+    if config.data.lower().endswith((".json", ".jsonl")):
+      # Read as text, the JSON syntax itself would be trained on.
+      raise RunError(f"--data {config.data}: expected a plain UTF-8 text file (one document per "
+                     f"line), found a .json/.jsonl name. Write the text fields out to a .txt "
+                     f"file, one document per line.")
+    try:
+      with open(config.data, encoding="utf-8") as f:
+        text = f.read()
+    except UnicodeDecodeError as e:
+      raise RunError(f"--data {config.data}: expected UTF-8 text, found the byte "
+                     f"{e.object[e.start:e.start + 1]!r} at offset {e.start} that is not UTF-8. "
+                     f"Convert the file to UTF-8 (e.g. iconv -t utf-8).") from None
   tokens = data_lib.tokenize(text, config.model_dir)
-  if tokens.size and int(tokens.max()) >= vocab_size:
+  if tokens.size < 2:
+    where = f"--data {config.data}" if config.data else "the synthetic corpus"
+    raise RunError(f"{where} gives {tokens.size} token(s); training needs at least 2 (one "
+                   f"next-token target). Give a text file with some content.")
+  if int(tokens.max()) >= vocab_size:
     how = ("its tokenizer" if data_lib.has_tokenizer(config.model_dir) else
            "UTF-8 bytes (no tokenizer in the model dir)")
-    raise ValueError(f"data tokenized with {how} has token id {int(tokens.max())}, but the model "
+    raise RunError(f"data tokenized with {how} has token id {int(tokens.max())}, but the model "
                      f"vocabulary has {vocab_size} entries. Put the model's tokenizer in its dir, "
                      f"or use a model with vocab_size >= 256 for byte-level data.")
   ids, mask = data_lib.pack(tokens, config.seq_len)
   return data_lib.PackedStream(ids=ids, mask=mask, seed=config.seed)
 
 
-def _check_resume(record: dict, config: TrainConfig, out_dir: str):
+def run_fingerprint(model: CausalLM, stream: data_lib.PackedStream) -> dict:
+  """What a run trains on beyond its config: the base's architecture and a hash of the data.
+
+  Saved in each checkpoint's record, so that a model dir or data file changed in place (same
+  path, so the same config) is caught on resume.
+  """
+  digest = hashlib.sha256(stream.ids.tobytes())
+  digest.update(stream.mask.tobytes())
+  arch = json.loads(json.dumps(dataclasses.asdict(model.config), default=str))
+  return {"model_config": arch, "data_chunks": stream.num_chunks,
+          "data_sha256": digest.hexdigest()[:16]}
+
+
+def _check_resume(record: dict, config: TrainConfig, out_dir: str,
+                  fingerprint: Optional[dict] = None):
+  """Raises RunError unless the checkpoint in `out_dir` was written by this run's settings.
+
+  Args:
+    record: the checkpoint's JSON record.
+    config: the run being started.
+    out_dir: named in the error.
+    fingerprint: `run_fingerprint` of this run; compared with the record's (when it has one).
+  """
   saved = record.get("config", {})
   now = config.to_record()
   diff = {k: (saved.get(k), now[k]) for k in now
           if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]}
+  if fingerprint is not None:
+    for k, v in fingerprint.items():
+      if k in record and record[k] != v:
+        diff[k] = ("<as saved>" if k == "model_config" else record[k],
+                   "<changed>" if k == "model_config" else v)
   if diff:
-    raise ValueError(f"{out_dir} has a checkpoint of a different run; resuming it with "
-                     f"{ {k: v[1] for k, v in diff.items()} } (it was "
-                     f"{ {k: v[0] for k, v in diff.items()} }) would not continue its loss "
-                     f"curve. Use a new --out_dir, or the same settings.")
+    raise RunError(f"{out_dir} has a checkpoint of a different run; resuming it with "
+                   f"{ {k: v[1] for k, v in diff.items()} } (it was "
+                   f"{ {k: v[0] for k, v in diff.items()} }) would not continue its loss "
+                   f"curve. Use a new --out_dir, or the same settings and inputs.")
+
+
+def _prepare_out_dir(out_dir: str):
+  """Creates `out_dir` (if needed) and checks it is a writable directory."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise RunError(f"--out_dir {out_dir}: expected a directory (or a path to create), found a "
+                   f"file. Pick another --out_dir.")
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise RunError(f"--out_dir {out_dir}: cannot create it ({e.strerror}). Pick a writable "
+                   f"--out_dir.") from None
+  if not os.access(out_dir, os.W_OK | os.X_OK):
+    raise RunError(f"--out_dir {out_dir}: the directory is not writable. Pick a writable "
+                   f"--out_dir.")
+
+
+def _check_targets(config: TrainConfig, linear_paths: Sequence[str]) -> list[str]:
+  """The targeted paths; every listed module name must match some layer (a typo is an error)."""
+  tm = config.target_modules
+  if isinstance(tm, tuple):
+    unmatched = [n for n in tm if not any(targets_lib.is_targeted(p, (n,)) for p in linear_paths)]
+    if unmatched:
+      names = sorted({p.rsplit(".", 1)[-1] for p in linear_paths})
+      raise RunError(f"target_modules {unmatched} match no linear layer of the model; its "
+                     f"linear layers are named {names}. Fix or drop those names.")
+  try:
+    return config.lora_config().targets(linear_paths)
+  except ValueError as e:
+    raise RunError(str(e)) from None
 
 
 def train(config: TrainConfig, *, stop_after: Optional[int] = None,
@@ -295,18 +405,39 @@ def train(config: TrainConfig, *, stop_after: Optional[int] = None,
     model: a base to use instead of building one from `config` (its params are re-placed on the
       mesh; the given tree is not modified).
   """
-  mesh = sharding_lib.make_mesh(config.data_parallel, config.model_parallel)
+  try:
+    mesh = sharding_lib.make_mesh(config.data_parallel, config.model_parallel)
+  except ValueError as e:
+    raise RunError(f"{e}; set --data_parallel x --model_parallel to at most the device "
+                   f"count") from None
+  # The out_dir and any checkpoint in it are checked before the (slow) model load.
+  _prepare_out_dir(config.out_dir)
+  ckpts = ckpt_lib.Checkpoints(os.path.join(config.out_dir, "checkpoints"),
+                               every=config.checkpoint_every, keep=config.keep_checkpoints)
+  try:
+    return _train(config, mesh, ckpts, stop_after, model)
+  finally:
+    ckpts.close()
+
+
+def _train(config, mesh, ckpts, stop_after, model) -> TrainResult:
+  """`train` once the mesh and the checkpoint manager exist (the caller closes the manager)."""
+  start = ckpts.latest_step() or 0
+  if start:
+    _check_resume(ckpts.record(start), config, config.out_dir)
+  elif os.path.exists(os.path.join(config.out_dir, "adapter")):
+    raise RunError(f"--out_dir {config.out_dir} holds an exported adapter but no checkpoint to "
+                   f"resume; a new run would overwrite it. Use a new --out_dir, or move the "
+                   f"adapter away.")
   if model is None:
     model = build_model(config, mesh)
   else:
     model = CausalLM(model.config, model.graphdef,
                      sharding_lib.shard_params(model.params, mesh))
   stream = build_data(config, model.config.vocab_size)
+  fingerprint = run_fingerprint(model, stream)
   lora_config = config.lora_config()
-  targets = lora_config.targets(model.linear_paths)
-  if not targets:
-    raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of the "
-                     f"model (it has e.g. {model.linear_paths[:4]})")
+  _check_targets(config, model.linear_paths)
 
   weights = lora_lib.init_lora(model.params, model.linear_paths, lora_config,
                                jax.random.key(config.seed), dtype=jnp.float32).weights
@@ -320,13 +451,10 @@ def train(config: TrainConfig, *, stop_after: Optional[int] = None,
   replicated = NamedSharding(mesh, P())
   step_fn = _jitted_step(model, config, tx, mesh, (w_sh, o_sh, p_sh, batch_sh, replicated))
 
-  os.makedirs(config.out_dir, exist_ok=True)
-  ckpts = ckpt_lib.Checkpoints(os.path.join(config.out_dir, "checkpoints"),
-                               every=config.checkpoint_every, keep=config.keep_checkpoints)
-  start = ckpts.latest_step() or 0
   if start:
-    state, record = ckpts.restore(start, {"weights": weights, "opt_state": opt_state})
-    _check_resume(record, config, config.out_dir)
+    record = ckpts.record(start)
+    _check_resume(record, config, config.out_dir, fingerprint)
+    state, _ = ckpts.restore(start, {"weights": weights, "opt_state": opt_state})
     weights, opt_state = state["weights"], state["opt_state"]
     position = int(record["examples_seen"])
   else:
@@ -369,12 +497,13 @@ def train(config: TrainConfig, *, stop_after: Optional[int] = None,
       last = done == config.steps
       if len(pending) >= config.log_every or done % config.checkpoint_every == 0 or last:
         flush()
-      record = {"step": done, "examples_seen": position, "config": config.to_record()}
+      record = {"step": done, "examples_seen": position, "config": config.to_record(),
+                **fingerprint}
       ckpts.save(done, {"weights": weights, "opt_state": opt_state}, record, force=last)
     flush()
   finally:
     bar.close()
-    ckpts.close()
+    ckpts.wait()
 
   adapter = lora_lib.LoraAdapter(weights=weights, config=lora_config)
   if stop_after is None and chief:
@@ -407,7 +536,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   try:
     result = train(config)
-  except FileNotFoundError as e:  # a wrong --model_dir or --data: no traceback needed
+  except (FileNotFoundError, RunError) as e:  # e.g. a wrong --data: no traceback needed
     print(f"error: {e}", file=sys.stderr)
     return 2
   where = (f"adapter (PEFT) in {os.path.join(config.out_dir, 'adapter')}, metrics in "
