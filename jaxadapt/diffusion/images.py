@@ -29,29 +29,46 @@ def to_uint8(images) -> np.ndarray:
   return np.round(x * 255).astype(np.uint8)
 
 
+def _as_uint8(x: np.ndarray) -> np.ndarray:
+  """uint8 pixels as they are; float images in [0, 1] (diffusers' `output_type="np"`) rounded as
+  diffusers' `numpy_to_pil` rounds them; anything else refused."""
+  if x.dtype == np.uint8:
+    return x
+  if np.issubdtype(x.dtype, np.floating):
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if np.isfinite(x).all() and lo >= 0.0 and hi <= 1.0:
+      return (x * 255).round().astype(np.uint8)
+    raise ValueError(
+        f"image_grid: float images must lie in [0, 1] (as diffusers' output_type=\"np\"); got"
+        f" values in [{lo:g}, {hi:g}]. For decoder output in [-1, 1] (NCHW) use `to_uint8`.")
+  raise ValueError(
+      f"image_grid: expected uint8 pixels (as `generate` returns) or floats in [0, 1]; got"
+      f" {x.dtype}.")
+
+
 def image_grid(images, *, cols: int | None = None) -> np.ndarray:
-  """Tiles images [N, H, W, C] (uint8) into one [rows * H, cols * W, C] array; empty cells are 0.
+  """Tiles images [N, H, W, C] into one [rows * H, cols * W, C] uint8 array; empty cells are 0.
 
   Args:
-    images: uint8 [N, H, W, C] (C = 1, 3 or 4) or [N, H, W] (grayscale).
-    cols: images per row; default ceil(sqrt(N)).
+    images: uint8 [N, H, W, C] (C = 1, 3 or 4), [N, H, W] (grayscale) or one image [H, W, 3|4];
+      float images in [0, 1] (diffusers' `output_type="np"`) become round(255 x).
+    cols: images per row; default ceil(sqrt(N)). More columns than images are cut to N.
   """
   x = np.asarray(images)
-  if x.ndim == 3:
-    x = x[..., None]
+  if x.ndim == 3:  # one RGB(A) image [H, W, 3|4], or a batch of grayscale images [N, H, W]
+    x = x[None] if x.shape[-1] in (3, 4) else x[..., None]
   if x.ndim != 4 or x.shape[0] == 0 or x.shape[-1] not in (1, 3, 4):
     raise ValueError(
         f"image_grid: expected images [N, H, W, C] with N >= 1 and C in (1, 3, 4); got shape"
         f" {np.shape(images)}.")
-  if x.dtype != np.uint8:
-    raise ValueError(
-        f"image_grid: expected uint8 pixels (as `generate` returns); got {x.dtype}. Convert"
-        " float images in [-1, 1] with `to_uint8`.")
+  x = _as_uint8(x)
   n, h, w, c = x.shape
-  cols = cols or math.ceil(math.sqrt(n))
-  if not isinstance(cols, int) or cols < 1:
-    raise ValueError(f"image_grid: cols must be a positive int; got {cols!r}.")
-  cols = min(cols, n)
+  if cols is None:
+    cols = math.ceil(math.sqrt(n))
+  if isinstance(cols, (bool, np.bool_)) or not isinstance(cols, (int, np.integer)) or cols < 1:
+    raise ValueError(f"image_grid: cols must be a positive int (or None for ceil(sqrt(N)));"
+                     f" got {cols!r}.")
+  cols = min(int(cols), n)
   rows = math.ceil(n / cols)
   grid = np.zeros((rows * h, cols * w, c), np.uint8)
   for i in range(n):
@@ -64,7 +81,8 @@ def save_image_grid(images, path: str | os.PathLike, *, cols: int | None = None)
   """Writes images [N, H, W, C] (uint8) as one PNG grid, row by row; returns the grid array.
 
   Args:
-    images: uint8 [N, H, W, C] (e.g. what a pipeline's ``generate`` returns) or [N, H, W].
+    images: uint8 [N, H, W, C] (e.g. what a pipeline's ``generate`` returns), [N, H, W] or one
+      image [H, W, 3|4]; floats in [0, 1] are accepted as ``image_grid`` says.
     path: the PNG file to write (parent folders are created).
     cols: images per row; default ceil(sqrt(N)).
 

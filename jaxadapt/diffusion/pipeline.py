@@ -25,11 +25,12 @@ Pixels are ``round(255 * clip(x / 2 + 0.5, 0, 1))`` as in diffusers (``images.to
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -50,10 +51,10 @@ SCHEDULER_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "ddpm": ("DDPMScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
-    "euler-karras": ("EulerDiscreteScheduler", dict(use_karras_sigmas=True)),
-    "dpm++2m": ("DPMSolverMultistepScheduler", dict(solver_order=2)),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", dict(solver_order=2,
-                                                           use_karras_sigmas=True)),
+    "euler-karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"solver_order": 2}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"solver_order": 2,
+                                                           "use_karras_sigmas": True}),
 }
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -91,17 +92,52 @@ def _resolve_scheduler(scheduler, config: dict):
       return scheduler_from_config(config, class_name=cls, **overrides)
     if scheduler in SCHEDULERS:
       return scheduler_from_config(config, class_name=scheduler)
+  name = type(scheduler).__name__
+  if name in SCHEDULERS and isinstance(getattr(scheduler, "config", None), Mapping):
+    # A diffusers scheduler object (e.g. `DPMSolverMultistepScheduler.from_config(...)`): its
+    # own config, as diffusers' pipeline would run it.
+    return scheduler_from_config(dict(scheduler.config), class_name=name)
+  what = repr(scheduler) if isinstance(scheduler, str) else f"a {name}"
   raise ValueError(
       f"scheduler must be None (the pipeline's own), a name in {sorted(SCHEDULER_NAMES)}, a"
-      f" diffusers class name in {sorted(SCHEDULERS)} or a jaxadapt scheduler object; got"
-      f" {scheduler!r}.")
+      f" diffusers class name in {sorted(SCHEDULERS)}, a diffusers scheduler object of one of"
+      f" those classes or a jaxadapt scheduler object; got {what}.")
+
+
+def _with_eta(sched, eta):
+  """`sched` with DDIM's eta (Song et al. 2021 Eq. 16) set, as diffusers' `eta=` argument."""
+  if eta is None:
+    return sched
+  number = (isinstance(eta, (int, float, np.integer, np.floating))
+            and not isinstance(eta, (bool, np.bool_)) and np.isfinite(eta) and eta >= 0)
+  if not number:
+    raise ValueError(f"eta must be a finite float >= 0 (0 = deterministic DDIM, 1 = DDPM-like);"
+                     f" got {eta!r}.")
+  if isinstance(sched, SCHEDULERS["DDIMScheduler"]):
+    return dataclasses.replace(sched, eta=float(eta))
+  if eta != 0:
+    raise ValueError(f"eta={eta!r} is DDIM's noise weight, but the scheduler is"
+                     f" {type(sched).__name__}; pass scheduler=\"ddim\" or drop eta.")
+  return sched
 
 
 def _images_per_prompt(value) -> int:
-  n = int(value)
-  if n < 1:
-    raise ValueError(f"num_images_per_prompt must be >= 1; got {value}.")
-  return n
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"num_images_per_prompt must be an int >= 1; got {value!r}.")
+  return int(value)
+
+
+def _seed(seed) -> int:
+  """The int seed of a run; None draws a fresh one (diffusers' `generator=None`), logged."""
+  if seed is None:
+    seed = int(np.random.default_rng().integers(2**31))
+    logger.info("generate: seed=None, drew seed %d", seed)
+    return seed
+  if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+    raise TypeError(f"seed must be an int (or None for a random one); got"
+                    f" {type(seed).__name__} {seed!r}. For diffusers' generator=, pass its"
+                    " seed; for a fixed initial noise pass latents=.")
+  return int(seed)
 
 
 def _guidance(guidance_scale, groups: int, per_group: int) -> np.ndarray | None:
@@ -110,7 +146,15 @@ def _guidance(guidance_scale, groups: int, per_group: int) -> np.ndarray | None:
   As diffusers, a scale <= 1 turns guidance off (the conditional prediction alone); a per-sample
   value <= 1 is therefore used as 1, which gives exactly the conditional prediction.
   """
-  g = np.asarray(guidance_scale, np.float32)
+  try:
+    g = np.asarray(guidance_scale, np.float64)
+  except (TypeError, ValueError):
+    g = None
+  if g is None or not np.isfinite(g).all():
+    raise ValueError(f"guidance_scale must be a finite float or a list of them (one per"
+                     f" prompt/label or per image; <= 1 turns guidance off); got"
+                     f" {guidance_scale!r}.")
+  g = g.astype(np.float32)
   batch = groups * per_group
   if g.ndim == 0:
     return None if g <= 1 else np.full((batch,), g, np.float32)
@@ -130,6 +174,9 @@ def _as_list(value, name: str) -> list:
     return [value]
   if isinstance(value, np.ndarray):
     return value.reshape(-1).tolist()
+  if hasattr(value, "tolist") and hasattr(value, "shape"):  # a torch tensor or a jax array
+    out = value.tolist()
+    return out if isinstance(out, list) else [out]
   if isinstance(value, Sequence):
     return list(value)
   raise TypeError(f"{name} must be one item or a list of them; got {type(value).__name__}.")
@@ -170,12 +217,26 @@ class _Pipeline:
     """The scheduler the pipeline dir names (what `generate(scheduler=None)` uses)."""
     return _resolve_scheduler(None, self.scheduler_config)
 
+  @property
+  def pixel_multiple(self) -> int:
+    """What height and width (pixels) must be multiples of: the VAE factor (times the DiT's
+    patch size)."""
+    return self.vae_scale_factor * int(getattr(self.backbone.config, "patch_size", 1) or 1)
+
   def _latent_size(self, height, width, latents) -> tuple[int, int]:
-    f = self.vae_scale_factor
+    f, m = self.vae_scale_factor, self.pixel_multiple
+    why = (f"the VAE's downsampling factor {f}" if m == f else
+           f"{m} (the VAE's downsampling factor {f} x the patch size {m // f})")
     for name, v in (("height", height), ("width", width)):
-      if v is not None and (int(v) != v or v <= 0 or v % f):
-        raise ValueError(f"{name} must be a positive multiple of the VAE's downsampling factor"
-                         f" {f}; got {v}.")
+      if v is None:
+        continue
+      number = (isinstance(v, (int, float, np.integer, np.floating))
+                and not isinstance(v, (bool, np.bool_)) and np.isfinite(v))
+      if not number or int(v) != v or v <= 0 or v % m:
+        lo = max(m, int(v) // m * m) if number else None
+        hint = f" (e.g. use {lo} or {lo + m})" if number else f" ({type(v).__name__})"
+        raise ValueError(f"{name} must be a positive multiple of {why}, in pixels; got"
+                         f" {v!r}{hint}.")
     if latents is not None and height is None and width is None and np.ndim(latents) == 4:
       return int(np.shape(latents)[2]), int(np.shape(latents)[3])
     s = self.backbone.config.sample_size
@@ -198,16 +259,32 @@ class _Pipeline:
       latents = latents.detach().cpu().float().numpy()
     return jnp.asarray(latents, jnp.float32)
 
-  def _lora(self, adapter):
-    return None if adapter is None else self.backbone.lora_contexts(adapter=adapter)
+  def _lora(self, adapter, lora_scale=1.0):
+    """The adapter's contexts, each LoRA scale (alpha / r) times `lora_scale`."""
+    number = (isinstance(lora_scale, (int, float, np.integer, np.floating))
+              and not isinstance(lora_scale, (bool, np.bool_)) and np.isfinite(lora_scale))
+    if not number:
+      raise ValueError(f"lora_scale must be a finite float (1 = the adapter as trained, 0 = the"
+                       f" base model); got {lora_scale!r}.")
+    if adapter is None:
+      if lora_scale != 1:
+        raise ValueError(f"lora_scale={lora_scale!r} scales adapter=, but no adapter was given;"
+                         " pass adapter=ja.load_adapter(...) or drop lora_scale.")
+      return None
+    contexts = self.backbone.lora_contexts(adapter=adapter)
+    if lora_scale != 1:  # as PEFT's set_scale / diffusers' set_adapters(adapter_weights=...)
+      contexts = {path: dataclasses.replace(c, scale=c.scale * jnp.float32(lora_scale))
+                  for path, c in contexts.items()}
+    return contexts
 
   def _run(self, denoise, cond, uncond, scale, *, latents, shape, num_steps, seed, scheduler,
-           mesh, progress):
+           mesh, progress, eta=None):
     """Samples the latents and decodes them to uint8 images [B, H, W, C]."""
-    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    if (isinstance(num_steps, (bool, np.bool_)) or not isinstance(num_steps, (int, np.integer))
+        or num_steps < 1):
       raise ValueError(f"num_steps must be a positive int; got {num_steps!r}.")
-    sched = _resolve_scheduler(scheduler, self.scheduler_config)
-    noise_key, step_key = jax.random.split(jax.random.key(seed))
+    sched = _with_eta(_resolve_scheduler(scheduler, self.scheduler_config), eta)
+    noise_key, step_key = jax.random.split(jax.random.key(_seed(seed)))
     x = self._initial_noise(latents, shape, noise_key)
     if scale is None:
       uncond = None
@@ -258,8 +335,8 @@ class StableDiffusionPipeline(_Pipeline):
   def generate(self, prompt=None, *, class_labels=None, num_steps: int = 50,
                guidance_scale=7.5, seed: int = 0, scheduler=None, latents=None,
                negative_prompt=None, height: int | None = None, width: int | None = None,
-               num_images_per_prompt: int = 1, adapter=None, mesh=None,
-               progress: bool = True) -> np.ndarray:
+               num_images_per_prompt: int = 1, adapter=None, lora_scale: float = 1.0,
+               eta: float | None = None, mesh=None, progress: bool = True) -> np.ndarray:
     """Generates images for text prompts; returns uint8 numpy [N, H, W, 3].
 
     Classifier-free guidance (Ho & Salimans 2022, Eq. 6 with s = 1 + w):
@@ -272,7 +349,8 @@ class StableDiffusionPipeline(_Pipeline):
       class_labels: not for this pipeline (raises).
       num_steps: sampling steps.
       guidance_scale: s, a float or one value per prompt [P] or per image [N].
-      seed: seeds the initial noise (unless `latents`) and stochastic samplers (DDPM).
+      seed: an int seeding the initial noise (unless `latents`) and stochastic samplers (DDPM,
+        DDIM with eta > 0); None draws a random seed (as diffusers' `generator=None`).
       scheduler: None (the dir's scheduler), a name ("ddim", "ddpm", "euler", "dpm++2m", ...), a
         diffusers scheduler class name or a jaxadapt scheduler object. A name keeps the dir's
         noise schedule, as diffusers' `Scheduler.from_config(pipe.scheduler.config)`.
@@ -283,6 +361,10 @@ class StableDiffusionPipeline(_Pipeline):
         `sample_size * f`, or the size of `latents`.
       num_images_per_prompt: images per prompt; image i*n + j is prompt i's j-th.
       adapter: a `LoraAdapter` on the U-Net (e.g. `ja.load_adapter(peft_dir)`).
+      lora_scale: multiplies the adapter's scale (alpha / r), as PEFT's `set_scale` and
+        diffusers' `set_adapters(..., adapter_weights=)`; 0 gives the base model.
+      eta: DDIM's noise weight (Song et al. 2021 Eq. 16), diffusers' `eta=`; None keeps the
+        scheduler's own (0). Other schedulers refuse eta > 0.
       mesh: a mesh whose "data" axis splits the batch.
       progress: show a tqdm bar over the steps.
 
@@ -303,24 +385,28 @@ class StableDiffusionPipeline(_Pipeline):
     h, w = self._latent_size(height, width, latents)
     shape = (len(prompts) * n, self.latent_channels, h, w)
 
+    if negative_prompt is None:
+      negatives = [""] * len(prompts)
+    else:
+      negatives = _as_list(negative_prompt, "negative_prompt")
+      if not all(isinstance(p, str) for p in negatives):
+        raise TypeError(f"negative_prompt must be a string or a list of strings; got"
+                        f" {negative_prompt!r}.")
+      if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+      if len(negatives) != len(prompts):
+        raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)}"
+                         " prompts; pass one, or one per prompt.")
+
     cond = jnp.repeat(self.encode_prompt(prompts), n, axis=0)
     uncond = None
     if scale is not None:
-      if negative_prompt is None:
-        negatives = [""] * len(prompts)
-      else:
-        negatives = _as_list(negative_prompt, "negative_prompt")
-        if len(negatives) == 1:
-          negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-          raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)}"
-                           " prompts; pass one, or one per prompt.")
       uncond = jnp.repeat(self.encode_prompt(negatives), n, axis=0)
     denoise = jax.tree_util.Partial(_unet_denoise, self.unet.graphdef, self.unet.params,
-                                    self._lora(adapter))
+                                    self._lora(adapter, lora_scale))
     return self._run(denoise, cond, uncond, scale, latents=latents, shape=shape,
                      num_steps=num_steps, seed=seed, scheduler=scheduler, mesh=mesh,
-                     progress=progress)
+                     progress=progress, eta=eta)
 
 
 # ----------------------------------------------------------------------------- DiT
@@ -360,7 +446,8 @@ class DiTPipeline(_Pipeline):
           raise ValueError(f"class label {label!r} is not a label name ({known}); pass class ids"
                            f" in [0, {self.num_classes}) instead.")
         ids.append(self.labels[label])
-      elif isinstance(label, (int, np.integer)) and 0 <= label < self.num_classes:
+      elif (isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_))
+            and 0 <= label < self.num_classes):
         ids.append(int(label))
       else:
         raise ValueError(f"class labels must be ints in [0, {self.num_classes}) or label names;"
@@ -372,8 +459,8 @@ class DiTPipeline(_Pipeline):
   def generate(self, prompt=None, *, class_labels=None, num_steps: int = 50,
                guidance_scale=4.0, seed: int = 0, scheduler=None, latents=None,
                negative_prompt=None, height: int | None = None, width: int | None = None,
-               num_images_per_prompt: int = 1, adapter=None, mesh=None,
-               progress: bool = True) -> np.ndarray:
+               num_images_per_prompt: int = 1, adapter=None, lora_scale: float = 1.0,
+               eta: float | None = None, mesh=None, progress: bool = True) -> np.ndarray:
     """Generates images of classes; returns uint8 numpy [N, H, W, 3].
 
     Classifier-free guidance (Ho & Salimans 2022, Eq. 6) with the null class `num_classes` as
@@ -389,13 +476,16 @@ class DiTPipeline(_Pipeline):
       class_labels: a class id / label name, or a list of P of them.
       num_steps: sampling steps.
       guidance_scale: s, a float or one value per label [P] or per image [N].
-      seed: seeds the initial noise (unless `latents`) and stochastic samplers (DDPM).
+      seed: an int seeding the initial noise (unless `latents`) and stochastic samplers (DDPM,
+        DDIM with eta > 0); None draws a random seed (as diffusers' `generator=None`).
       scheduler: as `StableDiffusionPipeline.generate`.
       latents: the initial noise [N, C, H / f, W / f] (NCHW) from N(0, I).
       negative_prompt: not for this pipeline (raises).
       height, width: image size in pixels; default `sample_size * f`, or the size of `latents`.
       num_images_per_prompt: images per label; image i*n + j is label i's j-th.
       adapter: a `LoraAdapter` on the DiT.
+      lora_scale: multiplies the adapter's scale, as `StableDiffusionPipeline.generate`.
+      eta: DDIM's noise weight, as `StableDiffusionPipeline.generate`.
       mesh: a mesh whose "data" axis splits the batch.
       progress: show a tqdm bar over the steps.
 
@@ -416,10 +506,10 @@ class DiTPipeline(_Pipeline):
     cond = jnp.asarray(np.repeat(ids, n))
     uncond = jnp.full_like(cond, self.num_classes)
     denoise = jax.tree_util.Partial(_dit_denoise, self.transformer.graphdef,
-                                    self.transformer.params, self._lora(adapter))
+                                    self.transformer.params, self._lora(adapter, lora_scale))
     return self._run(denoise, cond, uncond, scale, latents=latents, shape=shape,
                      num_steps=num_steps, seed=seed, scheduler=scheduler, mesh=mesh,
-                     progress=progress)
+                     progress=progress, eta=eta)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -467,7 +557,7 @@ def load_pipeline(directory: str | os.PathLike, *, dtype="float32", sharding=Non
   index = _read_json(index_path) if os.path.exists(index_path) else None
   name = (index or {}).get("_class_name") or ""
   path = functools.partial(os.path.join, directory)
-  kw = dict(dtype=dtype, sharding=sharding)
+  kw = {"dtype": dtype, "sharding": sharding}
 
   def require(parts):
     missing = [p for p in parts if not os.path.isdir(path(p))]

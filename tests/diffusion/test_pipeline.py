@@ -5,6 +5,9 @@ vocab) and DiT pipelines are assembled with diffusers, saved with `save_pretrain
 by both libraries; from the same initial noise the uint8 images must agree within 2 levels.
 Each comparison also checks that the setting under test (guidance, adapter, negative prompt)
 moves the image by far more than that, so a match is not an accident of saturated pixels.
+
+The tiny pipelines (`sd`, `dit`) are session fixtures in `conftest.py`, shared with
+`test_pipeline_edges.py`.
 """
 import copy
 import json
@@ -26,92 +29,6 @@ from jaxadapt.sharding import make_mesh  # noqa: E402
 
 TOL = 2  # max abs difference of uint8 pixels
 STEPS = 8
-SD_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-               layers_per_block=2, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=2,
-               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-VAE = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-           latent_channels=4, norm_num_groups=4, sample_size=16)
-SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-# num_classes 1000: diffusers' DiTPipeline hard-codes 1000 as the null class.
-DIT = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-           num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
-ID2LABEL = {"0": "tench, Tinca tinca", "207": "golden retriever"}
-
-
-def _perturb(model, scale):
-  """Random init leaves norms at 1 and biases at 0; perturb them so that they matter."""
-  model.eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith(".bias") or "norm" in name:
-        p.add_(scale * torch.randn_like(p))
-  return model
-
-
-def make_tokenizer(directory):
-  """A CLIP BPE tokenizer over lower-case letters and a few merges, written as CLIP ships it."""
-  os.makedirs(directory, exist_ok=True)
-  letters = "abcdefghijklmnopqrstuvwxyz"
-  vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-  vocab.update({c: len(vocab) + i for i, c in enumerate(letters)})
-  vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(letters)})
-  merges = ["a t</w>", "c at</w>", "d o", "do g</w>", "r e", "re d</w>"]
-  vocab.update({m.replace(" ", ""): len(vocab) + i for i, m in enumerate(merges)})
-  with open(os.path.join(directory, "vocab.json"), "w") as f:
-    json.dump(vocab, f)
-  with open(os.path.join(directory, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-    json.dump({"model_max_length": 12}, f)
-  return transformers.CLIPTokenizer.from_pretrained(directory)
-
-
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-  """(dir, diffusers pipeline reloaded from dir, jaxadapt pipeline)."""
-  d = str(tmp_path_factory.mktemp("sd_pipe"))
-  tok = make_tokenizer(str(tmp_path_factory.mktemp("tok")))
-  torch.manual_seed(0)
-  unet = _perturb(diffusers.UNet2DConditionModel(**SD_UNET), 0.1)
-  vae = _perturb(diffusers.AutoencoderKL(**VAE), 0.1)
-  text = _perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(
-      vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-      num_attention_heads=4, max_position_embeddings=12, bos_token_id=0, eos_token_id=1,
-      pad_token_id=1)), 0.1)
-  diffusers.StableDiffusionPipeline(
-      unet=unet, vae=vae, text_encoder=text, tokenizer=tok,
-      scheduler=diffusers.DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
-      feature_extractor=None, requires_safety_checker=False).save_pretrained(d)
-  ref = diffusers.StableDiffusionPipeline.from_pretrained(d, safety_checker=None)
-  ref.set_progress_bar_config(disable=True)
-  pipe = ja.load_pipeline(d)
-  return d, ref, pipe
-
-
-@pytest.fixture(scope="module")
-def dit(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("dit_pipe"))
-  torch.manual_seed(1)
-  transformer = diffusers.DiTTransformer2DModel(**DIT).eval()
-  with torch.no_grad():  # the adaLN-Zero gates start at zero: perturb everything
-    for p in transformer.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-  vae = _perturb(diffusers.AutoencoderKL(**VAE), 0.1)
-  diffusers.DiTPipeline(transformer=transformer, vae=vae,
-                        scheduler=diffusers.DDIMScheduler(clip_sample=False)).save_pretrained(d)
-  index_path = os.path.join(d, "model_index.json")
-  with open(index_path) as f:  # as facebook/DiT-XL-2-256 ships it (save_pretrained drops it)
-    index = json.load(f)
-  with open(index_path, "w") as f:
-    json.dump({**index, "id2label": ID2LABEL}, f)
-  ref = diffusers.DiTPipeline.from_pretrained(d)
-  ref.set_progress_bar_config(disable=True)
-  return d, ref, ja.load_pipeline(d)
-
-
 def _noise(shape, seed):
   return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
