@@ -5,7 +5,8 @@
 For every case of the kernel tests (mixed ranks 1..256, bf16, dense and paged pools, NaN past each
 rank) it runs the backend `auto` resolves to on this machine (Pallas Triton on a GPU, Mosaic on a
 TPU) against `kernels_pallas.reference`: BGMV shrink/expand, SGMV, top-k and the gradients of
-top-k (x, A, B, gates), and prints one line per check and a last line
+top-k (x, A, B, gates), then out-of-range input under jit (ids >= N, page entries past the pool,
+an adapter holding NaN), and prints one line per check and a last line
 `RESULT checks=<n> failed=<m> backend=<impl>`. On CPU it runs the XLA path (a dry run of the
 script). Tolerances as in tests/kernels_pallas.
 """
@@ -78,6 +79,31 @@ def main() -> int:
       c.x, c.a, c.b, c.gates)
   for label, g, w in zip(("dx", "dA", "dB", "dgates"), got, want):
     check(f"top-k gradient {label}", g, w, jnp.float32)
+  # Out-of-range input under jit, where compiled kernels could read past their buffers
+  # (`reference` module docstring): ids >= N mean no adapter; live page entries outside the pool
+  # are clamped into it; an adapter holding NaN touches only its own rows.
+  op = jax.jit(lambda y, x, a, b, s, ids, r: kp.lora_expand(y, kp.lora_shrink(x, a, ids, ranks=r),
+                                                            b, ids, s, ranks=r))
+  spec = jax.jit(lambda y, x, a, b, s, ids, r: reference.lora_expand(
+      y, reference.lora_shrink(x, a, ids, ranks=r), b, ids, s, ranks=r))
+  c = cases.make_case("ragged_T_ranks_1_128", 4, garbage=0.0, ids_kind="random")
+  n = c.scales.shape[0]
+  far = c.ids.at[::3].set(n + 2)
+  check("jit: ids >= N mean no adapter", op(c.y, c.x, c.a, c.b, c.scales, far, c.ranks),
+        spec(c.y, c.x, c.a, c.b, c.scales, jnp.where(far >= n, -1, far), c.ranks), jnp.float32)
+  p = cases.make_case("paged_f32", 4, garbage=0.0, ids_kind="random")
+  pool_pages = p.a.pool.shape[0]
+  past = lambda w: kp.PagedWeights(w.pool, w.table.at[0, 0].set(pool_pages + 5))
+  clamped = lambda w: kp.PagedWeights(w.pool, w.table.at[0, 0].set(pool_pages - 1))
+  check("jit: page entry past the pool is clamped",
+        op(p.y, p.x, past(p.a), past(p.b), p.scales, p.ids, p.ranks),
+        spec(p.y, p.x, clamped(p.a), clamped(p.b), p.scales, p.ids, p.ranks), jnp.float32)
+  bad = int(c.ids[c.ids >= 0][0])
+  a_nan, b_nan = c.a.at[bad].set(jnp.nan), c.b.at[bad].set(jnp.nan)
+  other = c.ids != bad
+  check("jit: a NaN adapter stays in its rows",
+        op(c.y, c.x, a_nan, b_nan, c.scales, c.ids, c.ranks)[other],
+        spec(c.y, c.x, a_nan, b_nan, c.scales, c.ids, c.ranks)[other], jnp.float32)
   print(f"RESULT checks={checks} failed={failed} backend={impl}")
   return 1 if failed else 0
 
