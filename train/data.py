@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Optional
 
@@ -51,20 +52,71 @@ def has_tokenizer(model_dir: Optional[str]) -> bool:
   return model_dir is not None and any(os.path.exists(os.path.join(model_dir, n)) for n in names)
 
 
-def tokenize(text: str, model_dir: Optional[str] = None) -> np.ndarray:
-  """Token ids [N] of `text`: by the tokenizer in `model_dir` if it has one, else UTF-8 bytes.
+def read_json_documents(path: str, text_field: str = "text") -> list[str]:
+  """The documents of a `.jsonl` file (one JSON object per line) or a `.json` file (a list of
+  objects): the string at `text_field` of each, as in Hugging Face datasets' text column.
 
-  With a tokenizer, each non-empty line is a document: its tokens (with the tokenizer's special
-  tokens, e.g. BOS) followed by EOS when the tokenizer has one.
+  Raises:
+    ValueError: naming the file, the line or item, what was expected and what was found.
+  """
+  with open(path, encoding="utf-8") as f:
+    raw = f.read()
+  if path.lower().endswith(".jsonl"):
+    items = []
+    for number, line in enumerate(raw.splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        items.append((f"line {number}", json.loads(line)))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {number} is not JSON ({e.msg}); expected one JSON object "
+                         f"per line, found {line[:60]!r}") from None
+  else:
+    try:
+      data = json.loads(raw)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not JSON ({e.msg} at line {e.lineno}); expected a list of "
+                       f"objects with a {text_field!r} field") from None
+    if not isinstance(data, list):
+      raise ValueError(f"{path}: expected a JSON list of objects with a {text_field!r} field, "
+                       f"found a {type(data).__name__}")
+    items = [(f"item {i}", item) for i, item in enumerate(data)]
+  docs = []
+  for where, item in items:
+    if not isinstance(item, dict) or text_field not in item:
+      found = sorted(item) if isinstance(item, dict) else type(item).__name__
+      raise ValueError(f"{path}: {where} has no {text_field!r} field (found {found}); set "
+                       f"text_field to the field that holds the text")
+    if not isinstance(item[text_field], str):
+      raise ValueError(f"{path}: {where}: {text_field!r} must be a string, found "
+                       f"{type(item[text_field]).__name__}")
+    docs.append(item[text_field])
+  return docs
+
+
+def tokenize(text: str, model_dir: Optional[str] = None) -> np.ndarray:
+  """Token ids [N] of `text`, one document per non-empty line (see `tokenize_documents`)."""
+  if not has_tokenizer(model_dir):
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+  return tokenize_documents([line for line in text.splitlines() if line.strip()], model_dir)
+
+
+def tokenize_documents(docs: list[str], model_dir: Optional[str] = None) -> np.ndarray:
+  """Token ids [N] of `docs`: by the tokenizer in `model_dir` if it has one, else UTF-8 bytes.
+
+  With a tokenizer, each document gives its tokens (with the tokenizer's special tokens, e.g.
+  BOS) followed by EOS when the tokenizer has one. Without, the documents are joined by newlines
+  (each ends with one) and read as bytes.
   """
   if not has_tokenizer(model_dir):
+    text = "".join(d if d.endswith("\n") else d + "\n" for d in docs)
     return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
   from transformers import AutoTokenizer
   tok = AutoTokenizer.from_pretrained(model_dir)
   ids: list[int] = []
-  for line in text.splitlines():
-    if line.strip():
-      ids.extend(tok(line)["input_ids"])
+  for doc in docs:
+    if doc.strip():
+      ids.extend(tok(doc)["input_ids"])
       if tok.eos_token_id is not None:
         ids.append(tok.eos_token_id)
   return np.asarray(ids, np.int32)

@@ -75,7 +75,9 @@ class RunError(ValueError):
 class TrainConfig:
   """Everything a LoRA run depends on; `train/configs/*.py` return one from `get_config()`."""
   model_dir: Optional[str] = None       # HF Llama/Mistral/Qwen2 dir; None = tiny random Llama
-  data: Optional[str] = None            # UTF-8 text file; None = the synthetic corpus
+  data: Optional[str] = None            # text file (a document per line), .jsonl or .json
+                                        # (objects with text_field); None = synthetic corpus
+  text_field: str = "text"              # the field of .jsonl/.json records that holds the text
   synthetic_docs: int = 2000            # lines of the synthetic corpus (when data is None)
   out_dir: str = "runs/lora_tiny"       # checkpoints/, metrics.jsonl, adapter/ (PEFT) go here
   steps: int = 300                      # optimizer steps in the whole run
@@ -293,28 +295,31 @@ def build_model(config: TrainConfig, mesh) -> CausalLM:
 
 def build_data(config: TrainConfig, vocab_size: int) -> data_lib.PackedStream:
   """The packed token stream: `data` tokenized (model dir tokenizer or bytes), or synthetic."""
+  is_json = config.data is not None and config.data.lower().endswith((".json", ".jsonl"))
   if config.data is None:
     text = data_lib.synthetic_corpus(config.synthetic_docs, seed=0)
   else:
     if not os.path.isfile(config.data):
-      raise FileNotFoundError(f"--data {config.data}: no such file (expected a UTF-8 text file)")
-    if config.data.lower().endswith((".json", ".jsonl")):
-      # Read as text, the JSON syntax itself would be trained on.
-      raise RunError(f"--data {config.data}: expected a plain UTF-8 text file (one document per "
-                     f"line), found a .json/.jsonl name. Write the text fields out to a .txt "
-                     f"file, one document per line.")
+      raise FileNotFoundError(f"--data {config.data}: no such file (expected a UTF-8 text file, "
+                              f".jsonl or .json)")
     try:
-      with open(config.data, encoding="utf-8") as f:
-        text = f.read()
+      if is_json:
+        docs = data_lib.read_json_documents(config.data, config.text_field)
+      else:
+        with open(config.data, encoding="utf-8") as f:
+          text = f.read()
     except UnicodeDecodeError as e:
       raise RunError(f"--data {config.data}: expected UTF-8 text, found the byte "
                      f"{e.object[e.start:e.start + 1]!r} at offset {e.start} that is not UTF-8. "
                      f"Convert the file to UTF-8 (e.g. iconv -t utf-8).") from None
-  tokens = data_lib.tokenize(text, config.model_dir)
+    except ValueError as e:  # read_json_documents: the message names file, record and field
+      raise RunError(f"--data {e}") from None
+  tokens = (data_lib.tokenize_documents(docs, config.model_dir) if is_json else
+            data_lib.tokenize(text, config.model_dir))
   if tokens.size < 2:
     where = f"--data {config.data}" if config.data else "the synthetic corpus"
     raise RunError(f"{where} gives {tokens.size} token(s); training needs at least 2 (one "
-                   f"next-token target). Give a text file with some content.")
+                   f"next-token target). Give a data file with some content.")
   if int(tokens.max()) >= vocab_size:
     how = ("its tokenizer" if data_lib.has_tokenizer(config.model_dir) else
            "UTF-8 bytes (no tokenizer in the model dir)")

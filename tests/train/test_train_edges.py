@@ -114,9 +114,9 @@ def test_bad_data_files_are_refused_clearly(tmp_path, capsys):
                                                 r"at offset 3"):
     train_lora.train(tiny(tmp_path, data=str(latin)))
   jsonl = tmp_path / "chat.jsonl"
-  jsonl.write_text(json.dumps({"text": "hello"}) + "\n")
-  with pytest.raises(train_lora.RunError, match="expected a plain UTF-8 text file.*found a "
-                                                r"\.json/\.jsonl"):
+  jsonl.write_text(json.dumps({"text": "hello"}) + "\n{not json\n")
+  with pytest.raises(train_lora.RunError, match=r"chat.jsonl: line 2 is not JSON .*expected one "
+                                                r"JSON object per line, found '\{not json'"):
     train_lora.train(tiny(tmp_path, data=str(jsonl)))
   # The command line prints the message without a traceback and exits 2.
   assert train_lora.main(["--data", str(latin), "--out_dir", str(tmp_path / "cli")]) == 2
@@ -269,3 +269,38 @@ def test_module_error_exit_is_one_line_without_a_traceback(tmp_path):
   assert proc.returncode == 2
   expected = f"error: {empty}: no config.json (expected a Hugging Face model dir); found []"
   assert proc.stderr.splitlines() == [expected]
+
+
+# --- JSON data -------------------------------------------------------------------------------
+
+def test_jsonl_and_json_train_as_their_text_field(tmp_path):
+  """A .jsonl / .json of records trains exactly as the .txt of their text fields (byte-level:
+  each document ends with a newline), and bad records are named."""
+  docs = [data_lib.synthetic_corpus(60, seed=s).splitlines()[0] for s in range(60)]
+  txt = tmp_path / "docs.txt"
+  txt.write_text("".join(d + "\n" for d in docs))
+  jsonl = tmp_path / "docs.jsonl"
+  jsonl.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)))
+  as_json = tmp_path / "docs.json"
+  as_json.write_text(json.dumps([{"body": d} for d in docs]))
+  base = train_lora.train(tiny(tmp_path, "txt", data=str(txt)))
+  for name, cfg in (("jsonl", tiny(tmp_path, "jsonl", data=str(jsonl))),
+                    ("json", tiny(tmp_path, "json", data=str(as_json), text_field="body"))):
+    got = train_lora.train(cfg)
+    for path, w in base.adapter.weights.items():
+      for k in w:
+        np.testing.assert_array_equal(np.asarray(got.adapter.weights[path][k]), np.asarray(w[k]),
+                                      err_msg=f"{name} {path} {k}")
+  multi = data_lib.read_json_documents(str(as_json), "body")
+  assert multi == docs
+  (tmp_path / "bad.jsonl").write_text(json.dumps({"txt": "a"}) + "\n")
+  with pytest.raises(ValueError, match=r"bad.jsonl: line 1 has no 'text' field \(found \['txt'\]\)"
+                                       r"; set text_field"):
+    data_lib.read_json_documents(str(tmp_path / "bad.jsonl"))
+  (tmp_path / "bad.json").write_text(json.dumps({"text": "a"}))
+  with pytest.raises(ValueError, match=r"bad.json: expected a JSON list of objects with a 'text' "
+                                       r"field, found a dict"):
+    data_lib.read_json_documents(str(tmp_path / "bad.json"))
+  (tmp_path / "num.jsonl").write_text(json.dumps({"text": 3}) + "\n")
+  with pytest.raises(ValueError, match=r"num.jsonl: line 1: 'text' must be a string, found int"):
+    data_lib.read_json_documents(str(tmp_path / "num.jsonl"))
