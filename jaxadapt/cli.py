@@ -2,11 +2,113 @@
 
   jaxadapt demo [ARGS]          the embedded-default main job (`make demo`)
   jaxadapt train lora [ARGS]    LoRA fine-tuning (train/lora.py)
-  jaxadapt info MODEL_DIR       what jaxadapt reads from a Hugging Face model dir
+  jaxadapt info DIR             what jaxadapt reads from a dir: a Hugging Face model (Llama,
+                                Mistral, Qwen2, CLIP text), a PEFT LoRA adapter, a diffusers
+                                pipeline (model_index.json) or one diffusers model (UNet, DiT, VAE)
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
+
+INFO_USAGE = "usage: jaxadapt info DIR   (a model, PEFT adapter or diffusers pipeline dir)"
+_EXPECTED = ("a model dir (config.json), a PEFT adapter dir (adapter_config.json) or a diffusers "
+             "pipeline dir (model_index.json)")
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      cfg = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e})") from None
+  if not isinstance(cfg, dict):
+    raise ValueError(  # noqa: TRY004 (a bad file: a bad value, not a bad argument type)
+        f"{path} holds a JSON {type(cfg).__name__}, expected an object")
+  return cfg
+
+
+def _weight_files(directory: str) -> str:
+  names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+  return f"weights: {', '.join(names)}" if names else "weights: no .safetensors file found"
+
+
+def _describe_model(directory: str) -> list[str]:
+  """Lines describing the model in `directory` (a dir with config.json), as jaxadapt reads it."""
+  from jaxadapt.io.hf import read_config
+  cfg = read_config(directory)
+  name = cfg.get("_class_name")
+  if name == "UNet2DConditionModel":
+    from jaxadapt.models.unet import UNetConfig
+    kind, loader, config = "diffusers U-Net", "ja.load_unet", UNetConfig.from_config(cfg)
+  elif name in ("DiTTransformer2DModel", "Transformer2DModel"):
+    from jaxadapt.models.dit import DiTConfig
+    kind, loader, config = "diffusers DiT", "ja.load_dit", DiTConfig.from_config(cfg)
+  elif name == "AutoencoderKL":
+    from jaxadapt.models.vae import VAEConfig
+    kind, loader, config = "diffusers VAE", "ja.load_vae", VAEConfig.from_config(cfg)
+  elif name is not None:
+    raise ValueError(f"{directory}: config.json describes a diffusers {name}; jaxadapt reads "
+                     f"UNet2DConditionModel, DiTTransformer2DModel and AutoencoderKL dirs")
+  elif cfg.get("model_type") in ("clip", "clip_text_model"):
+    from jaxadapt.models.clip import CLIPTextConfig
+    kind, loader, config = "CLIP text encoder", "ja.load_clip_text", CLIPTextConfig.from_config(cfg)
+  else:
+    from jaxadapt.models.llama import LlamaConfig
+    config = LlamaConfig.from_hf(cfg)
+    kind, loader = f"causal LM ({config.model_type})", "ja.load_model"
+  return [f"{directory}: {kind}, loads with {loader}", f"  {config}", f"  {_weight_files(directory)}"]
+
+
+def _describe_adapter(directory: str) -> list[str]:
+  from jaxadapt.io.peft import config_from_peft
+  config = config_from_peft(_read_json(os.path.join(directory, "adapter_config.json")))
+  return [f"{directory}: PEFT LoRA adapter, loads with ja.load_adapter", f"  {config}",
+          f"  {_weight_files(directory)}"]
+
+
+def _describe_pipeline(directory: str) -> list[str]:
+  index = _read_json(os.path.join(directory, "model_index.json"))
+  name = index.get("_class_name")
+  if not (name == "DiTPipeline" or (isinstance(name, str) and name.startswith("StableDiffusion")
+                                    and "XL" not in name)):
+    raise ValueError(f"{directory}: model_index.json names {name!r}; ja.load_pipeline reads "
+                     f"StableDiffusionPipeline (1.x / 2.x) and DiTPipeline dirs")
+  lines = [f"{directory}: diffusers {name}, loads with ja.load_pipeline"]
+  for part in sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)
+                     and len(v) == 2 and v[1] is not None):
+    sub = os.path.join(directory, part)
+    if not os.path.isdir(sub):
+      raise FileNotFoundError(f"{directory}: model_index.json names component {part!r} but "
+                              f"{part}/ is missing")
+    if os.path.exists(os.path.join(sub, "config.json")):
+      lines += ["  " + line for line in _describe_model(sub)]
+    else:
+      lines.append(f"  {sub}: {index[part][1]} (files {sorted(os.listdir(sub))})")
+  return lines
+
+
+def info(directory: str) -> list[str]:
+  """What jaxadapt reads from `directory`, as lines of text.
+
+  Raises:
+    FileNotFoundError: no such dir, a file, or a dir with none of the files jaxadapt reads (other
+      OSErrors pass through from unreadable files).
+    ValueError, NotImplementedError: a config jaxadapt cannot load (the message says why).
+  """
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    found = "a file" if os.path.exists(directory) else "no such directory"
+    raise FileNotFoundError(f"{directory}: expected {_EXPECTED}; found {found}")
+  has = set(os.listdir(directory))
+  if "adapter_config.json" in has:
+    return _describe_adapter(directory)
+  if "model_index.json" in has:
+    return _describe_pipeline(directory)
+  if "config.json" in has:
+    return _describe_model(directory)
+  raise FileNotFoundError(f"{directory}: expected {_EXPECTED}; found {sorted(has)[:20]}")
 
 
 def main(argv=None) -> int:
@@ -29,14 +131,16 @@ def main(argv=None) -> int:
     from train import lora
     return lora.main(rest[1:]) or 0
   if cmd == "info":
+    if rest in (["-h"], ["--help"]):
+      print(INFO_USAGE)
+      return 0
     if len(rest) != 1:
-      print("usage: jaxadapt info MODEL_DIR", file=sys.stderr)
+      print(f"{INFO_USAGE}\njaxadapt info: expected one DIR, got {len(rest)} arguments {rest}",
+            file=sys.stderr)
       return 2
-    from jaxadapt.io.hf import read_config
-    from jaxadapt.models.llama import LlamaConfig
     try:
-      print(LlamaConfig.from_hf(read_config(rest[0])))
-    except (ValueError, FileNotFoundError) as e:
+      print("\n".join(info(rest[0])))
+    except (ValueError, OSError, NotImplementedError) as e:  # OSError: unreadable files
       print(f"jaxadapt info: {e}", file=sys.stderr)
       return 1
     return 0

@@ -5,24 +5,32 @@ adapters: column-parallel projections (q, k, v, gate, up, lm_head; diffusers' to
 first feed-forward layer) split their output dim over the `model` axis, row-parallel ones (o,
 down; to_out.0 and the second feed-forward layer) their input dim. A LoRA pair follows its base:
 column-parallel -> `A` replicated, `B` split on out; row-parallel -> `A` split on in, `B`
-replicated. A dim that does not divide the axis size stays replicated.
+replicated. DiT's adaLN-Zero modulation (`norm1.linear`, a third of DiT-XL's weights) is split on
+its output as well.
+
+A dim that the `model` axis size does not divide stays replicated: `jax.device_put` needs equal
+shards, and a replicated copy computes the same values (it only costs memory on each device). The
+base kernel and its adapter leaves see the same dim, so both fall back together. Everything else
+(norms, convolutions, embeddings of diffusion models, time-embedding and `proj_in`/`proj_out`
+layers, which feed norms or residual paths that need every channel) is replicated.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA, MODEL = "data", "model"
-# Module-path suffixes (Llama/Mistral/Qwen2, CLIP, diffusers' attention and feed-forward).
+# Module-path suffixes (Llama/Mistral/Qwen2, CLIP, diffusers' attention and feed-forward, DiT adaLN).
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head", "fc1",
-                   "to_q", "to_k", "to_v", "ff.net.0.proj")
+                   "to_q", "to_k", "to_v", "ff.net.0.proj", "norm1.linear")
 ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "fc2", "to_out.0", "ff.net.2")
 
 
-def parallel_kind(module_path: str) -> Optional[str]:
+def parallel_kind(module_path: str) -> str | None:
   """"column", "row" or None for the linear layer at `module_path` (matched by suffix)."""
   def has(suffixes):
     return any(module_path == s or module_path.endswith("." + s) for s in suffixes)
@@ -33,17 +41,35 @@ def parallel_kind(module_path: str) -> Optional[str]:
   return None
 
 
-def make_mesh(data: int = 1, model: int = 1, devices: Optional[Sequence] = None) -> Mesh:
-  """A (data, model) mesh with Auto axes over the first data*model devices."""
+def make_mesh(data: int = 1, model: int = 1, devices: Sequence | None = None) -> Mesh:
+  """A (data, model) mesh with Auto axes over the first `data * model` devices.
+
+  Args:
+    data: size of the data-parallel axis (a positive int).
+    model: size of the tensor-parallel axis (a positive int).
+    devices: the devices to use, in order; default `jax.devices()`. Fewer than all of them may be
+      used (e.g. data=3 of 8): the mesh takes the first `data * model`.
+
+  Raises:
+    TypeError: `data` or `model` is not an int.
+    ValueError: a size below 1, or more devices asked for than there are.
+  """
+  for name, size in (("data", data), ("model", model)):
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+      raise TypeError(f"make_mesh: {name} must be an int (the axis size), got "
+                      f"{type(size).__name__} {size!r}")
+    if size < 1:
+      raise ValueError(f"make_mesh: {name} must be >= 1 (the axis size), got {size}")
+  data, model = int(data), int(model)
   devices = list(jax.devices() if devices is None else devices)
   if data * model > len(devices):
-    raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, "
+    raise ValueError(f"make_mesh: data={data} x model={model} needs {data * model} devices, "
                      f"found {len(devices)}")
   grid = np.array(devices[:data * model]).reshape(data, model)
   return Mesh(grid, (DATA, MODEL), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def _axis(mesh: Mesh, dim: int) -> Optional[str]:
+def _axis(mesh: Mesh, dim: int) -> str | None:
   size = mesh.shape.get(MODEL, 1)
   return MODEL if size > 1 and dim % size == 0 else None
 
