@@ -71,25 +71,30 @@ class CausalLM(FrozenModel):
     return _forward(self.graphdef, self.params, input_ids, attention_mask, position_ids, lora)
 
 
-def merge(model: FrozenModel, adapter) -> FrozenModel:
+def merge(model: FrozenModel, adapter, *, keep_original: bool = False) -> FrozenModel:
   """A new model with `adapter` folded into its kernels (the input model is untouched).
 
-  Works for every jaxadapt model (LLMs, UNet, DiT, ...); `unmerge` undoes it exactly.
+  Works for every jaxadapt model (LLMs, UNet, DiT, ...). `unmerge` undoes it arithmetically, as
+  PEFT's unmerge does (exact up to rounding). With `keep_original=True` the new model also keeps
+  references to the pre-merge kernels of the targeted layers, and `unmerge` restores them
+  bitwise; they are the arrays the input model holds (nothing is copied), but they stay alive
+  while the merged model does, so `model = ja.merge(model, a, keep_original=True)` holds up to
+  two copies of every targeted kernel.
   """
   model.check_adapter(adapter)
-  params, norms = lora_lib.merge_params(model.params, adapter)
-  return model.with_params(params, merged=model.merged + ((adapter, norms),))
+  params, undo = lora_lib.merge_params(model.params, adapter, keep_original=keep_original)
+  return model.with_params(params, merged=model.merged + ((adapter, undo),))
 
 
 def unmerge(model: FrozenModel, adapter=None) -> FrozenModel:
   """Removes the most recently merged adapter (or the given one, which must be the newest)."""
   if not model.merged:
     raise ValueError("this model has no merged adapter to unmerge")
-  last, norms = model.merged[-1]
+  last, undo = model.merged[-1]
   if adapter is not None and adapter is not last:
     raise ValueError("unmerge removes adapters newest first; the given adapter is not the "
                      "newest merged one")
-  params = lora_lib.unmerge_params(model.params, last, norms)
+  params = lora_lib.unmerge_params(model.params, last, undo)
   return model.with_params(params, merged=model.merged[:-1])
 
 

@@ -178,31 +178,56 @@ def delta_weight(adapter: LoraAdapter, path: str) -> jax.Array:
   return adapter.scale(path) * (w["a"].astype(jnp.float32) @ w["b"].astype(jnp.float32))
 
 
-def merge_params(params: Mapping, adapter: LoraAdapter) -> tuple[dict, dict]:
-  """Folds the adapter into the kernels it targets.
+def merge_params(params: Mapping, adapter: LoraAdapter, *,
+                 keep_original: bool = False) -> tuple[dict, dict]:
+  """Folds the adapter into the kernels it targets (computed in float32, rounded once).
+
+  Args:
+    params: the base tree (not modified).
+    adapter: the adapter to fold in.
+    keep_original: also record the pre-merge kernels (references, not copies) so that
+      `unmerge_params` restores them bitwise. They then stay alive as long as the undo record
+      does, even if the input tree is dropped: up to a second copy of every targeted kernel.
 
   Returns:
-    (new params, DoRA column norms per path needed by `unmerge_params`; empty without DoRA).
+    (new params, `undo`: what `unmerge_params` needs: the DoRA column norms per path and, with
+    `keep_original`, the pre-merge kernels and the merged ones (to recognise them)).
   """
-  norms = {}
+  undo = {"original": {}, "merged": {}, "dora_norms": {}}
   for path, w in adapter.weights.items():
     kernel = kernel_at(params, path)
     new = kernel.astype(jnp.float32) + delta_weight(adapter, path)
     if "magnitude" in w:
       norm = jnp.sqrt(jnp.sum(new * new, axis=0))
-      norms[path] = norm
+      undo["dora_norms"][path] = norm
       new = new * (w["magnitude"].astype(jnp.float32) / norm)
-    params = _set_kernel(params, path, new.astype(kernel.dtype))
-  return params, norms
+    new = new.astype(kernel.dtype)
+    if keep_original:
+      undo["original"][path], undo["merged"][path] = kernel, new
+    params = _set_kernel(params, path, new)
+  return params, undo
 
 
-def unmerge_params(params: Mapping, adapter: LoraAdapter, dora_norms: Mapping) -> dict:
-  """The inverse of `merge_params` (exact up to float rounding)."""
+def unmerge_params(params: Mapping, adapter: LoraAdapter, undo: Mapping) -> dict:
+  """The inverse of `merge_params`, given the `undo` it returned.
+
+  With an undo record made with `keep_original`, a kernel that is still the one `merge_params`
+  produced is replaced by the pre-merge kernel, so merge-then-unmerge is bitwise exact in every
+  dtype. Otherwise (or for a kernel changed since: another tree, a re-placed array) the kernel
+  is unmerged arithmetically, as PEFT does: `W = W' * ||W0 + dW||_c / m - dW` (DoRA) or
+  `W' - dW`, exact up to rounding (in bfloat16 a small weight next to a large update can lose
+  its low bits).
+  """
+  original, merged = undo.get("original", {}), undo.get("merged", {})
+  norms = undo.get("dora_norms", {})
   for path, w in adapter.weights.items():
     kernel = kernel_at(params, path)
+    if path in original and kernel is merged.get(path):
+      params = _set_kernel(params, path, original[path])
+      continue
     new = kernel.astype(jnp.float32)
     if "magnitude" in w:
-      new = new * (dora_norms[path] / w["magnitude"].astype(jnp.float32))
+      new = new * (norms[path] / w["magnitude"].astype(jnp.float32))
     new = new - delta_weight(adapter, path)
     params = _set_kernel(params, path, new.astype(kernel.dtype))
   return params

@@ -90,7 +90,7 @@ class FrozenModel:
     self.config = config
     self.graphdef = graphdef
     self.params = params
-    self.merged = merged  # ((adapter, dora_norms), ...) folded in by `merge`, newest last
+    self.merged = merged  # ((adapter, undo record), ...) folded in by `merge`, newest last
 
   def with_params(self, params, *, merged: tuple) -> "FrozenModel":
     """The same model (type, config, graphdef) over other params; caches are not carried."""

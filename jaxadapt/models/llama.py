@@ -1,4 +1,7 @@
-"""The Llama family (Llama 1-3 incl. Llama-3 rope scaling, Mistral, Qwen2) in Flax NNX.
+"""The Llama family (Llama 1-3, Mistral, Qwen2) in Flax NNX.
+
+RoPE scalings as transformers: linear, dynamic NTK, Llama-3, YaRN, LongRoPE; MLP activations by
+transformers' `hidden_act` names (`ACTIVATIONS`).
 
 Written for a frozen base: the module tree mirrors Hugging Face's module names
 (`model.layers.3.self_attn.q_proj`), so parameter paths, PEFT keys and adapter paths are the same
@@ -19,7 +22,42 @@ from jaxadapt.adapters.hook import project
 from jaxadapt.models.layers import Linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# Keys each rope type needs in `rope_scaling` (after `LlamaConfig.from_hf` filled defaults).
+_ROPE_REQUIRED = {
+    "default": (), "linear": ("factor",), "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+}
+# transformers' `hidden_act` names (ACT2FN) that jaxadapt implements, as elementwise functions.
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+}
+# transformers' defaults (configuration_<family>.py) for keys a config.json may leave out.
+_FAMILY_DEFAULTS = {
+    "llama": {"num_key_value_heads": None, "max_position_embeddings": 2048},
+    "mistral": {"num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
+                "sliding_window": 4096},
+    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768,
+              "sliding_window": 4096, "max_window_layers": 28},
+}
+
+
+def _hashable(value):
+  """Lists (e.g. longrope's factors) as tuples, so the config can be a static jit argument."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_hashable(v) for v in value)
+  return value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,6 +80,7 @@ class LlamaConfig:
   mlp_bias: bool = False
   sliding_windows: tuple = ()          # per layer: window length or 0 for full attention
   max_position_embeddings: int = 2048
+  hidden_act: str = "silu"             # a key of ACTIVATIONS (transformers' name)
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -53,27 +92,55 @@ class LlamaConfig:
     if self.sliding_windows and len(self.sliding_windows) != self.num_hidden_layers:
       raise ValueError(f"sliding_windows needs one entry per layer ({self.num_hidden_layers}), "
                        f"got {len(self.sliding_windows)}")
-    rope_type = dict(self.rope_scaling or ()).get("rope_type", "default")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; jaxadapt implements "
+                       f"{sorted(ACTIVATIONS)}")
+    rope = dict(self.rope_scaling or ())
+    rope_type = rope.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
       raise ValueError(f"rope type {rope_type!r} is not supported; jaxadapt serves "
                        f"{SUPPORTED_ROPE_TYPES}")
+    missing = [k for k in _ROPE_REQUIRED[rope_type] if rope.get(k) is None]
+    if missing:
+      raise ValueError(f"rope type {rope_type!r} needs {list(_ROPE_REQUIRED[rope_type])} in "
+                       f"rope_scaling; missing {missing}")
+    if rope_type == "longrope":
+      for key in ("short_factor", "long_factor"):
+        if len(rope[key]) != self.head_dim // 2:
+          raise ValueError(f"longrope {key} needs head_dim // 2 = {self.head_dim // 2} entries, "
+                           f"found {len(rope[key])}")
 
   @classmethod
   def from_hf(cls, cfg: Mapping[str, Any]) -> "LlamaConfig":
-    """Builds the config from a parsed HF `config.json`; refuses what it cannot serve."""
+    """Builds the config from a parsed HF `config.json`; refuses what it cannot serve.
+
+    Keys the file leaves out take transformers' defaults for its family (e.g. Mistral's 8
+    key/value heads and 4096-token window, Qwen2's `max_window_layers` 28), so the model is
+    the one `AutoModelForCausalLM.from_pretrained` builds from the same file.
+    """
     mt = cfg.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
       raise ValueError(f"config.json has model_type {mt!r}; jaxadapt's Llama family serves "
                        f"{SUPPORTED_MODEL_TYPES}. Use a checkpoint of one of these.")
+    defaults = _FAMILY_DEFAULTS[mt]
     act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-      raise ValueError(f"hidden_act {act!r} is not supported (expected 'silu')")
-    if cfg.get("pretraining_tp", 1) not in (1, None):
-      raise ValueError(f"pretraining_tp={cfg['pretraining_tp']} is not supported (expected 1)")
+    if act not in ACTIVATIONS:
+      raise ValueError(f"config.json has hidden_act {act!r}; jaxadapt implements "
+                       f"{sorted(ACTIVATIONS)}")
+    if cfg.get("quantization_config"):
+      method = dict(cfg["quantization_config"]).get("quant_method", "?")
+      raise ValueError(f"config.json has a quantization_config (quant_method {method!r}); "
+                       f"jaxadapt loads unquantized weights only (expected no "
+                       f"quantization_config). Use the unquantized checkpoint.")
+    # pretraining_tp > 1 only sliced the projections in old transformers (same result); the
+    # current Llama ignores it, and so does jaxadapt.
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    max_pos = cfg.get("max_position_embeddings") or defaults["max_position_embeddings"]
+    # transformers lets a legacy `rope_scaling` win over `rope_parameters`; rope_theta inside
+    # the dict wins over the top-level key.
+    rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
     if "type" in rope and "rope_type" not in rope:
       rope["rope_type"] = rope.pop("type")
     rope.pop("type", None)
@@ -81,18 +148,36 @@ class LlamaConfig:
     if rope_type not in SUPPORTED_ROPE_TYPES:
       raise ValueError(f"config.json asks for rope type {rope_type!r}; jaxadapt serves "
                        f"{SUPPORTED_ROPE_TYPES}")
-    if float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))) != 1.0:
-      raise ValueError("partial_rotary_factor != 1 is not supported")
+    partial = float(rope.pop("partial_rotary_factor", None)
+                    or cfg.get("partial_rotary_factor") or 1.0)
+    if partial != 1.0:
+      raise ValueError(f"partial_rotary_factor {partial} is not supported (expected 1.0: "
+                       f"rotary embedding on the whole head)")
+    if rope_type in ("llama3", "yarn", "longrope"):
+      # As transformers: a top-level original_max_position_embeddings (Phi-3 style) wins, then
+      # the rope dict's, then max_position_embeddings.
+      rope["original_max_position_embeddings"] = (
+          cfg.get("original_max_position_embeddings")
+          or rope.get("original_max_position_embeddings") or max_pos)
     n_layers = cfg["num_hidden_layers"]
     windows = [0] * n_layers
-    if mt == "mistral" and cfg.get("sliding_window"):
-      windows = [int(cfg["sliding_window"])] * n_layers
-    if mt == "qwen2" and cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+    if mt == "mistral":
+      window = cfg.get("sliding_window", defaults["sliding_window"])
+      windows = [int(window or 0)] * n_layers
+    if mt == "qwen2" and cfg.get("use_sliding_window", False):
+      window = cfg.get("sliding_window", defaults["sliding_window"])
+      mwl = cfg.get("max_window_layers", defaults["max_window_layers"])
       types = cfg.get("layer_types") or [
-          "sliding_attention" if i >= cfg.get("max_window_layers", 0) else "full_attention"
+          "sliding_attention" if window is not None and i >= mwl else "full_attention"
           for i in range(n_layers)]
-      windows = [int(cfg["sliding_window"]) if t == "sliding_attention" else 0 for t in types]
-    attention_bias = bool(cfg.get("attention_bias", False)) or mt == "qwen2"
+      unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+      if unknown:
+        raise ValueError(f"config.json layer_types has {unknown}; expected 'full_attention' or "
+                         f"'sliding_attention' per layer")
+      windows = [int(window or 0) if t == "sliding_attention" else 0 for t in types]
+    # Only Llama has attention_bias / mlp_bias; Mistral's and Qwen2's transformers models ignore
+    # these keys (Qwen2 always has q/k/v biases and no o_proj bias).
+    llama_bias = mt == "llama" and bool(cfg.get("attention_bias", False))
     return cls(
         model_type=mt,
         vocab_size=cfg["vocab_size"],
@@ -100,28 +185,46 @@ class LlamaConfig:
         intermediate_size=cfg["intermediate_size"],
         num_hidden_layers=n_layers,
         num_attention_heads=heads,
-        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+        num_key_value_heads=(cfg.get("num_key_value_heads") or defaults["num_key_value_heads"]
+                             or heads),
         head_dim=head_dim,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
-        rope_scaling=tuple(sorted(rope.items())) if rope_type != "default" else None,
+        rope_scaling=(tuple(sorted((k, _hashable(v)) for k, v in rope.items()))
+                      if rope_type != "default" else None),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=attention_bias,
-        o_proj_bias=bool(cfg.get("attention_bias", False)) and mt != "qwen2",
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        attention_bias=llama_bias or mt == "qwen2",
+        o_proj_bias=llama_bias,
+        mlp_bias=mt == "llama" and bool(cfg.get("mlp_bias", False)),
         sliding_windows=tuple(windows),
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        max_position_embeddings=max_pos,
+        hidden_act=act,
     )
 
 
-def rope_inv_freq(config: LlamaConfig) -> jax.Array:
-  """Inverse RoPE frequencies [head_dim // 2] (RoFormer Eq. 15; Llama-3 scaling)."""
+def rope_frequencies(config: LlamaConfig, seq_len=None) -> tuple[jax.Array, float]:
+  """Inverse RoPE frequencies [head_dim // 2] and the cos/sin scale (RoFormer Eq. 15).
+
+  Scalings as transformers: linear (position interpolation), dynamic NTK, Llama-3, YaRN (Peng et
+  al., 2023) and LongRoPE (Ding et al., 2024). `seq_len` (the batch's largest position + 1, may
+  be traced) picks dynamic NTK's base and LongRoPE's short or long factors, as transformers does
+  per call (its dynamic NTK also remembers the longest length seen across calls; jaxadapt does
+  not, so it equals a freshly loaded transformers model).
+  """
   dim = config.head_dim
-  inv = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  base = config.rope_theta
+  exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+  inv = 1.0 / (base ** exponents)
   rope = dict(config.rope_scaling or ())
   kind = rope.get("rope_type", "default")
+  scale = 1.0
   if kind == "linear":
     inv = inv / rope["factor"]
+  elif kind == "dynamic" and seq_len is not None:
+    factor, max_pos = rope["factor"], config.max_position_embeddings
+    length = jnp.maximum(jnp.asarray(seq_len, jnp.float32), float(max_pos))
+    ntk = base * ((factor * length / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    inv = jnp.where(seq_len > max_pos, 1.0 / (ntk ** exponents), inv)
   elif kind == "llama3":
     factor = rope["factor"]
     low, high = rope["low_freq_factor"], rope["high_freq_factor"]
@@ -132,7 +235,53 @@ def rope_inv_freq(config: LlamaConfig) -> jax.Array:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     inv = jnp.where(medium, smoothed, scaled)
-  return inv
+  elif kind == "yarn":
+    inv, scale = _yarn(config, rope, inv)
+  elif kind == "longrope":
+    old_len = rope["original_max_position_embeddings"]
+    factor = rope.get("factor") or config.max_position_embeddings / old_len
+    scale = rope.get("attention_factor")
+    if scale is None:
+      scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_len))
+    ext = jnp.asarray(rope["short_factor"], jnp.float32)
+    if seq_len is not None:
+      ext = jnp.where(seq_len > old_len, jnp.asarray(rope["long_factor"], jnp.float32), ext)
+    inv = 1.0 / (ext * base ** exponents)
+  return inv, float(scale)
+
+
+def _yarn(config: LlamaConfig, rope: dict, inv: jax.Array) -> tuple[jax.Array, float]:
+  """YaRN (Peng et al., 2023, Sec. 3.2-3.4): per-dimension blend of interpolated and original
+  frequencies by a linear ramp over the rotation count, and the attention temperature."""
+  dim, base = config.head_dim, config.rope_theta
+  old_len = rope["original_max_position_embeddings"]
+  factor = rope.get("factor") or config.max_position_embeddings / old_len
+
+  def mscale(s, m=1.0):
+    return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+  scale = rope.get("attention_factor")
+  if scale is None:
+    m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+    scale = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+  fast, slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+
+  def dim_of(rotations):  # the dimension that turns `rotations` times over old_len (Eq. 16)
+    return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+  low, high = dim_of(fast), dim_of(slow)
+  if rope.get("truncate", True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  return (inv / factor) * ramp + inv * (1 - ramp), scale
+
+
+def rope_inv_freq(config: LlamaConfig) -> jax.Array:
+  """Inverse RoPE frequencies [head_dim // 2] at lengths within the original context."""
+  return rope_frequencies(config)[0]
 
 
 def apply_rope(x, cos, sin):
@@ -191,9 +340,11 @@ class MLP(nnx.Module):
     self.gate_proj = mk("gate_proj", c.hidden_size, c.intermediate_size)
     self.up_proj = mk("up_proj", c.hidden_size, c.intermediate_size)
     self.down_proj = mk("down_proj", c.intermediate_size, c.hidden_size)
+    self.act = c.hidden_act
 
   def __call__(self, x, lora):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+    gate = ACTIVATIONS[self.act](self.gate_proj(x, lora))
+    return self.down_proj(gate * self.up_proj(x, lora), lora)
 
 
 class DecoderLayer(nnx.Module):
@@ -256,10 +407,12 @@ class LlamaForCausalLM(nnx.Module):
     b, s = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s), (b, s))
-    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(c)
+    inv_freq, rope_scale = rope_frequencies(c, seq_len=jnp.max(positions) + 1)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     x = self.model.embed_tokens(input_ids)
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    cos = (jnp.cos(emb) * rope_scale).astype(x.dtype)
+    sin = (jnp.sin(emb) * rope_scale).astype(x.dtype)
     qi = jnp.arange(s)[:, None]
     ki = jnp.arange(s)[None, :]
     causal = ki <= qi
