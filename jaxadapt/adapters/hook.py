@@ -131,9 +131,10 @@ def _mixed_dora(base, delta, dora_scale, ids):
   base/delta: [rows, ..., out]; ids: [rows]. Ids outside [0, N) have no adapter, as in the
   kernels (`kernels_pallas.reference`)."""
   valid = (ids >= 0) & (ids < dora_scale.shape[0])
-  ms = jnp.where(valid[:, None], dora_scale[jnp.where(valid, ids, 0)], 1).astype(base.dtype)
+  ms = jnp.where(valid[:, None], dora_scale[jnp.where(valid, ids, 0)], 1).astype(jnp.float32)
   ms = ms.reshape(ms.shape[:1] + (1,) * (base.ndim - 2) + ms.shape[1:])
-  return ms * (base + delta)
+  # In float32, rounded once to base's dtype (as the single-adapter path).
+  return (ms * (base.astype(jnp.float32) + delta.astype(jnp.float32))).astype(base.dtype)
 
 
 def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
@@ -158,10 +159,15 @@ def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
     if ctx.magnitude is None:
       out = base + delta
     else:
+      # Combined in float32 and rounded once (in bfloat16, `base + (m - 1) * base` rounds twice).
       norm = jax.lax.stop_gradient(dora_weight_norm(kernel, ctx.a, ctx.b, ctx.scale))
-      mag = (ctx.magnitude.astype(jnp.float32) / norm).astype(x.dtype)
-      base_d = base if xd is x else jnp.matmul(xd, kernel.astype(x.dtype))
-      out = base + (mag - 1) * base_d + mag * delta
+      mag = ctx.magnitude.astype(jnp.float32) / norm
+      f32 = lambda v: v.astype(jnp.float32)
+      if xd is x:
+        out = (mag * (f32(base) + f32(delta))).astype(x.dtype)
+      else:
+        base_d = jnp.matmul(xd, kernel.astype(x.dtype))
+        out = (f32(base) + (mag - 1) * f32(base_d) + mag * f32(delta)).astype(x.dtype)
   elif isinstance(ctx, MixedLoRA):
     per_token = ctx.token_ids.shape[0] == base.size // base.shape[-1]
     out = _per_token(x, base, ctx) if per_token or x.ndim < 3 else _per_sequence(x, base, ctx)
