@@ -106,15 +106,9 @@ def load_model(directory: str, *, dtype="float32", sharding=None) -> CausalLM:
     dtype: a floating dtype for the params ("float32", "bfloat16", "float16").
     sharding: None, a Sharding, a Mesh (jaxadapt.sharding rules) or callable(path, shape).
   """
+  from jaxadapt.io.files import float_dtype
   from jaxadapt.io.hf import load_llama
-  try:
-    floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-  except TypeError:
-    floating = False
-  if not floating:
-    raise ValueError(f"dtype must be a floating dtype such as 'float32' or 'bfloat16', got "
-                     f"{dtype!r}")
-  config, graphdef, params = load_llama(directory, dtype=jnp.dtype(dtype), sharding=sharding)
+  config, graphdef, params = load_llama(directory, dtype=float_dtype(dtype), sharding=sharding)
   model = CausalLM(config, graphdef, params)
   model.directory = os.fspath(directory)
   return model

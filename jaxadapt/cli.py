@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -18,15 +17,8 @@ _EXPECTED = ("a model dir (config.json), a PEFT adapter dir (adapter_config.json
 
 
 def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      cfg = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON ({e})") from None
-  if not isinstance(cfg, dict):
-    raise ValueError(  # noqa: TRY004 (a bad file: a bad value, not a bad argument type)
-        f"{path} holds a JSON {type(cfg).__name__}, expected an object")
-  return cfg
+  from jaxadapt.io.files import read_json_object
+  return read_json_object(path, f"the {os.path.basename(path)} of {_EXPECTED}")
 
 
 def _weight_files(directory: str) -> str:

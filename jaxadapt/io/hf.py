@@ -6,7 +6,6 @@ NNX `...q_proj.kernel [in, out]`; `embed_tokens.weight` is `embed_tokens.embeddi
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Optional, Union
 
@@ -17,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, Sharding
 
 from jaxadapt import sharding as sharding_lib
+from jaxadapt.io.files import read_json_object
 from jaxadapt.io.safetensors_mmap import CheckpointDir
 from jaxadapt.models.llama import SUPPORTED_MODEL_TYPES, LlamaConfig, LlamaForCausalLM
 
@@ -39,15 +39,7 @@ def read_config(directory: str) -> dict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model dir); "
                             f"found {sorted(os.listdir(directory))}")
-  try:
-    with open(path) as f:
-      cfg = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); expected the model's config") from None
-  if not isinstance(cfg, dict):
-    raise ValueError(  # noqa: TRY004 (a bad file: a bad value, not a bad argument type)
-        f"{path} holds a JSON {type(cfg).__name__}, expected an object of config keys "
-        f"(model_type, hidden_size, ...)")
+  cfg = read_json_object(path, "the model's config (model_type, hidden_size, ...)")
   return cfg
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxadapt.adapters.lora import LoraAdapter, LoraConfig
+from jaxadapt.io.files import float_dtype, read_json_object
 from jaxadapt.io.safetensors_mmap import SafetensorsFile
 
 _PREFIX = "base_model.model."
@@ -196,13 +197,7 @@ def load_adapter(path: str, *, dtype="float32", component: str | None = None) ->
     component: for diffusers files, which model's LoRA to read ("unet", "transformer",
       "text_encoder", ...); needed only when the file holds several.
   """
-  try:
-    floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-  except TypeError:
-    floating = False
-  if not floating:
-    raise ValueError(f"dtype must be a floating dtype such as 'float32' or 'bfloat16', got "
-                     f"{dtype!r}")
+  float_dtype(dtype)
   path = os.fspath(path)
   if os.path.isfile(path) and os.path.basename(path) == "adapter_model.safetensors":
     path = os.path.dirname(path) or "."  # a PEFT dir's weights: its config is beside them
@@ -222,16 +217,7 @@ def load_adapter(path: str, *, dtype="float32", component: str | None = None) ->
 
 def _load_peft_dir(directory: str, dtype) -> LoraAdapter:
   cfg_path = os.path.join(directory, "adapter_config.json")
-  try:
-    with open(cfg_path) as f:
-      cfg = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{cfg_path} is not valid JSON ({e}); expected PEFT's adapter "
-                     f"config") from None
-  if not isinstance(cfg, dict):
-    raise ValueError(  # noqa: TRY004 (a bad file: a bad value, not a bad argument type)
-        f"{cfg_path} holds a JSON {type(cfg).__name__}, expected an object (r, lora_alpha, "
-        f"target_modules, ...)")
+  cfg = read_json_object(cfg_path, "PEFT's adapter config (r, lora_alpha, target_modules, ...)")
   try:
     config = config_from_peft(cfg)
   except (TypeError, ValueError) as e:

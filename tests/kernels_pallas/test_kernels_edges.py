@@ -16,17 +16,8 @@ import pytest
 import kernels_pallas as kp
 from kernels_pallas import reference
 
-BACKENDS = ["xla", "pallas_interpret", "pallas_triton_interpret"]
 N, D, R, O, T = 3, 16, 8, 12, 7
 PAGE_ROWS, POOL = 4, 7
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-  before = kp.get_backend()
-  kp.set_backend(request.param)
-  yield request.param
-  kp.set_backend(before)
 
 
 def _close(got, want, tol=2e-5):

@@ -15,18 +15,9 @@ from kernels_pallas import reference
 
 import _kernel_cases as cases
 
-BACKENDS = ["xla", "pallas_interpret", "pallas_triton_interpret"]
 SETTINGS = hypothesis.settings(max_examples=4, deadline=None,
                                suppress_health_check=[hypothesis.HealthCheck.too_slow,
                                                       hypothesis.HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-  before = kp.get_backend()
-  kp.set_backend(request.param)
-  yield request.param
-  kp.set_backend(before)
 
 
 def _check_bgmv(c, dtype):
