@@ -64,6 +64,17 @@ class LoraConfig:
                        "'all-linear'")
     if not isinstance(self.r, int) or self.r < 1:
       raise ValueError(f"r must be a positive int, got {self.r!r}")
+    for key, rank in self.rank_pattern:
+      if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank_pattern[{key!r}] must be a positive int, got {rank!r}")
+    # PEFT's LoraConfig refuses these combinations (a regex target names no layer list).
+    if isinstance(self.target_modules, str):
+      for name in ("layers_to_transform", "layers_pattern"):
+        if getattr(self, name) is not None:
+          raise ValueError(f"{name} cannot be used when target_modules is a str (a regex or "
+                           f"'all-linear'), as in PEFT; list the module names instead")
+    if self.layers_pattern and self.layers_to_transform is None:
+      raise ValueError("layers_pattern needs layers_to_transform (PEFT refuses it alone)")
     if not 0.0 <= self.lora_dropout < 1.0:
       raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
@@ -77,10 +88,21 @@ class LoraConfig:
     r = self.rank(path) if rank is None else rank
     return self.alpha(path) / (math.sqrt(r) if self.use_rslora else r)
 
-  def targets(self, linear_paths: Sequence[str]) -> list[str]:
-    return targets_lib.resolve_targets(
-        linear_paths, self.target_modules, layers_to_transform=self.layers_to_transform,
-        layers_pattern=self.layers_pattern, exclude_modules=self.exclude_modules)
+  def targets(self, linear_paths: Sequence[str],
+              module_paths: Optional[Sequence[str]] = None) -> list[str]:
+    """The paths among `linear_paths` this config targets, in their order (PEFT's rules).
+
+    Args:
+      linear_paths: the model's linear layers.
+      module_paths: optionally, every module path of the model that holds parameters; a
+        config that also targets one of them that is not linear is refused
+        (`NotImplementedError`), where PEFT would adapt it (embeddings) or raise.
+    """
+    kwargs = dict(layers_to_transform=self.layers_to_transform,
+                  layers_pattern=self.layers_pattern, exclude_modules=self.exclude_modules)
+    if module_paths is not None:
+      targets_lib.check_only_linear(module_paths, linear_paths, self.target_modules, **kwargs)
+    return targets_lib.resolve_targets(linear_paths, self.target_modules, **kwargs)
 
 
 @jax.tree_util.register_dataclass
@@ -125,6 +147,15 @@ def path_set(params: Mapping, path: str, leaf: str, value) -> dict:
   return rec(params, 0)
 
 
+def module_paths(params: Mapping, prefix: str = "") -> list[str]:
+  """The dotted paths of every sub-tree of a pure-dict parameter tree (its modules), root first."""
+  out = [prefix]
+  for key, node in params.items():
+    if isinstance(node, Mapping):
+      out += module_paths(node, f"{prefix}.{key}" if prefix else str(key))
+  return out
+
+
 def kernel_at(params: Mapping, path: str) -> jax.Array:
   """The [in, out] kernel of the projection at `path` (tied lm_head: the embedding's transpose)."""
   if path == "lm_head" and "lm_head" not in params:
@@ -139,7 +170,7 @@ def init_lora(params: Mapping, linear_paths: Sequence[str], config: LoraConfig,
   DoRA magnitudes start at the base kernel's column norms, so the adapted model equals the base.
   """
   weights = {}
-  for path in config.targets(linear_paths):
+  for path in config.targets(linear_paths, module_paths(params)):
     if path == "lm_head" and "lm_head" not in params:
       raise ValueError("LoRA on a tied lm_head is not supported; drop lm_head from targets")
     kernel = kernel_at(params, path)

@@ -1,9 +1,11 @@
 """Which projections an adapter targets, with PEFT's matching rules.
 
-`target_modules` as a list matches a path equal to an entry or ending in `.entry`; as a string it
-is a regex that must match the whole path (and then `layers_to_transform` does not apply, as in
-PEFT); `"all-linear"` means every linear layer but the output head. `rank_pattern` and
-`alpha_pattern` keys are regexes matched against the end of a path.
+`target_modules` as a list matches a path equal to an entry or ending in `.entry`; an entry equal
+to the whole path is taken whatever `layers_to_transform` says (PEFT's rule). As a string it is a
+regex that must match the whole path (PEFT refuses `layers_to_transform` / `layers_pattern` with
+it; `LoraConfig` does too); `"all-linear"` (any case) means every linear layer but the output head,
+by full path. `rank_pattern` and `alpha_pattern` keys are regexes matched against the end of a
+path; the first key in the mapping's order that matches wins.
 """
 from __future__ import annotations
 
@@ -42,7 +44,9 @@ def is_targeted(path: str, target_modules, *, layers_to_transform=None, layers_p
     return False
   if isinstance(target_modules, str):
     return re.fullmatch(target_modules, path) is not None
-  found = path in target_modules or any(path.endswith(f".{t}") for t in target_modules)
+  if path in target_modules:  # named in full: PEFT skips the layer filter
+    return True
+  found = any(path.endswith(f".{t}") for t in target_modules)
   use_layers = layers_to_transform is not None and (
       not isinstance(layers_to_transform, (list, tuple)) or len(layers_to_transform) > 0)
   if found and use_layers:
@@ -55,10 +59,18 @@ def is_targeted(path: str, target_modules, *, layers_to_transform=None, layers_p
   return found
 
 
+def is_all_linear(target_modules) -> bool:
+  """Whether `target_modules` is PEFT's "all-linear" shorthand (compared case-insensitively)."""
+  return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+
+
 def expand_all_linear(linear_paths: Iterable[str]) -> tuple[str, ...]:
-  """The module names PEFT's "all-linear" stands for: every linear layer but the output head."""
-  names = {p.rsplit(".", 1)[-1] for p in linear_paths if p not in OUTPUT_LAYERS}
-  return tuple(sorted(names))
+  """The full paths PEFT's "all-linear" stands for: every linear layer but the output head.
+
+  PEFT expands to full module names, not to their last components, so a linear layer that shares
+  its last name with the output head (`mtp.lm_head`) is still targeted.
+  """
+  return tuple(p for p in linear_paths if p not in OUTPUT_LAYERS)
 
 
 def resolve_targets(linear_paths: Sequence[str], target_modules, **kwargs) -> list[str]:
@@ -67,13 +79,40 @@ def resolve_targets(linear_paths: Sequence[str], target_modules, **kwargs) -> li
   Raises:
     ValueError: if nothing matches (PEFT raises too), naming the patterns and a few paths.
   """
-  if target_modules == ALL_LINEAR:
+  if is_all_linear(target_modules):
     target_modules = expand_all_linear(linear_paths)
   out = [p for p in linear_paths if is_targeted(p, target_modules, **kwargs)]
   if not out:
     raise ValueError(f"target_modules={target_modules!r} (with {kwargs}) matches no linear layer "
                      f"of this model; its linear layers look like {list(linear_paths)[:4]}")
   return out
+
+
+def check_only_linear(module_paths: Iterable[str], linear_paths: Sequence[str], target_modules,
+                      **kwargs) -> None:
+  """Refuses a config that targets a module that is not a linear layer.
+
+  PEFT puts LoRA on embeddings and convolutions too, and raises on other module types; jaxadapt
+  has LoRA for linear layers only, so a target it would otherwise skip silently is an error.
+
+  Args:
+    module_paths: the dotted paths of every module of the model that holds parameters.
+    linear_paths: the paths of its linear layers.
+    target_modules: as in `resolve_targets`; `kwargs` the other target options.
+
+  Raises:
+    NotImplementedError: naming `target_modules` and the first non-linear modules it matches.
+  """
+  if is_all_linear(target_modules):
+    return
+  linear = set(linear_paths)
+  other = [p for p in module_paths if p and p not in linear
+           and is_targeted(p, target_modules, **kwargs)]
+  if other:
+    raise NotImplementedError(
+        f"target_modules={target_modules!r} matches {other[:3]}, which are not linear layers; "
+        f"PEFT puts LoRA on embeddings / convolutions (or refuses other modules) but jaxadapt "
+        f"has LoRA for linear layers only: narrow target_modules or add exclude_modules")
 
 
 def pattern_value(patterns: dict, path: str, default):
