@@ -38,7 +38,7 @@ class CLIPTextConfig:
   max_position_embeddings: int = 77
   hidden_act: str = "quick_gelu"      # one of SUPPORTED_ACTIVATIONS
   layer_norm_eps: float = 1e-5
-  eos_token_id: int = 2               # 2 selects the pooled token by argmax(input_ids) (legacy)
+  eos_token_id: int = 49407           # 2 selects the pooled token by argmax(input_ids) (legacy)
 
   def __post_init__(self):
     if self.hidden_act not in SUPPORTED_ACTIVATIONS:
@@ -70,16 +70,21 @@ class CLIPTextConfig:
     if act not in SUPPORTED_ACTIVATIONS:
       raise ValueError(f"hidden_act {act!r} is not supported; expected one of "
                        f"{SUPPORTED_ACTIVATIONS}")
+    # A key left out takes transformers' CLIPTextConfig default (the dataclass defaults).
+    eos = cfg.get("eos_token_id", cls.eos_token_id)
+    if not isinstance(eos, int):
+      raise ValueError(f"eos_token_id={eos!r} is not supported; expected one int (the token "
+                       f"whose final state is pooled)")
     return cls(
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=cfg["num_attention_heads"],
-        max_position_embeddings=cfg.get("max_position_embeddings", 77),
+        vocab_size=cfg.get("vocab_size", cls.vocab_size),
+        hidden_size=cfg.get("hidden_size", cls.hidden_size),
+        intermediate_size=cfg.get("intermediate_size", cls.intermediate_size),
+        num_hidden_layers=cfg.get("num_hidden_layers", cls.num_hidden_layers),
+        num_attention_heads=cfg.get("num_attention_heads", cls.num_attention_heads),
+        max_position_embeddings=cfg.get("max_position_embeddings", cls.max_position_embeddings),
         hidden_act=act,
-        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
-        eos_token_id=cfg.get("eos_token_id", 2),
+        layer_norm_eps=cfg.get("layer_norm_eps", cls.layer_norm_eps),
+        eos_token_id=eos,
     )
 
 

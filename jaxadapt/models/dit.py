@@ -44,6 +44,7 @@ class DiTConfig:
   num_embeds_ada_norm: int = 1000      # number of classes (the label table has one more: null)
   norm_elementwise_affine: bool = False
   norm_eps: float = 1e-5
+  interpolation_scale: float = 1.0     # position grid divisor (PatchEmbed's interpolation_scale)
 
   def __post_init__(self):
     if self.activation_fn not in ("gelu", "gelu-approximate", "geglu"):
@@ -84,9 +85,22 @@ class DiTConfig:
     if cfg.get("num_embeds_ada_norm") is None:
       raise ValueError("config.json has num_embeds_ada_norm=None; adaLN-Zero needs the number "
                        "of classes")
+    if name == "Transformer2DModel":
+      # Options of the generic class that only other architectures (GLIGEN, PixArt) read.
+      for key, want in (("attention_type", "default"), ("caption_channels", None)):
+        got = cfg.get(key, want)
+        if got != want:
+          raise ValueError(f"config.json has {key}={got!r}; jaxadapt's DiT supports only "
+                           f"{key}={want!r} (class-conditional adaLN-Zero DiT)")
     sample = cfg.get("sample_size", 32)
     if isinstance(sample, (list, tuple)):
       raise ValueError(f"sample_size {sample!r}: expected one int (square latents)")
+    # DiTTransformer2DModel embeds positions with interpolation_scale 1; the generic
+    # Transformer2DModel reads its config's value, defaulting to max(sample_size // 64, 1).
+    interp = 1.0
+    if name == "Transformer2DModel":
+      interp = cfg.get("interpolation_scale")
+      interp = float(max(sample // 64, 1) if interp is None else interp)
     return cls(
         num_attention_heads=cfg.get("num_attention_heads", 16),
         attention_head_dim=cfg.get("attention_head_dim", 72),
@@ -100,6 +114,7 @@ class DiTConfig:
         num_embeds_ada_norm=cfg["num_embeds_ada_norm"],
         norm_elementwise_affine=bool(cfg.get("norm_elementwise_affine", False)),
         norm_eps=cfg.get("norm_eps", 1e-5),
+        interpolation_scale=interp,
     )
 
 
@@ -134,13 +149,15 @@ class PatchEmbed(nnx.Module):
   def __init__(self, c: DiTConfig, dtype, rngs):
     self.patch_size = c.patch_size
     self.base_size = c.sample_size // c.patch_size
+    self.interpolation_scale = c.interpolation_scale
     self.proj = dl.Conv2d(c.in_channels, c.inner_dim, c.patch_size, stride=c.patch_size,
                           dtype=dtype, rngs=rngs)
 
   def __call__(self, x):  # [B, H, W, C] -> [B, h*w, D]
     h = self.proj(x)
     b, gh, gw, d = h.shape
-    pos = sincos_pos_embed_2d(d, gh, gw, base_size=self.base_size)
+    pos = sincos_pos_embed_2d(d, gh, gw, base_size=self.base_size,
+                              interpolation_scale=self.interpolation_scale)
     return (h.reshape(b, gh * gw, d).astype(jnp.float32) + pos[None]).astype(h.dtype)
 
 

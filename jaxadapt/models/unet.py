@@ -47,6 +47,7 @@ DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+ACT_FNS = ("silu", "swish", "mish", "gelu", "relu")  # diffusers' get_activation names
 
 # diffusers options jaxadapt's U-Net does not implement, each with the values that are harmless
 # (its defaults). A config.json with any other value is refused with the option's name.
@@ -73,6 +74,8 @@ _UNSUPPORTED = {
     "cross_attention_norm": (None,),
     "reverse_transformer_layers_per_block": (None,),
 }
+# Flags diffusers also accepts as one value per down block.
+_PER_BLOCK_FLAGS = ("only_cross_attention",)
 # Options that have no effect on the supported architecture at inference.
 _IGNORED = ("dropout",                       # eval mode: dropout is the identity
             "addition_embed_type_num_heads",  # used only with addition_embed_type
@@ -111,7 +114,7 @@ class UNetConfig:
   layers_per_block: tuple = (2, 2, 2, 2)      # resnets per down block (up blocks: one more)
   downsample_padding: int = 1                 # padding of the stride-2 downsampling conv
   mid_block_scale_factor: float = 1.0         # mid-block resnet output divisor
-  act_fn: str = "silu"                        # resnet / time embedding activation
+  act_fn: str = "silu"                        # resnet / time embedding / output activation
   norm_num_groups: int = 32                   # GroupNorm groups
   norm_eps: float = 1e-5                      # resnet / output GroupNorm epsilon
   cross_attention_dim: tuple = (768,) * 4     # text-encoder width per block
@@ -143,8 +146,9 @@ class UNetConfig:
     if self.mid_block_type not in MID_BLOCK_TYPES:
       raise ValueError(f"mid_block_type {self.mid_block_type!r} is not supported; expected one "
                        f"of {MID_BLOCK_TYPES}")
-    if self.act_fn not in ("silu", "swish"):
-      raise ValueError(f"act_fn {self.act_fn!r} is not supported (expected 'silu')")
+    if self.act_fn not in ACT_FNS:
+      raise ValueError(f"act_fn {self.act_fn!r} is not supported; expected one of {ACT_FNS} "
+                       f"(diffusers' get_activation)")
     if not self.norm_num_groups:
       raise ValueError(f"norm_num_groups={self.norm_num_groups!r} is not supported (the output "
                        f"GroupNorm is required)")
@@ -179,7 +183,10 @@ class UNetConfig:
       raise ValueError(f"config.json describes a {name}; load_unet reads UNet2DConditionModel "
                        f"dirs (Stable Diffusion 1.x / 2.x)")
     for opt, ok in _UNSUPPORTED.items():
-      if opt in cfg and cfg[opt] not in ok:
+      value = cfg.get(opt)
+      if opt in _PER_BLOCK_FLAGS and isinstance(value, (list, tuple)) and not any(value):
+        continue  # one harmless (False) entry per block, as diffusers broadcasts the flag
+      if opt in cfg and value not in ok:
         raise NotImplementedError(f"UNet2DConditionModel option {opt}={cfg[opt]!r} is not "
                                   f"supported by jaxadapt (supported: {ok[0]!r})")
     known = {f.name for f in dataclasses.fields(cls)} | set(_UNSUPPORTED) | set(_IGNORED)

@@ -171,7 +171,6 @@ class Encoder(nnx.Module):
 
   def __init__(self, c: VAEConfig, dtype, rngs):
     chans = c.block_out_channels
-    self.act_fn = c.act_fn
     self.conv_in = dl.Conv2d(c.in_channels, chans[0], 3, padding=1, dtype=dtype, rngs=rngs)
     self.down_blocks = nnx.List([
         DownEncoderBlock2D(c, f"encoder.down_blocks.{i}", chans[max(i - 1, 0)], chans[i],
@@ -186,7 +185,8 @@ class Encoder(nnx.Module):
     for block in self.down_blocks:
       x = block(x, lora)
     x = self.mid_block(x, lora, inserts)
-    return self.conv_out(dl.activation(self.act_fn)(self.conv_norm_out(x)))
+    # diffusers' conv_act is SiLU whatever act_fn is (act_fn sets the resnets only).
+    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 
 class Decoder(nnx.Module):
@@ -194,7 +194,6 @@ class Decoder(nnx.Module):
 
   def __init__(self, c: VAEConfig, dtype, rngs):
     chans = tuple(reversed(c.block_out_channels))
-    self.act_fn = c.act_fn
     self.conv_in = dl.Conv2d(c.latent_channels, chans[0], 3, padding=1, dtype=dtype, rngs=rngs)
     self.mid_block = MidBlock(c, "decoder.mid_block", dtype, rngs)
     self.up_blocks = nnx.List([
@@ -207,7 +206,8 @@ class Decoder(nnx.Module):
     x = self.mid_block(self.conv_in(z), lora, inserts)
     for block in self.up_blocks:
       x = block(x, lora)
-    return self.conv_out(dl.activation(self.act_fn)(self.conv_norm_out(x)))
+    # diffusers' conv_act is SiLU whatever act_fn is (act_fn sets the resnets only).
+    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 
 class AutoencoderKL(nnx.Module):

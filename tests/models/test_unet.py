@@ -293,7 +293,10 @@ def test_merge_and_unmerge_on_unet(sd15):
   from jaxadapt.adapters.lora import LoraAdapter, kernel_at
   directory, _ = sd15
   unet = unet_lib.load_unet(directory)
-  cfg = ja.LoraConfig(r=3, target_modules=["to_q", "to_v", "proj_in"], use_dora=True)
+  conv = ja.LoraConfig(r=3, target_modules=["to_q", "to_v", "proj_in"], use_dora=True)
+  with pytest.raises(NotImplementedError, match=r"proj_in"):  # a 1x1 conv in SD 1.5: PEFT
+    ja.init_lora(unet, conv, seed=2)                         # would adapt it; we refuse
+  cfg = ja.LoraConfig(r=3, target_modules=["to_q", "to_v"], use_dora=True)
   adapter = ja.init_lora(unet, cfg, seed=2)
   key = jax.random.key(3)
   weights = {}
