@@ -32,6 +32,13 @@ def make_hf_model(family: str, directory: str, seed: int = 0, **overrides):
 
 
 @pytest.fixture(scope="session")
+def hf_model_maker():
+  """`make_hf_model`, for tests that build a model of their own (importing it from `conftest`
+  would find whichever conftest.py pytest loaded last)."""
+  return make_hf_model
+
+
+@pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("llama")
   model = make_hf_model("llama", str(d))

@@ -8,7 +8,6 @@ import copy
 import warnings
 
 import pytest
-from conftest import make_hf_model
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
@@ -86,8 +85,8 @@ def test_targets_rank_and_scale_equal_peft(case, llama):
   assert set(config.targets(model.linear_paths)) == set(want)
 
 
-def test_all_linear_skips_a_tied_output_head(tmp_path):
-  base = make_hf_model("qwen2", str(tmp_path), seed=2, tie_word_embeddings=True)
+def test_all_linear_skips_a_tied_output_head(tmp_path, hf_model_maker):
+  base = hf_model_maker("qwen2", str(tmp_path), seed=2, tie_word_embeddings=True)
   model = ja.load_model(str(tmp_path))
   want = _peft_table(base, dict(target_modules="all-linear"))
   assert "lm_head" not in want and len(want) == 14
