@@ -363,7 +363,7 @@ def lora_batched(y: jax.Array, x: jax.Array, a_stack, b_stack, ids: jax.Array,
   reference.check_scales("lora_batched", scales, n)
   if resolve_backend() == "xla":
     return xla.batched_lora(y, x, reference.dense_a(a_stack), reference.dense_b(b_stack),
-                            _in_range(ids, n), scales, ranks)
+                            ids.astype(jnp.int32), scales, ranks)  # ids >= N: no adapter
   lens = jnp.full((bsz,), seq, jnp.int32)
   h = sgmv_shrink(x.reshape(bsz * seq, x.shape[2]), a_stack, ids, lens, ranks=ranks)
   out = sgmv_expand(y.reshape(bsz * seq, y.shape[2]), h, b_stack, ids, lens, scales, ranks=ranks)

@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
 from typing import Any, Optional, Sequence, Union
@@ -107,7 +106,7 @@ class TrainConfig:
     tm = self.target_modules
     if isinstance(tm, (list, tuple)):
       object.__setattr__(self, "target_modules", tuple(tm))
-    elif isinstance(tm, str) and tm != "all-linear" and ("," in tm or tm.isidentifier()):
+    elif isinstance(tm, str) and ("," in tm or tm.isidentifier()):
       # From the command line: "q_proj,v_proj" or "q_proj" are module names, not a regex.
       object.__setattr__(self, "target_modules", tuple(t.strip() for t in tm.split(",")
                                                        if t.strip()))
@@ -133,12 +132,6 @@ class TrainConfig:
     if self.lora_alpha <= 0:
       raise ValueError(f"lora_alpha must be > 0 (the adapter's scale is alpha / r; 0 would "
                        f"train nothing), got {self.lora_alpha}")
-    if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-      try:
-        re.compile(self.target_modules)
-      except re.error as e:
-        raise ValueError(f"target_modules={self.target_modules!r} is neither 'all-linear', a "
-                         f"comma-separated list of module names, nor a valid regex ({e})") from None
     if self.learning_rate <= 0:
       raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
     if not 0 <= self.final_lr_fraction <= 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -73,6 +74,14 @@ class LoraConfig:
         if getattr(self, name) is not None:
           raise ValueError(f"{name} cannot be used when target_modules is a str (a regex or "
                            f"'all-linear'), as in PEFT; list the module names instead")
+    for name in ("target_modules", "exclude_modules"):
+      value = getattr(self, name)
+      if isinstance(value, str) and not targets_lib.is_all_linear(value):
+        try:
+          re.compile(value)
+        except re.error as e:
+          raise ValueError(f"{name}={value!r} is neither 'all-linear', a list of module names, "
+                           f"nor a valid regex ({e})") from None
     if self.layers_pattern and self.layers_to_transform is None:
       raise ValueError("layers_pattern needs layers_to_transform (PEFT refuses it alone)")
     if not 0.0 <= self.lora_dropout < 1.0:

@@ -279,11 +279,6 @@ def _yarn(config: LlamaConfig, rope: dict, inv: jax.Array) -> tuple[jax.Array, f
   return (inv / factor) * ramp + inv * (1 - ramp), scale
 
 
-def rope_inv_freq(config: LlamaConfig) -> jax.Array:
-  """Inverse RoPE frequencies [head_dim // 2] at lengths within the original context."""
-  return rope_frequencies(config)[0]
-
-
 def apply_rope(x, cos, sin):
   """x: [B, S, H, hd]; cos/sin: [B, S, hd]. Rotate-half convention of HF Llama."""
   half = x.shape[-1] // 2
