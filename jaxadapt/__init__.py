@@ -11,7 +11,9 @@ ja.save_adapter(adapter, "out_dir")
 ```
 """
 from jaxadapt.adapters.lora import LoraAdapter, LoraConfig
-from jaxadapt.causal_lm import CausalLM, load_model, merge, unmerge
+from jaxadapt.context import Context
+from jaxadapt.adapters.merge import merge, unmerge
+from jaxadapt.causal_lm import CausalLM, load_model
 from jaxadapt.diffusion.images import save_image_grid
 from jaxadapt.diffusion.pipeline import load_pipeline
 from jaxadapt.io.peft import load_adapter, save_adapter
@@ -28,6 +30,6 @@ def init_lora(model, config: LoraConfig, *, seed: int = 0, dtype="float32"):
   return _init(model.params, model.linear_paths, config, jax.random.key(seed), dtype=dtype)
 
 
-__all__ = ["CausalLM", "LoraAdapter", "LoraConfig", "init_lora", "load_adapter", "load_clip_text",
+__all__ = ["CausalLM", "Context", "LoraAdapter", "LoraConfig", "init_lora", "load_adapter", "load_clip_text",
            "load_dit", "load_model", "load_pipeline", "load_unet", "load_vae", "merge",
            "save_adapter", "save_image_grid", "unmerge"]

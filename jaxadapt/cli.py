@@ -16,11 +16,6 @@ _EXPECTED = ("a model dir (config.json), a PEFT adapter dir (adapter_config.json
              "pipeline dir (model_index.json)")
 
 
-def _read_json(path: str) -> dict:
-  from jaxadapt.io.files import read_json_object
-  return read_json_object(path, f"the {os.path.basename(path)} of {_EXPECTED}")
-
-
 def _weight_files(directory: str) -> str:
   names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
   return f"weights: {', '.join(names)}" if names else "weights: no .safetensors file found"
@@ -54,14 +49,16 @@ def _describe_model(directory: str) -> list[str]:
 
 
 def _describe_adapter(directory: str) -> list[str]:
-  from jaxadapt.io.peft import config_from_peft
-  config = config_from_peft(_read_json(os.path.join(directory, "adapter_config.json")))
+  from jaxadapt.io.peft import read_peft_config
+  config = read_peft_config(directory)
   return [f"{directory}: PEFT LoRA adapter, loads with ja.load_adapter", f"  {config}",
           f"  {_weight_files(directory)}"]
 
 
 def _describe_pipeline(directory: str) -> list[str]:
-  index = _read_json(os.path.join(directory, "model_index.json"))
+  from jaxadapt.io.files import read_json_object
+  index = read_json_object(os.path.join(directory, "model_index.json"),
+                           "a diffusers pipeline index (_class_name and its components)")
   name = index.get("_class_name")
   if not (name == "DiTPipeline" or (isinstance(name, str) and name.startswith("StableDiffusion")
                                     and "XL" not in name)):

@@ -23,6 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxadapt import paths
+
 DATA, MODEL = "data", "model"
 # Module-path suffixes (Llama/Mistral/Qwen2, CLIP, diffusers' attention and feed-forward, DiT adaLN).
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head", "fc1",
@@ -108,10 +110,9 @@ def adapter_spec(mesh: Mesh, path: str, leaf: str, shape: tuple) -> P:
 
 def shard_params(params, mesh: Mesh):
   """Places a pure-dict base tree on `mesh` with `param_spec`."""
-  def place(kp, x):
-    path = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
+  def place(path, x):
     return jax.device_put(x, param_sharding(mesh, path, x.shape))
-  return jax.tree_util.tree_map_with_path(place, params)
+  return paths.map_with_paths(place, params)
 
 
 def shard_adapter_weights(weights, mesh: Mesh):

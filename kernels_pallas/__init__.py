@@ -4,9 +4,12 @@ Depends on jax only, never on jaxadapt. `reference` defines every op in plain jn
 specification); `ops` dispatches to the fastest implementation per backend: the Pallas kernels of
 `sgmv_tpu` (Mosaic) and `sgmv_triton` (GPU), or the XLA loop of `xla` on CPU.
 """
-from kernels_pallas.ops import (get_backend, lora_batched, lora_expand, lora_shrink, lora_topk, resolve_backend,
-                                set_backend, sgmv_expand, sgmv_shrink)
+from kernels_pallas.ops import (batched_grouping, batched_needs_grouping, get_backend,
+                                lora_batched, lora_expand, lora_shrink, lora_topk, make_grouping,
+                                resolve_backend, set_backend, sgmv_expand, sgmv_shrink)
+from kernels_pallas.plan import Grouping
 from kernels_pallas.reference import PagedWeights
 
-__all__ = ["PagedWeights", "get_backend", "lora_batched", "lora_expand", "lora_shrink", "lora_topk",
+__all__ = ["Grouping", "PagedWeights", "batched_grouping", "batched_needs_grouping", "get_backend",
+           "lora_batched", "lora_expand", "lora_shrink", "lora_topk", "make_grouping",
            "resolve_backend", "set_backend", "sgmv_expand", "sgmv_shrink"]

@@ -212,14 +212,69 @@ def _grouping(impl: str, row_ids: jax.Array, grouped: bool, max_runs: int, block
   return plan, None, order, inverse
 
 
+def _max_runs(rows: int, groups: int) -> int:
+  """Static bound on the runs of equal ids among `rows` rows holding `groups` kinds of id."""
+  return max(1, min(rows, groups))
+
+
+def make_grouping(ids: jax.Array, num_adapters: int, *, segments: int | None = None):
+  """The routing of a batch of rows, for every op of one forward to share (`plan.Grouping`).
+
+  Args:
+    ids: [T] adapter id per row (< 0 or >= num_adapters: no adapter).
+    num_adapters: N, the size of the weight stack the ids index.
+    segments: None for a per-row (BGMV) batch, which is sorted into runs; else the rows are
+      already grouped (SGMV) into at most this many segments.
+
+  Returns:
+    A `plan.Grouping` (None for zero rows) for the implementation the current backend
+    resolves to; pass it as
+    `grouping=` to `lora_shrink`/`lora_expand` (per-row) or `sgmv_*`/`lora_batched` (segments).
+
+  References:
+    S-LoRA (Sheng et al., 2023), Sec. 5.1: the heterogeneous batch as segments of one adapter.
+  """
+  impl = resolve_backend()
+  ids = _in_range(jnp.asarray(ids), num_adapters)
+  rows = ids.shape[0]
+  if rows == 0:
+    return None  # the ops return at once on zero rows
+  grouped = segments is not None
+  runs = _max_runs(rows, (segments if grouped else num_adapters) + 1)
+  plan, perm, order, inverse = _grouping(impl, ids, grouped, runs, _BLOCK_T[impl])
+  return plan_lib.Grouping(plan=plan, perm=perm, order=order, inverse=inverse, impl=impl,
+                           rows=rows)
+
+
+def _check_grouping(name: str, grouping, impl: str, rows: int, grouped: bool) -> None:
+  if grouping is None:
+    return
+  if not isinstance(grouping, plan_lib.Grouping):
+    raise TypeError(f"{name}: grouping must be a kernels_pallas Grouping (make_grouping), got "
+                    f"{type(grouping).__name__}")
+  if grouping.impl != impl or grouping.rows != rows:
+    raise ValueError(f"{name}: the grouping was built for {grouping.rows} rows on {grouping.impl!r}"
+                     f"; this call has {rows} rows on {impl!r}. Build it with make_grouping "
+                     f"under the same backend, for these rows.")
+  if grouped != (grouping.order is None and grouping.perm is None):
+    raise ValueError(f"{name}: expected a grouping built "
+                     f"{'with' if grouped else 'without'} segments=, found the other kind")
+
+
+def _use(grouping, impl, row_ids, grouped, max_runs, block_t):
+  if grouping is None:
+    return _grouping(impl, row_ids, grouped, max_runs, block_t)
+  return grouping.plan, grouping.perm, grouping.order, grouping.inverse
+
+
 @functools.partial(jax.jit, static_argnames=("impl", "grouped", "max_runs"))
-def _shrink(x, a_stack, row_ids, ranks, *, impl, grouped, max_runs):
+def _shrink(x, a_stack, row_ids, ranks, grouping, *, impl, grouped, max_runs):
   w, table, rank_axis, n, r = _source(a_stack, "a")
   if x.shape[0] == 0:
     return jnp.zeros((0, r), x.dtype)
   block_t = _BLOCK_T[impl]
   row_ids = _in_range(row_ids, n)
-  plan, perm, order, inverse = _grouping(impl, row_ids, grouped, max_runs, block_t)
+  plan, perm, order, inverse = _use(grouping, impl, row_ids, grouped, max_runs, block_t)
   cfg = _Cfg(impl, rank_axis, block_t, perm is not None)
   xs = x if order is None else x[order]
   h = _shrink_core(cfg, xs, w, table, _ranks(ranks, n, r), plan, perm)
@@ -228,7 +283,7 @@ def _shrink(x, a_stack, row_ids, ranks, *, impl, grouped, max_runs):
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "grouped", "max_runs"))
-def _expand(y, h, b_stack, row_ids, scales, ranks, *, impl, grouped, max_runs):
+def _expand(y, h, b_stack, row_ids, scales, ranks, grouping, *, impl, grouped, max_runs):
   w, table, rank_axis, n, r = _source(b_stack, "b")
   if y.shape[0] == 0:
     return y
@@ -237,7 +292,7 @@ def _expand(y, h, b_stack, row_ids, scales, ranks, *, impl, grouped, max_runs):
   valid = row_ids >= 0
   row_scale = jnp.where(valid, scales[jnp.where(valid, row_ids, 0)], 0).astype(jnp.float32)
   hs = h.astype(jnp.float32) * row_scale[:, None]
-  plan, perm, order, inverse = _grouping(impl, row_ids, grouped, max_runs, block_t)
+  plan, perm, order, inverse = _use(grouping, impl, row_ids, grouped, max_runs, block_t)
   cfg = _Cfg(impl, rank_axis, block_t, perm is not None)
   if order is not None:
     y, hs = y[order], hs[order]
@@ -247,7 +302,8 @@ def _expand(y, h, b_stack, row_ids, scales, ranks, *, impl, grouped, max_runs):
 
 # 3. Public ops. --------------------------------------------------------------------------------
 
-def lora_shrink(x: jax.Array, a_stack, ids: jax.Array, *, ranks=None) -> jax.Array:
+def lora_shrink(x: jax.Array, a_stack, ids: jax.Array, *, ranks=None,
+                grouping=None) -> jax.Array:
   """h[t] = x[t] @ A[ids[t]] on a per-row batch (BGMV); spec: `reference.lora_shrink`.
 
   Args:
@@ -257,6 +313,8 @@ def lora_shrink(x: jax.Array, a_stack, ids: jax.Array, *, ranks=None) -> jax.Arr
       ValueError when concrete and means no adapter under jit.
     ranks: optional [N] true ranks (1..R); columns past an adapter's rank are zero and cost no
       compute beyond the hardware block that holds the rank's end.
+    grouping: optional `make_grouping(ids, N)` shared by every op of a forward; without it the
+      rows are sorted and planned here.
 
   Returns:
     [T, R] in x's dtype.
@@ -266,12 +324,14 @@ def lora_shrink(x: jax.Array, a_stack, ids: jax.Array, *, ranks=None) -> jax.Arr
   """
   reference._validate("lora_shrink", x, a_stack, ids, ranks, side="a")  # pylint: disable=protected-access
   n = _source(a_stack, "a")[3]
-  return _shrink(x, a_stack, ids, ranks, impl=resolve_backend(), grouped=False,
-                 max_runs=min(x.shape[0], n + 1))
+  impl = resolve_backend()
+  _check_grouping("lora_shrink", grouping, impl, x.shape[0], grouped=False)
+  return _shrink(x, a_stack, ids, ranks, grouping, impl=impl, grouped=False,
+                 max_runs=_max_runs(x.shape[0], n + 1))
 
 
 def lora_expand(y: jax.Array, h: jax.Array, b_stack, ids: jax.Array, scales: jax.Array, *,
-                ranks=None) -> jax.Array:
+                ranks=None, grouping=None) -> jax.Array:
   """y[t] += scales[ids[t]] * h[t] @ B[ids[t]] per row (BGMV); spec: `reference.lora_expand`.
 
   Args:
@@ -281,6 +341,7 @@ def lora_expand(y: jax.Array, h: jax.Array, b_stack, ids: jax.Array, scales: jax
     ids: [T] adapter id per row; < 0 leaves the row unchanged; >= N as in `lora_shrink`.
     scales: [N] per-adapter scale.
     ranks: optional [N] true ranks; rank rows past them are ignored whatever they hold.
+    grouping: optional `make_grouping(ids, N)`, as in `lora_shrink`.
 
   Returns:
     [T, O] in y's dtype.
@@ -291,12 +352,14 @@ def lora_expand(y: jax.Array, h: jax.Array, b_stack, ids: jax.Array, scales: jax
   reference._validate("lora_expand", h, b_stack, ids, ranks, side="b", y=y)  # pylint: disable=protected-access
   n = _source(b_stack, "b")[3]
   reference.check_scales("lora_expand", scales, n)
-  return _expand(y, h, b_stack, ids, scales, ranks, impl=resolve_backend(), grouped=False,
-                 max_runs=min(y.shape[0], n + 1))
+  impl = resolve_backend()
+  _check_grouping("lora_expand", grouping, impl, y.shape[0], grouped=False)
+  return _expand(y, h, b_stack, ids, scales, ranks, grouping, impl=impl, grouped=False,
+                 max_runs=_max_runs(y.shape[0], n + 1))
 
 
 def sgmv_shrink(x: jax.Array, a_stack, seg_ids: jax.Array, seg_lens: jax.Array, *,
-                ranks=None) -> jax.Array:
+                ranks=None, grouping=None) -> jax.Array:
   """`lora_shrink` on a segmented batch (SGMV); spec: `reference.sgmv_shrink`.
 
   Args:
@@ -305,18 +368,21 @@ def sgmv_shrink(x: jax.Array, a_stack, seg_ids: jax.Array, seg_lens: jax.Array, 
     seg_ids: [S] adapter id of each segment (< 0: none); seg_lens: [S] rows per segment (>= 0,
       empty segments allowed). Rows past sum(seg_lens) have no adapter.
     ranks: optional [N].
+    grouping: optional `make_grouping(row ids, N, segments=S)` shared across ops.
 
   References:
     S-LoRA (Sheng et al., 2023), Sec. 5.1: MBGMM on the prefill batch.
   """
   row_ids = reference.segment_row_ids(seg_ids, seg_lens, x.shape[0])
   reference._validate("sgmv_shrink", x, a_stack, row_ids, ranks, side="a")  # pylint: disable=protected-access
-  return _shrink(x, a_stack, row_ids, ranks, impl=resolve_backend(), grouped=True,
-                 max_runs=min(x.shape[0], seg_ids.shape[0] + 1))
+  impl = resolve_backend()
+  _check_grouping("sgmv_shrink", grouping, impl, x.shape[0], grouped=True)
+  return _shrink(x, a_stack, row_ids, ranks, grouping, impl=impl, grouped=True,
+                 max_runs=_max_runs(x.shape[0], seg_ids.shape[0] + 1))
 
 
 def sgmv_expand(y: jax.Array, h: jax.Array, b_stack, seg_ids: jax.Array, seg_lens: jax.Array,
-                scales: jax.Array, *, ranks=None) -> jax.Array:
+                scales: jax.Array, *, ranks=None, grouping=None) -> jax.Array:
   """`lora_expand` on a segmented batch (SGMV); spec: `reference.sgmv_expand`.
 
   References:
@@ -325,12 +391,14 @@ def sgmv_expand(y: jax.Array, h: jax.Array, b_stack, seg_ids: jax.Array, seg_len
   row_ids = reference.segment_row_ids(seg_ids, seg_lens, y.shape[0])
   reference._validate("sgmv_expand", h, b_stack, row_ids, ranks, side="b", y=y)  # pylint: disable=protected-access
   reference.check_scales("sgmv_expand", scales, _source(b_stack, "b")[3])
-  return _expand(y, h, b_stack, row_ids, scales, ranks, impl=resolve_backend(), grouped=True,
-                 max_runs=min(y.shape[0], seg_ids.shape[0] + 1))
+  impl = resolve_backend()
+  _check_grouping("sgmv_expand", grouping, impl, y.shape[0], grouped=True)
+  return _expand(y, h, b_stack, row_ids, scales, ranks, grouping, impl=impl, grouped=True,
+                 max_runs=_max_runs(y.shape[0], seg_ids.shape[0] + 1))
 
 
 def lora_batched(y: jax.Array, x: jax.Array, a_stack, b_stack, ids: jax.Array,
-                 scales: jax.Array, *, ranks=None) -> jax.Array:
+                 scales: jax.Array, *, ranks=None, grouping=None) -> jax.Array:
   """y[b] += scales[ids[b]] * x[b] @ A[ids[b]] @ B[ids[b]]: one adapter per batch row.
 
   The SGMV layout with B equal segments of S rows (a mixed batch of sequences, each with its own
@@ -340,7 +408,9 @@ def lora_batched(y: jax.Array, x: jax.Array, a_stack, b_stack, ids: jax.Array,
 
   Args:
     y: [B, S, O]; x: [B, S, D]; a_stack: [N, D, R] or PagedWeights; b_stack: [N, R, O] or
-    PagedWeights; ids: [B] adapter id per row (< 0: none); scales: [N]; ranks: optional [N].
+    PagedWeights; ids: [B] adapter id per row (< 0: none); scales: [N]; ranks: optional [N];
+    grouping: optional, for the Pallas paths: `batched_grouping(ids, S, N)` (the XLA path needs
+    none).
 
   Returns:
     [B, S, O] in y's dtype.
@@ -365,13 +435,30 @@ def lora_batched(y: jax.Array, x: jax.Array, a_stack, b_stack, ids: jax.Array,
     return xla.batched_lora(y, x, reference.dense_a(a_stack), reference.dense_b(b_stack),
                             ids.astype(jnp.int32), scales, ranks)  # ids >= N: no adapter
   lens = jnp.full((bsz,), seq, jnp.int32)
-  h = sgmv_shrink(x.reshape(bsz * seq, x.shape[2]), a_stack, ids, lens, ranks=ranks)
-  out = sgmv_expand(y.reshape(bsz * seq, y.shape[2]), h, b_stack, ids, lens, scales, ranks=ranks)
+  if grouping is None:
+    grouping = batched_grouping(ids, seq, n)
+  h = sgmv_shrink(x.reshape(bsz * seq, x.shape[2]), a_stack, ids, lens, ranks=ranks,
+                  grouping=grouping)
+  out = sgmv_expand(y.reshape(bsz * seq, y.shape[2]), h, b_stack, ids, lens, scales, ranks=ranks,
+                    grouping=grouping)
   return out.reshape(y.shape)
 
 
+def batched_needs_grouping() -> bool:
+  """Whether `lora_batched` runs on a plan on this backend (the XLA path gathers per row)."""
+  return resolve_backend() != "xla"
+
+
+def batched_grouping(ids: jax.Array, seq: int, num_adapters: int):
+  """The grouping `lora_batched` uses for B rows of `seq` tokens each (one adapter per row)."""
+  ids = jnp.asarray(ids, jnp.int32)
+  rows = reference.segment_row_ids(ids, jnp.full(ids.shape, seq, jnp.int32), ids.shape[0] * seq)
+  return make_grouping(rows, num_adapters, segments=ids.shape[0])
+
+
 def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
-              topk_ids: jax.Array, gates: jax.Array, *, ranks=None) -> jax.Array:
+              topk_ids: jax.Array, gates: jax.Array, *, ranks=None,
+              groupings=None) -> jax.Array:
   """MeteoRA's top-k gated mixture; spec: `reference.lora_topk`.
 
   Each of the K slots is one shrink and one expand on the per-row layout; the gate multiplies h
@@ -379,7 +466,9 @@ def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
 
   Args:
     y: [T, O]; x: [T, D]; a_stack: [N, D, R] or PagedWeights; b_stack: [N, R, O] or PagedWeights;
-    scales: [N]; topk_ids: [T, K] (< 0 skips the slot); gates: [T, K]; ranks: optional [N].
+    scales: [N]; topk_ids: [T, K] (< 0 skips the slot); gates: [T, K]; ranks: optional [N];
+    groupings: optional K groupings (`make_grouping(topk_ids[:, j], N)`), shared by every
+    projection that routes the same ids; default: built here, one per slot.
 
   Returns:
     [T, O] in y's dtype.
@@ -396,8 +485,12 @@ def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
   out = y.astype(jnp.float32)
   for j in range(topk_ids.shape[1]):
     ids = topk_ids[:, j]
-    h = lora_shrink(x, a_stack, ids, ranks=ranks).astype(jnp.float32)
+    if groupings is not None:
+      grouping = groupings[j]
+    else:  # one per slot, shared by its shrink and expand
+      grouping = make_grouping(ids, n) if x.shape[0] else None
+    h = lora_shrink(x, a_stack, ids, ranks=ranks, grouping=grouping).astype(jnp.float32)
     out = lora_expand(out, h * gates[:, j:j + 1].astype(jnp.float32), b_stack, ids, scales,
-                      ranks=ranks)
+                      ranks=ranks, grouping=grouping)
   return out.astype(y.dtype)
 

@@ -12,7 +12,9 @@ References:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import functools
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -80,3 +82,31 @@ def group_rows(ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   order = jnp.argsort(ids, stable=True)
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(ids.shape[0], dtype=order.dtype))
   return order, inverse, ids[order]
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["plan", "perm", "order",
+                                                                   "inverse"],
+                   meta_fields=["impl", "rows"])
+@dataclasses.dataclass(frozen=True)
+class Grouping:
+  """A batch's routing turned into what the kernels run on, built once per forward.
+
+  Every shrink and expand of one forward that sees the same rows with the same adapter ids can
+  share it (as megablox's `gmm` takes precomputed group metadata), instead of sorting the rows
+  and building the plan again in every projection. `ops.make_grouping` builds it.
+
+  Attributes:
+    plan: the visit plan of the grouped rows.
+    perm: [T] int32 permutation the XLA path reads rows through, or None.
+    order, inverse: [T] sort and unsort of the rows for the Pallas paths, or None (rows already
+      grouped, or the XLA path).
+    impl: the implementation it was built for (`ops.resolve_backend`'s answer); its tile size
+      and row handling differ per implementation.
+    rows: T, the number of rows it routes.
+  """
+  plan: Plan
+  perm: Optional[jax.Array]
+  order: Optional[jax.Array]
+  inverse: Optional[jax.Array]
+  impl: str
+  rows: int

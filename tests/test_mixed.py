@@ -63,7 +63,6 @@ def test_mixed_batch_bad_ids_are_refused(llama_dir):
 def test_per_token_ids_equal_per_sequence_ids(llama_dir):
   """The hook's per-token path (S-LoRA decode/BGMV layout) equals its per-sequence path."""
   from jaxadapt.adapters import stack as stack_lib
-  from jaxadapt.causal_lm import _forward
   model = ja.load_model(llama_dir[0])
   adapters = [_perturbed(ja.init_lora(model, ja.LoraConfig(r=r, target_modules="all-linear",
                                                            use_dora=d), seed=r), r)
@@ -71,10 +70,9 @@ def test_per_token_ids_equal_per_sequence_ids(llama_dir):
   ids = np.random.default_rng(1).integers(0, 97, (3, 6))
   which = np.array([1, -1, 0])
   stacks = stack_lib.stack_adapters(model.params, adapters)
-  per_seq = _forward(model.graphdef, model.params, ids, None, None,
-                     stack_lib.mixed_contexts(stacks, which))
-  per_tok = _forward(model.graphdef, model.params, ids, None, None,
-                     stack_lib.mixed_contexts(stacks, np.repeat(which, ids.shape[1])))
+  per_seq = model(ids, context=stack_lib.mixed_context(stacks, which, layout="sequence"))
+  per_tok = model(ids, context=stack_lib.mixed_context(stacks, np.repeat(which, ids.shape[1]),
+                                                       layout="token"))
   np.testing.assert_allclose(np.asarray(per_tok), np.asarray(per_seq), atol=1e-5, rtol=0)
   alone = model(ids[:1], adapter=adapters[1])
   np.testing.assert_allclose(np.asarray(per_tok[:1]), np.asarray(alone), atol=1e-5, rtol=0)
@@ -92,17 +90,14 @@ def _stack_setup(llama_dir, use_dora=False):
 def test_paged_pool_equals_dense_stack(llama_dir):
   """Adapters read from shuffled pages of a pool (S-LoRA unified paging) == the dense stack."""
   from jaxadapt.adapters import stack as stack_lib
-  from jaxadapt.causal_lm import _forward
   model, adapters, stacks = _stack_setup(llama_dir, use_dora=True)
   ids = np.random.default_rng(2).integers(0, 97, (4, 5))
   which = np.array([2, 0, -1, 1])
   tokens = np.repeat(which, ids.shape[1])
-  dense = _forward(model.graphdef, model.params, ids, None, None,
-                   stack_lib.mixed_contexts(stacks, tokens))
+  dense = model(ids, context=stack_lib.mixed_context(stacks, tokens, layout="token"))
   for page_rows in (1, 4):
     paged = stack_lib.page_stacks(stacks, page_rows, seed=page_rows)
-    out = _forward(model.graphdef, model.params, ids, None, None,
-                   stack_lib.mixed_contexts(paged, tokens))
+    out = model(ids, context=stack_lib.mixed_context(paged, tokens, layout="token"))
     np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=1e-5, rtol=0)
   alone = model(ids[:1], adapter=adapters[2])
   np.testing.assert_allclose(np.asarray(dense[:1]), np.asarray(alone), atol=1e-5, rtol=0)
@@ -121,11 +116,11 @@ def test_gated_topk_equals_weighted_sum_of_adapters(llama_dir):
   topk = np.stack([rng.permutation(3)[:2] for _ in range(t)]).astype(np.int32)
   topk[0, 1] = -1  # a skipped slot
   gates = rng.uniform(0.1, 1.0, (t, 2)).astype(np.float32)
-  ctxs = stack_lib.gated_contexts(stacks, topk, gates)
+  ctx = stack_lib.gated_context(stacks, topk, gates)
   for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
     kernel = kernel_at(model.params, path)
     x = jnp.asarray(rng.normal(size=(t, kernel.shape[0])), jnp.float32)
-    got = project(x, kernel, None, ctxs[path])
+    got = project(x, kernel, None, ctx, path)
     want = np.array(x @ kernel)
     for i in range(t):
       for j in range(2):
@@ -154,9 +149,10 @@ def test_hook_runs_the_pallas_kernels(llama_dir):
   for backend in ("xla", "pallas_interpret"):
     kernels_pallas.set_backend(backend)
     try:
-      per_seq = stack_lib.mixed_contexts(stacks, np.array([1, 0]))[path]
-      per_tok = stack_lib.mixed_contexts(stacks, np.array([1, 1, 0, -1, 2] * 2))[path]
-      outs[backend] = (project(x, kernel, None, per_seq), project(x, kernel, None, per_tok))
+      per_seq = stack_lib.mixed_context(stacks, np.array([1, 0]), layout="sequence")
+      per_tok = stack_lib.mixed_context(stacks, np.array([1, 1, 0, -1, 2] * 2), layout="token")
+      outs[backend] = (project(x, kernel, None, per_seq, path),
+                       project(x, kernel, None, per_tok, path))
     finally:
       kernels_pallas.set_backend("auto")
   for got, want in zip(outs["pallas_interpret"], outs["xla"]):
@@ -210,7 +206,9 @@ def test_dora_in_bfloat16_rounds_once():
   check(hook.project(x, w, None, single(0, x, lambda v: v)),
         hook.project(f32(x), f32(w), None, single(0, x, f32)))
   ids = jnp.array([0, 1, -1, 1], jnp.int32)
-  mixed = hook.MixedLoRA(a=a, b=b, scale=scale, token_ids=ids, dora_scale=f32(mag) / norms)
+  from jaxadapt.context import Context, Stack, make_routing
+  mixed = Context(weights={"p": Stack(a=a, b=b, scale=scale, dora_scale=f32(mag) / norms)},
+                  routing=make_routing("sequence", ids, 2))
   rows = [hook.project(f32(x[i]), f32(w), None, single(n, x, f32)) if n >= 0 else
           f32(x[i]) @ f32(w) for i, n in enumerate(ids.tolist())]
-  check(hook.project(x, w, None, mixed), jnp.stack(rows))
+  check(hook.project(x, w, None, mixed, "p"), jnp.stack(rows))

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 import jaxadapt as ja
 from jaxadapt import cli
 from jaxadapt import sharding as sharding_lib
-from jaxadapt.adapters.lora import LoraAdapter, contexts
+from jaxadapt.adapters.lora import LoraAdapter, context
 from jaxadapt.models import clip, dit, unet, vae
 from jaxadapt.models.layers import Linear
 from jaxadapt.models.llama import LlamaConfig, LlamaForCausalLM
@@ -213,7 +213,7 @@ def test_tensor_parallel_dit_with_adaln_split_equals_one_device():
   assert "transformer_blocks.0.norm1.linear" in adapter.weights
   x = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype(np.float32)
   t, y = np.array([3, 700]), np.array([1, 7])
-  want = np.asarray(model(x, t, y, lora=contexts(adapter)))
+  want = np.asarray(model(x, t, y, context=context(adapter)))
 
   mesh = sharding_lib.make_mesh(data=1, model=4)
   sharded = model.with_params(sharding_lib.shard_params(params, mesh), merged=())
@@ -222,7 +222,7 @@ def test_tensor_parallel_dit_with_adaln_split_equals_one_device():
   assert sharded.params["transformer_blocks"][0]["norm1"]["linear"]["kernel"].sharding.spec == COL
   assert s_adapter.weights["transformer_blocks.0.norm1.linear"]["b"].sharding.spec == COL
   assert s_adapter.weights["transformer_blocks.0.attn1.to_out.0"]["a"].sharding.spec == ROW
-  got = np.asarray(sharded(x, t, y, lora=contexts(s_adapter)))
+  got = np.asarray(sharded(x, t, y, context=context(s_adapter)))
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   assert np.abs(want - np.asarray(model(x, t, y))).max() > 1e-3
 

@@ -1,76 +1,26 @@
 """The one projection hook: every linear layer of every jaxadapt model calls `project`.
 
-The adapter context for a projection is one of
-  1. `None`: the plain frozen base;
+`project(x, kernel, bias, ctx, path)` reads the forward context (`jaxadapt.context.Context`)
+for its path and runs one of
+  1. nothing: the plain frozen base;
   2. `SingleLoRA`: one adapter (training, single-tenant inference), PEFT semantics incl. DoRA;
-  3. `MixedLoRA`: a stack of adapters and one adapter id per token (mixed batches, S-LoRA);
-  4. `GatedLoRA`: a stack and per-token top-k gate weights (MeteoRA).
-Contexts 3 and 4 run on `kernels_pallas`; this module is its only caller in jaxadapt.
+  3. a `Stack` or `PoolView` with "sequence" or "token" routing: a mixed batch (S-LoRA);
+  4. a `Stack` or `PoolView` with a `Router` for the path (MeteoRA: the gate evaluated here from
+     this layer's x) or "topk" routing (given ids and gates).
+Cases 3 and 4 run on `kernels_pallas` with the plan the context's routing built once per
+forward; this module is the only caller of `kernels_pallas` in jaxadapt.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 import kernels_pallas
+from jaxadapt.context import Context, Router, Routing, SingleLoRA, Stack
 
-
-def _pytree(meta=()):
-  def wrap(cls):
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]
-    return jax.tree_util.register_dataclass(
-        cls, data_fields=[f for f in fields if f not in meta], meta_fields=list(meta))
-  return wrap
-
-
-@_pytree(meta=("dropout",))
-class SingleLoRA:
-  """One LoRA adapter on one projection: `y = x W + b + scale * (drop(x) A) B`.
-
-  DoRA (Liu et al., 2024, Eq. 5) when `magnitude` is set: the adapted weight is
-  `m * (W + scale*A B) / ||W + scale*A B||_c`, the column norm held constant in gradients.
-  """
-  a: jax.Array                      # [in, r]
-  b: jax.Array                      # [r, out]
-  scale: jax.Array                  # [] alpha / r (or alpha / sqrt(r) with rsLoRA)
-  magnitude: Optional[jax.Array] = None  # [out] DoRA magnitude, or None
-  dropout_key: Optional[jax.Array] = None  # PRNG key when dropout is active (training)
-  dropout: float = 0.0
-
-
-@_pytree()
-class MixedLoRA:
-  """A stack of adapters and one adapter id per token (-1 = base only).
-
-  `a` and `b` are dense stacks or `kernels_pallas.PagedWeights` (pages of S-LoRA's unified
-  pool, Sec. 4.1). `ranks[n]` is adapter n's true rank, so the kernels skip the padding.
-  `dora_scale[n]` is DoRA's `m / ||W + s A B||_c` per output column (ones for plain LoRA),
-  or None when no adapter in the stack uses DoRA.
-  """
-  a: Any                            # [N, in, r_max] (ranks zero-padded) or PagedWeights
-  b: Any                            # [N, r_max, out] or PagedWeights
-  scale: jax.Array                  # [N]
-  token_ids: jax.Array              # [T] int32 (T = product of x's leading dims), or [B] one
-                                    # id per sequence of x [B, ..., in] (tokens already
-                                    # segmented); ids outside [0, N) mean base only (eager
-                                    # calls with such concrete ids raise ValueError)
-  dora_scale: Optional[jax.Array] = None  # [N, out]
-  ranks: Optional[jax.Array] = None       # [N] int32 true ranks, or None (all r_max)
-
-
-@_pytree()
-class GatedLoRA:
-  """MeteoRA: per-token top-k adapters mixed with gate weights (MeteoRA Eq. 3-4)."""
-  a: Any                            # [N, in, r_max] or PagedWeights
-  b: Any                            # [N, r_max, out] or PagedWeights
-  scale: jax.Array                  # [N]
-  topk_ids: jax.Array               # [T, K] adapter ids, -1 skips the slot
-  gates: jax.Array                  # [T, K] gate weights
-  ranks: Optional[jax.Array] = None       # [N] int32 true ranks, or None
+__all__ = ["SingleLoRA", "dora_weight_norm", "project"]
 
 
 def _cast(w, dtype):
@@ -93,35 +43,84 @@ def dora_weight_norm(kernel, a, b, scale):
   return jnp.sqrt(jnp.sum(w * w, axis=0))
 
 
-def _per_sequence(x, base, ctx: MixedLoRA):
+def _per_sequence(x, base, view: Stack, routing: Routing):
   """Mixed LoRA with one adapter per sequence of x [B, ..., in]: the sequences are the segments
   of S-LoRA's SGMV (Sec. 5.1), so each sequence reads its adapter's weights once, not per token."""
-  ids = ctx.token_ids.astype(jnp.int32)
-  if ids.shape[0] != x.shape[0]:
-    raise ValueError(f"MixedLoRA.token_ids has {ids.shape[0]} ids for x of shape {x.shape}: "
-                     f"expected one per token ({base.size // base.shape[-1]}) or per sequence "
-                     f"({x.shape[0]})")
+  ids = routing.ids
+  if x.ndim < 2 or ids.shape[0] != x.shape[0]:
+    raise ValueError(f"sequence routing has {ids.shape[0]} ids for x of shape {x.shape}: "
+                     f"expected one per batch row ({x.shape[0] if x.ndim else 0})")
   x3 = x.reshape(x.shape[0], -1, x.shape[-1])
   b3 = base.reshape(base.shape[0], -1, base.shape[-1])
-  y0 = b3 if ctx.dora_scale is None else jnp.zeros_like(b3)
-  out = kernels_pallas.ops.lora_batched(y0, x3, _cast(ctx.a, x.dtype), _cast(ctx.b, x.dtype), ids,
-                                        ctx.scale, ranks=ctx.ranks)
-  if ctx.dora_scale is not None:
-    out = _mixed_dora(b3, out, ctx.dora_scale, ids)
+  if _rank_slots(view.a, "a") != _rank_slots(view.b, "b"):  # pool pages of the two sides hold different rank slots: the per-token form
+    return _per_token(x, base, view, routing.as_tokens(x3.shape[1]))
+  grouping = (routing.grouping_for(x3.shape[0] * x3.shape[1])
+              if kernels_pallas.batched_needs_grouping() else None)
+  y0 = b3 if view.dora_scale is None else jnp.zeros_like(b3)
+  out = kernels_pallas.lora_batched(y0, x3, _cast(view.a, x.dtype), _cast(view.b, x.dtype), ids,
+                                    view.scale, ranks=view.ranks, grouping=grouping)
+  if view.dora_scale is not None:
+    out = _mixed_dora(b3, out, view.dora_scale, ids)
   return out.reshape(base.shape)
 
 
-def _per_token(x, base, ctx: MixedLoRA):
+def _per_token(x, base, view: Stack, routing: Routing):
   """Mixed LoRA with one adapter id per token (S-LoRA's BGMV layout, Sec. 5.1)."""
   x2, y2 = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
-  ids = ctx.token_ids.astype(jnp.int32)
-  h = kernels_pallas.ops.lora_shrink(x2, _cast(ctx.a, x.dtype), ids, ranks=ctx.ranks)
-  y0 = y2 if ctx.dora_scale is None else jnp.zeros_like(y2)
-  out = kernels_pallas.ops.lora_expand(y0, h, _cast(ctx.b, x.dtype), ids, ctx.scale,
-                                       ranks=ctx.ranks)
-  if ctx.dora_scale is not None:
-    out = _mixed_dora(y2, out, ctx.dora_scale, ids)
+  ids = routing.ids
+  if ids.shape[0] != x2.shape[0]:
+    raise ValueError(f"token routing has {ids.shape[0]} ids for x of shape {x.shape}: expected "
+                     f"one per token ({x2.shape[0]})")
+  grouping = routing.grouping_for(x2.shape[0])
+  a, b = _cast(view.a, x.dtype), _cast(view.b, x.dtype)
+  h = kernels_pallas.lora_shrink(x2, a, ids, ranks=view.ranks, grouping=grouping)
+  h = _fit_rank(h, _rank_slots(b, "b"))
+  y0 = y2 if view.dora_scale is None else jnp.zeros_like(y2)
+  out = kernels_pallas.lora_expand(y0, h, b, ids, view.scale, ranks=view.ranks,
+                                   grouping=grouping)
+  if view.dora_scale is not None:
+    out = _mixed_dora(y2, out, view.dora_scale, ids)
   return out.reshape(base.shape)
+
+
+def _rank_slots(w, side: str) -> int:
+  """R of one side: a dense A [N, D, R] or B [N, R, O], or PagedWeights' pages x rows."""
+  if isinstance(w, kernels_pallas.PagedWeights):
+    return w.max_rank
+  return w.shape[2] if side == "a" else w.shape[1]
+
+
+def _fit_rank(h, r_b: int):
+  """h [T, R_a] cut or zero-padded to B's rank slots R_b: in a pool the two sides' pages hold
+  different numbers of rank rows, and every slot past an adapter's rank is zero anyway."""
+  r_a = h.shape[1]
+  if r_a == r_b:
+    return h
+  if r_a > r_b:
+    return h[:, :r_b]
+  return jnp.pad(h, ((0, 0), (0, r_b - r_a)))
+
+
+def _route(x, router: Router, n: int):
+  """MeteoRA's gate (Eq. 3-4) from this layer's input: top-k ids and softmax(g_topk / T)."""
+  g = jnp.matmul(x.reshape(-1, x.shape[-1]).astype(jnp.float32),
+                 router.w_gate.astype(jnp.float32))
+  if g.shape[-1] != n:
+    raise ValueError(f"router has {g.shape[-1]} gate outputs for a stack of {n} adapters")
+  top, ids = jax.lax.top_k(g, router.top_k)
+  gates = jax.nn.softmax(top / router.temperature.astype(jnp.float32), axis=-1)
+  return ids.astype(jnp.int32), gates
+
+
+def _gated(x, base, view: Stack, ids, gates, groupings=None):
+  if view.dora_scale is not None:
+    raise ValueError("a gated (MeteoRA) mixture of DoRA adapters is not supported; use LoRA")
+  a, b = _cast(view.a, x.dtype), _cast(view.b, x.dtype)
+  if _rank_slots(a, "a") != _rank_slots(b, "b"):
+    raise ValueError("a gated mixture over pool pages needs equal A and B rank slots")
+  return kernels_pallas.lora_topk(
+      base.reshape(-1, base.shape[-1]), x.reshape(-1, x.shape[-1]), a, b, view.scale, ids, gates,
+      ranks=view.ranks, groupings=groupings).reshape(base.shape)
 
 
 def _mixed_dora(base, delta, dora_scale, ids):
@@ -137,48 +136,65 @@ def _mixed_dora(base, delta, dora_scale, ids):
   return (ms * (base.astype(jnp.float32) + delta.astype(jnp.float32))).astype(base.dtype)
 
 
+def _single(x, kernel, base, ctx: SingleLoRA):
+  xd = _dropout(x, ctx.dropout, ctx.dropout_key)
+  delta = ((xd @ ctx.a.astype(x.dtype)) @ ctx.b.astype(x.dtype)) * ctx.scale.astype(x.dtype)
+  if ctx.magnitude is None:
+    return base + delta
+  # Combined in float32 and rounded once (in bfloat16, `base + (m - 1) * base` rounds twice).
+  norm = jax.lax.stop_gradient(dora_weight_norm(kernel, ctx.a, ctx.b, ctx.scale))
+  mag = ctx.magnitude.astype(jnp.float32) / norm
+  f32 = lambda v: v.astype(jnp.float32)
+  if xd is x:
+    return (mag * (f32(base) + f32(delta))).astype(x.dtype)
+  base_d = jnp.matmul(xd, kernel.astype(x.dtype))
+  return (f32(base) + (mag - 1) * f32(base_d) + mag * f32(delta)).astype(x.dtype)
+
+
 def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
-            ctx: Any = None) -> jax.Array:
-  """A linear projection `x @ kernel + bias` with the adapter context for this path.
+            ctx: Optional[Context] = None, path: Optional[str] = None) -> jax.Array:
+  """A linear projection `x @ kernel + bias` with what the forward context holds for `path`.
 
   Args:
     x: [..., in] activations.
     kernel: [in, out] frozen base weight.
     bias: [out] frozen base bias or None.
-    ctx: None, SingleLoRA, MixedLoRA or GatedLoRA (see module docstring).
+    ctx: the forward context (`jaxadapt.context.Context`) or None; a bare `SingleLoRA` is
+      accepted too (one adapter on this projection).
+    path: this projection's module path (the key of `ctx.weights` and `ctx.routers`).
 
   Returns:
     [..., out] in x's dtype.
   """
   base = jnp.matmul(x, kernel.astype(x.dtype))
-  if ctx is None:
-    out = base
-  elif isinstance(ctx, SingleLoRA):
-    xd = _dropout(x, ctx.dropout, ctx.dropout_key)
-    delta = ((xd @ ctx.a.astype(x.dtype)) @ ctx.b.astype(x.dtype)) * ctx.scale.astype(x.dtype)
-    if ctx.magnitude is None:
-      out = base + delta
-    else:
-      # Combined in float32 and rounded once (in bfloat16, `base + (m - 1) * base` rounds twice).
-      norm = jax.lax.stop_gradient(dora_weight_norm(kernel, ctx.a, ctx.b, ctx.scale))
-      mag = ctx.magnitude.astype(jnp.float32) / norm
-      f32 = lambda v: v.astype(jnp.float32)
-      if xd is x:
-        out = (mag * (f32(base) + f32(delta))).astype(x.dtype)
-      else:
-        base_d = jnp.matmul(xd, kernel.astype(x.dtype))
-        out = (f32(base) + (mag - 1) * f32(base_d) + mag * f32(delta)).astype(x.dtype)
-  elif isinstance(ctx, MixedLoRA):
-    per_token = ctx.token_ids.shape[0] == base.size // base.shape[-1]
-    out = _per_token(x, base, ctx) if per_token or x.ndim < 3 else _per_sequence(x, base, ctx)
-  elif isinstance(ctx, GatedLoRA):
-    out = kernels_pallas.ops.lora_topk(
-        base.reshape(-1, base.shape[-1]), x.reshape(-1, x.shape[-1]), _cast(ctx.a, x.dtype),
-        _cast(ctx.b, x.dtype), ctx.scale, ctx.topk_ids, ctx.gates,
-        ranks=ctx.ranks).reshape(base.shape)
+  if isinstance(ctx, Context):
+    view, router = ctx.view(path), ctx.router(path)
+    routing = ctx.routing
+  elif ctx is None or isinstance(ctx, SingleLoRA):
+    view, router, routing = ctx, None, None
   else:
-    raise TypeError(f"adapter context must be None, SingleLoRA, MixedLoRA or GatedLoRA; "
+    raise TypeError(f"the projection context must be a jaxadapt Context, a SingleLoRA or None; "
                     f"got {type(ctx).__name__}")
+  if view is None:
+    out = base
+  elif isinstance(view, SingleLoRA):
+    out = _single(x, kernel, base, view)
+  elif isinstance(view, Stack):
+    if router is not None:
+      ids, gates = _route(x, router, view.num_adapters)
+      out = _gated(x, base, view, ids, gates)
+    elif routing is None:
+      raise ValueError(f"path {path} has a stack of adapters but the context has no routing "
+                       f"(which adapter each row uses) and no router")
+    elif routing.layout == "topk":
+      out = _gated(x, base, view, routing.ids, routing.gates, routing.grouping)
+    elif routing.layout == "token":
+      out = _per_token(x, base, view, routing)
+    else:
+      out = _per_sequence(x, base, view, routing)
+  else:
+    raise TypeError(f"the weight view of {path} must be SingleLoRA, Stack or PoolView; got "
+                    f"{type(view).__name__}")
   if bias is not None:
     out = out + bias.astype(out.dtype)
   return out

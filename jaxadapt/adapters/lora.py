@@ -23,6 +23,8 @@ import jax.numpy as jnp
 
 from jaxadapt.adapters import targets as targets_lib
 from jaxadapt.adapters.hook import SingleLoRA, dora_weight_norm
+from jaxadapt.context import Context
+from jaxadapt.paths import module_paths, path_get, path_set
 
 
 def _freeze(value):
@@ -132,39 +134,6 @@ class LoraAdapter:
     return self.config.scale(path, self.rank(path))
 
 
-def path_get(params: Mapping, path: str):
-  """The sub-tree of a pure-dict parameter tree at a dotted path (`model.layers.0.mlp`)."""
-  node = params
-  for part in path.split("."):
-    key = int(part) if part.isdigit() and int(part) in node else part
-    if key not in node:
-      raise KeyError(f"no parameter at {path!r} (missing {part!r})")
-    node = node[key]
-  return node
-
-
-def path_set(params: Mapping, path: str, leaf: str, value) -> dict:
-  """A new tree equal to `params` but with `path.leaf = value`; all other nodes shared."""
-  parts = path.split(".") + [leaf]
-
-  def rec(node, i):
-    part = parts[i]
-    key = int(part) if part.isdigit() and int(part) in node else part
-    new = dict(node)
-    new[key] = value if i == len(parts) - 1 else rec(node[key], i + 1)
-    return new
-  return rec(params, 0)
-
-
-def module_paths(params: Mapping, prefix: str = "") -> list[str]:
-  """The dotted paths of every sub-tree of a pure-dict parameter tree (its modules), root first."""
-  out = [prefix]
-  for key, node in params.items():
-    if isinstance(node, Mapping):
-      out += module_paths(node, f"{prefix}.{key}" if prefix else str(key))
-  return out
-
-
 def kernel_at(params: Mapping, path: str) -> jax.Array:
   """The [in, out] kernel of the projection at `path` (tied lm_head: the embedding's transpose)."""
   if path == "lm_head" and "lm_head" not in params:
@@ -195,8 +164,8 @@ def init_lora(params: Mapping, linear_paths: Sequence[str], config: LoraConfig,
   return LoraAdapter(weights=weights, config=config)
 
 
-def contexts(adapter: LoraAdapter, *, dropout_key: Optional[jax.Array] = None) -> dict:
-  """Per-path `SingleLoRA` contexts for the projection hook.
+def context(adapter: LoraAdapter, *, dropout_key: Optional[jax.Array] = None) -> Context:
+  """The forward `Context` of one adapter: a `SingleLoRA` view on each path it targets.
 
   Args:
     adapter: the adapter.
@@ -209,7 +178,10 @@ def contexts(adapter: LoraAdapter, *, dropout_key: Optional[jax.Array] = None) -
   for (path, w), k in zip(adapter.weights.items(), keys):
     out[path] = SingleLoRA(a=w["a"], b=w["b"], scale=jnp.asarray(adapter.scale(path), jnp.float32),
                            magnitude=w.get("magnitude"), dropout_key=k, dropout=rate)
-  return out
+  return Context(weights=out)
+
+
+contexts = context  # the name train/ and older callers use
 
 
 def delta_weight(adapter: LoraAdapter, path: str) -> jax.Array:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -40,6 +39,9 @@ import numpy as np
 from jaxadapt.diffusion import images as images_lib
 from jaxadapt.diffusion import sampling
 from jaxadapt.diffusion.schedulers import SCHEDULERS, scheduler_from_config
+from jaxadapt.diffusion.schedules import read_scheduler_config
+from jaxadapt.io.files import read_json_object
+from jaxadapt.io.hf import read_config
 from jaxadapt.models import frozen
 
 logger = logging.getLogger(__name__)
@@ -63,14 +65,14 @@ DIT_COMPONENTS = ("transformer", "vae", "scheduler")
 
 # ----------------------------------------------------------------------------- denoisers
 
-def _unet_denoise(graphdef, params, lora, x, t, text_states):
+def _unet_denoise(graphdef, params, ctx, x, t, text_states):
   """The U-Net prediction (epsilon or v) at (x_t, t, text states); pure, traced in `sample`."""
-  return frozen.apply(graphdef, params, "__call__", x, t, text_states, lora=lora)
+  return frozen.apply(graphdef, params, "__call__", x, t, text_states, ctx=ctx)
 
 
-def _dit_denoise(graphdef, params, lora, x, t, labels):
+def _dit_denoise(graphdef, params, ctx, x, t, labels):
   """The DiT output (noise, and the learned variance when the model has it); pure."""
-  return frozen.apply(graphdef, params, "__call__", x, t, labels, lora=lora)
+  return frozen.apply(graphdef, params, "__call__", x, t, labels, ctx=ctx)
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -182,11 +184,6 @@ def _as_list(value, name: str) -> list:
   raise TypeError(f"{name} must be one item or a list of them; got {type(value).__name__}.")
 
 
-def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
-
-
 class _Pipeline:
   """What both pipelines share: latent size, initial noise, sampling, decoding."""
 
@@ -260,7 +257,7 @@ class _Pipeline:
     return jnp.asarray(latents, jnp.float32)
 
   def _lora(self, adapter, lora_scale=1.0):
-    """The adapter's contexts, each LoRA scale (alpha / r) times `lora_scale`."""
+    """The adapter's forward context, each LoRA scale (alpha / r) times `lora_scale`."""
     number = (isinstance(lora_scale, (int, float, np.integer, np.floating))
               and not isinstance(lora_scale, (bool, np.bool_)) and np.isfinite(lora_scale))
     if not number:
@@ -271,11 +268,12 @@ class _Pipeline:
         raise ValueError(f"lora_scale={lora_scale!r} scales adapter=, but no adapter was given;"
                          " pass adapter=ja.load_adapter(...) or drop lora_scale.")
       return None
-    contexts = self.backbone.lora_contexts(adapter=adapter)
+    ctx = self.backbone.make_context(adapter=adapter)
     if lora_scale != 1:  # as PEFT's set_scale / diffusers' set_adapters(adapter_weights=...)
-      contexts = {path: dataclasses.replace(c, scale=c.scale * jnp.float32(lora_scale))
-                  for path, c in contexts.items()}
-    return contexts
+      ctx = dataclasses.replace(ctx, weights={
+          path: dataclasses.replace(c, scale=c.scale * jnp.float32(lora_scale))
+          for path, c in ctx.weights.items()})
+    return ctx
 
   def _run(self, denoise, cond, uncond, scale, *, latents, shape, num_steps, seed, scheduler,
            mesh, progress, eta=None):
@@ -554,7 +552,8 @@ def load_pipeline(directory: str | os.PathLike, *, dtype="float32", sharding=Non
     raise FileNotFoundError(f"load_pipeline: {directory!r} is not a folder (expected a diffusers"
                             " pipeline folder with model_index.json).")
   index_path = os.path.join(directory, "model_index.json")
-  index = _read_json(index_path) if os.path.exists(index_path) else None
+  index = (read_json_object(index_path, "a diffusers pipeline index (_class_name and its "
+                            "components)") if os.path.exists(index_path) else None)
   name = (index or {}).get("_class_name") or ""
   path = functools.partial(os.path.join, directory)
   kw = {"dtype": dtype, "sharding": sharding}
@@ -568,7 +567,7 @@ def load_pipeline(directory: str | os.PathLike, *, dtype="float32", sharding=Non
   if index is not None and name == "DiTPipeline":
     require(DIT_COMPONENTS)
     return DiTPipeline(directory, load_dit(path("transformer"), **kw), load_vae(path("vae"), **kw),
-                       _read_json(path("scheduler", "scheduler_config.json")), index,
+                       read_scheduler_config(path("scheduler")), index,
                        index.get("id2label"))
 
   if index is not None and name.startswith("StableDiffusion"):
@@ -583,8 +582,8 @@ def load_pipeline(directory: str | os.PathLike, *, dtype="float32", sharding=Non
         directory, load_unet(path("unet"), **kw), load_vae(path("vae"), **kw),
         load_clip_text(path("text_encoder"), **kw),
         CLIPTokenizer.from_pretrained(path("tokenizer")),
-        _read_json(path("scheduler", "scheduler_config.json")), index,
-        _read_json(path("text_encoder", "config.json")))
+        read_scheduler_config(path("scheduler")), index,
+        read_config(path("text_encoder")))
 
   raise ValueError(
       f"load_pipeline: {directory} is not a pipeline jaxadapt can load:"

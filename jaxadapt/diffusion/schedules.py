@@ -16,13 +16,14 @@ References:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from jaxadapt.io.files import read_json_object
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 
@@ -40,6 +41,7 @@ def read_scheduler_config(config: Mapping[str, Any] | str | os.PathLike) -> dict
   Raises:
     FileNotFoundError: the path holds no scheduler config.
     TypeError: ``config`` is neither a mapping nor a path.
+    ValueError: the file is not JSON, or holds something other than an object.
   """
   if isinstance(config, Mapping):
     return dict(config)
@@ -63,8 +65,7 @@ def read_scheduler_config(config: Mapping[str, Any] | str | os.PathLike) -> dict
     path = found[0]
   elif not os.path.isfile(path):
     raise FileNotFoundError(f"Scheduler config {path!r} does not exist.")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return read_json_object(path, "a diffusers scheduler config (_class_name, beta_schedule, ...)")
 
 
 def linspace_f32(start: float, stop: float, num: int) -> np.ndarray:

@@ -17,7 +17,7 @@ def read_json_object(path: str, expected: str) -> dict:
     ValueError: the file is not JSON, or holds something other than an object.
   """
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:  # JSON is UTF-8 (RFC 8259), whatever the locale
       cfg = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is not valid JSON ({e}); expected {expected}") from None

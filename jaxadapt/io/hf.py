@@ -1,8 +1,9 @@
 """Hugging Face model dirs (config.json + safetensors, sharded index too) into NNX params.
 
 Tensors are memory-mapped and each is placed on its sharding as it loads, so a model larger than
-host memory can stream onto a mesh. Names map one to one: HF `...q_proj.weight [out, in]` is the
-NNX `...q_proj.kernel [in, out]`; `embed_tokens.weight` is `embed_tokens.embedding`.
+host memory can stream onto a mesh. Generic over model families: each family's loader (beside its
+model in `jaxadapt.models`) passes its own name map, e.g. HF `...q_proj.weight [out, in]` is the
+NNX `...q_proj.kernel [in, out]`. This package never imports `jaxadapt.models`.
 """
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ from typing import Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, Sharding
 
+from jaxadapt import paths
 from jaxadapt import sharding as sharding_lib
 from jaxadapt.io.files import read_json_object
 from jaxadapt.io.safetensors_mmap import CheckpointDir
-from jaxadapt.models.llama import SUPPORTED_MODEL_TYPES, LlamaConfig, LlamaForCausalLM
 
 ShardingArg = Union[None, Sharding, Mesh, Callable[[str, tuple], Sharding]]
 
@@ -41,11 +41,6 @@ def read_config(directory: str) -> dict:
                             f"found {sorted(os.listdir(directory))}")
   cfg = read_json_object(path, "the model's config (model_type, hidden_size, ...)")
   return cfg
-
-
-# Keys of config.json that have no default: without them the architecture is unknown.
-_LLAMA_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                   "num_attention_heads")
 
 
 def _resolve_sharding(sharding: ShardingArg) -> Callable[[str, tuple], Optional[Sharding]]:
@@ -80,8 +75,7 @@ def load_tree(directory: str, shapes, name_fn: Callable[[str], tuple[str, Option
   ckpt = CheckpointDir(directory, stem)
   place = _resolve_sharding(sharding)
 
-  def load(kp, leaf):
-    path = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
+  def load(path, leaf):
     name, transform = name_fn(path)
     if name not in ckpt:
       raise KeyError(f"{directory}: checkpoint has no tensor {name!r} (needed for {path}); "
@@ -95,29 +89,4 @@ def load_tree(directory: str, shapes, name_fn: Callable[[str], tuple[str, Option
     target = place(path, host.shape)
     return jax.device_put(host, target) if target is not None else jnp.asarray(host)
 
-  return jax.tree_util.tree_map_with_path(load, shapes)
-
-
-def _llama_name(path: str):
-  stem, leaf = path.rsplit(".", 1)
-  if leaf == "kernel":
-    return f"{stem}.weight", lambda a: a.T
-  if leaf == "embedding":
-    return f"{stem}.weight", None
-  return path, None
-
-
-def load_llama(directory: str, *, dtype=jnp.float32, sharding: ShardingArg = None):
-  """Loads a Llama/Mistral/Qwen2 dir. Returns (config, graphdef, params as a pure dict)."""
-  cfg = read_config(directory)
-  missing = [k for k in _LLAMA_REQUIRED if cfg.get(k) is None]
-  if missing and cfg.get("model_type") in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"{os.path.join(directory, 'config.json')} lacks {missing}, which a "
-                     f"{cfg['model_type']} config needs ({list(_LLAMA_REQUIRED)}); is it the "
-                     f"config.json that came with the weights?")
-  config = LlamaConfig.from_hf(cfg)
-  abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  params = load_tree(directory, nnx.to_pure_dict(state), _llama_name, dtype=dtype,
-                     sharding=sharding)
-  return config, graphdef, params
+  return paths.map_with_paths(load, shapes)

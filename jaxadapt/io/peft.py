@@ -215,13 +215,23 @@ def load_adapter(path: str, *, dtype="float32", component: str | None = None) ->
   return _load_diffusers_file(st_path, dtype, component)
 
 
-def _load_peft_dir(directory: str, dtype) -> LoraAdapter:
+def read_peft_config(directory: str) -> LoraConfig:
+  """The `LoraConfig` of a PEFT adapter dir's `adapter_config.json`.
+
+  Raises:
+    ValueError, TypeError: the file is not a JSON object, or holds a config jaxadapt refuses
+      (the message names the file and the option).
+  """
   cfg_path = os.path.join(directory, "adapter_config.json")
   cfg = read_json_object(cfg_path, "PEFT's adapter config (r, lora_alpha, target_modules, ...)")
   try:
-    config = config_from_peft(cfg)
+    return config_from_peft(cfg)
   except (TypeError, ValueError) as e:
     raise type(e)(f"{cfg_path}: {e}") from None
+
+
+def _load_peft_dir(directory: str, dtype) -> LoraAdapter:
+  config = read_peft_config(directory)
   st_path = os.path.join(directory, "adapter_model.safetensors")
   if not os.path.exists(st_path):
     bins = [f for f in ("adapter_model.bin", "adapter_model.pt")

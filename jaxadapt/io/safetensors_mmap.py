@@ -14,6 +14,8 @@ from typing import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from jaxadapt.io.files import read_json_object
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -107,13 +109,13 @@ class CheckpointDir(Mapping):
     self._where: dict[str, str] = {}
     self._files: dict[str, SafetensorsFile] = {}
     if os.path.exists(index):
+      expected = 'a "weight_map" of tensor name -> shard file'
       try:
-        with open(index) as f:
-          weight_map = json.load(f)["weight_map"]
+        weight_map = read_json_object(index, expected)["weight_map"]
         weight_map = {str(k): os.fspath(v) for k, v in weight_map.items()}
-      except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{index}: expected a JSON object with a \"weight_map\" of tensor name "
-                         f"-> shard file; could not read one ({type(e).__name__}: {e})") from None
+      except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: expected a JSON object with {expected}; could not read one "
+                         f"({type(e).__name__}: {e})") from None
       missing = sorted({f for f in weight_map.values()
                         if not os.path.isfile(os.path.join(directory, f))})
       if missing:

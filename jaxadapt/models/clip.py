@@ -20,9 +20,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxadapt.io.hf import read_config
+from jaxadapt.io.safetensors_mmap import CheckpointDir
 from jaxadapt.models import diffusion_layers as dl
 from jaxadapt.models import frozen
-from jaxadapt.models.layers import Linear, insert
+from jaxadapt.context import insert
+from jaxadapt.models.layers import Linear
 
 SUPPORTED_ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -117,10 +120,10 @@ class CLIPAttention(nnx.Module):
     self.q_proj, self.k_proj, self.v_proj = mk("q_proj"), mk("k_proj"), mk("v_proj")
     self.out_proj = mk("out_proj")
 
-  def __call__(self, x, mask, lora, inserts):
-    q, k, v = self.q_proj(x, lora), self.k_proj(x, lora), self.v_proj(x, lora)
-    out = self.out_proj(dl.dot_product_attention(q, k, v, self.heads, self.scale, mask), lora)
-    return insert(inserts, self.path, out, x, None)
+  def __call__(self, x, mask, ctx):
+    q, k, v = self.q_proj(x, ctx), self.k_proj(x, ctx), self.v_proj(x, ctx)
+    out = self.out_proj(dl.dot_product_attention(q, k, v, self.heads, self.scale, mask), ctx)
+    return insert(ctx, self.path, out, x, None)
 
 
 class CLIPMLP(nnx.Module):
@@ -131,8 +134,8 @@ class CLIPMLP(nnx.Module):
     self.fc2 = Linear(c.intermediate_size, c.hidden_size, path=f"{prefix}.fc2", use_bias=True,
                       dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, lora):
-    return self.fc2(dl.activation(self.act)(self.fc1(x, lora)), lora)
+  def __call__(self, x, ctx):
+    return self.fc2(dl.activation(self.act)(self.fc1(x, ctx)), ctx)
 
 
 class CLIPEncoderLayer(nnx.Module):
@@ -143,9 +146,9 @@ class CLIPEncoderLayer(nnx.Module):
     self.layer_norm2 = dl.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dtype)
     self.mlp = CLIPMLP(c, f"{prefix}.mlp", dtype, rngs)
 
-  def __call__(self, x, mask, lora, inserts):
-    x = x + self.self_attn(self.layer_norm1(x), mask, lora, inserts)
-    return x + self.mlp(self.layer_norm2(x), lora)
+  def __call__(self, x, mask, ctx):
+    x = x + self.self_attn(self.layer_norm1(x), mask, ctx)
+    return x + self.mlp(self.layer_norm2(x), ctx)
 
 
 class CLIPEncoder(nnx.Module):
@@ -157,13 +160,12 @@ class CLIPEncoder(nnx.Module):
 class CLIPTextModel(nnx.Module):
   """CLIP's text transformer (Radford et al. 2021, Sec. 2.4), as transformers' `CLIPTextModel`.
 
-  Call: `(input_ids, attention_mask=None, *, position_ids=None, lora=None, inserts=None)`.
+  Call: `(input_ids, attention_mask=None, *, position_ids=None, ctx=None)`.
   Args:
     input_ids: [B, S] int token ids.
     attention_mask: [B, S] 1 = token, 0 = padding, or None; combined with the causal mask.
     position_ids: [B, S] or None for `arange(S)`.
-    lora: mapping from projection path to adapter context (`jaxadapt.adapters.hook`), or None.
-    inserts: mapping from attention path (`encoder.layers.i.self_attn`) to an insert function.
+    ctx: the forward `Context` (adapters; inserts at `encoder.layers.i.self_attn`), or None.
   Returns:
     `CLIPTextOutput` (last hidden state, pooled output, penultimate and all hidden states).
   """
@@ -175,8 +177,8 @@ class CLIPTextModel(nnx.Module):
     self.final_layer_norm = dl.LayerNorm(config.hidden_size, eps=config.layer_norm_eps,
                                          dtype=dtype)
 
-  def __call__(self, input_ids, attention_mask=None, *, position_ids=None, lora=None,
-               inserts=None) -> CLIPTextOutput:
+  def __call__(self, input_ids, attention_mask=None, *, position_ids=None,
+               ctx=None) -> CLIPTextOutput:
     c = self.config
     b, s = input_ids.shape
     if s > c.max_position_embeddings:
@@ -191,7 +193,7 @@ class CLIPTextModel(nnx.Module):
     mask = mask[:, None]  # [B or 1, 1 (heads), Sq, Sk]
     states = [x]
     for layer in self.encoder.layers:
-      x = layer(x, mask, lora, inserts)
+      x = layer(x, mask, ctx)
       states.append(x)
     last = self.final_layer_norm(x)
     if c.eos_token_id == 2:  # legacy configs: the end-of-text token has the largest id
@@ -206,22 +208,22 @@ class CLIPTextModel(nnx.Module):
 class CLIPTextEncoder(dl.FrozenModel):
   """A frozen CLIP text encoder: `config`, `graphdef`, `params` (pure dict); jitted calls."""
 
-  def __call__(self, input_ids, attention_mask=None, *, position_ids=None, lora=None,
-               inserts=None) -> CLIPTextOutput:
+  def __call__(self, input_ids, attention_mask=None, *, position_ids=None, adapter=None,
+               context=None, inserts=None) -> CLIPTextOutput:
     """`CLIPTextOutput` for `input_ids` [B, S] (see `CLIPTextModel`)."""
     input_ids, attention_mask, position_ids = frozen.token_inputs(input_ids, attention_mask,
                                                                    position_ids)
-    return self._call("__call__", (input_ids, attention_mask),
-                      dict(position_ids=position_ids, lora=lora), inserts=inserts)
+    return self._call("__call__", (input_ids, attention_mask), dict(position_ids=position_ids),
+                      adapter=adapter, context=context, inserts=inserts)
 
   def prompt_embeds(self, input_ids, attention_mask=None, *, clip_skip: Optional[int] = None,
-                    lora=None, inserts=None) -> jax.Array:
+                    adapter=None, context=None, inserts=None) -> jax.Array:
     """Text conditioning as diffusers' pipelines build it, `[B, S, D]`.
 
     `clip_skip=None` is `last_hidden_state`; `clip_skip=k` takes the output of layer N-k and
     applies the final LayerNorm (`clip_skip=1` is the penultimate layer, as SD 2.x uses).
     """
-    out = self(input_ids, attention_mask, lora=lora, inserts=inserts)
+    out = self(input_ids, attention_mask, adapter=adapter, context=context, inserts=inserts)
     if not clip_skip:
       return out.last_hidden_state
     if not 0 < clip_skip < len(out.hidden_states):
@@ -245,8 +247,6 @@ def load_clip_text(directory: str, *, dtype=jnp.float32, sharding=None) -> CLIPT
     dtype: parameter dtype (float32 or bfloat16).
     sharding: None, a Sharding, a Mesh or callable(path, shape) (see `jaxadapt.io.hf`).
   """
-  from jaxadapt.io.hf import read_config
-  from jaxadapt.io.safetensors_mmap import CheckpointDir
   config = CLIPTextConfig.from_config(read_config(directory))
   prefix = ("text_model." if "text_model.embeddings.token_embedding.weight"
             in CheckpointDir(directory, "model") else "")

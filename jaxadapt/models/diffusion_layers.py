@@ -8,9 +8,9 @@ parameter path such as `mid_block.resnets.0.conv1.kernel` is the checkpoint tens
   kernels); the public model entry points take and return NCHW as diffusers does.
 * Conv kernels are stored HWIO, linear kernels `[in, out]`; `torch_name` converts torch's OIHW /
   `[out, in]` tensors at load time only.
-* Every linear layer is `jaxadapt.models.layers.Linear` with `path=` the torch module name, so a
-  LoRA context `lora={path: ctx}` applies to it; `Attention` calls the insertion point
-  `insert(inserts, path, out, hidden_in, context)` with its own module path.
+* Every linear layer is `jaxadapt.models.layers.Linear` with `path=` the torch module name, so the
+  forward context's view for that path applies to it; `Attention` calls the insertion point
+  `insert(ctx, path, out, hidden_in, context)` with its own module path.
 
 References:
   Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (timestep embedding, ResNet blocks).
@@ -29,7 +29,8 @@ from flax import nnx
 
 from jaxadapt.models import frozen
 from jaxadapt.models.frozen import FrozenModel, apply  # noqa: F401  (re-exported)
-from jaxadapt.models.layers import Linear, insert
+from jaxadapt.context import insert
+from jaxadapt.models.layers import Linear
 
 __all__ = [
     "Attention", "Conv2d", "Downsample2D", "Embedding", "FeedForward", "FrozenModel", "GELUProj", "GroupNorm",
@@ -218,9 +219,9 @@ class TimestepEmbedding(nnx.Module):
     self.linear_2 = Linear(time_embed_dim, out_dim or time_embed_dim, path=f"{path}.linear_2",
                            use_bias=sample_proj_bias, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, lora=None):
-    h = activation(self.act_fn)(self.linear_1(x, lora))
-    h = self.linear_2(h, lora)
+  def __call__(self, x, ctx=None):
+    h = activation(self.act_fn)(self.linear_1(x, ctx))
+    h = self.linear_2(h, ctx)
     return activation(self.post_act_fn)(h) if self.post_act_fn else h
 
 
@@ -268,13 +269,13 @@ class ResnetBlock2D(nnx.Module):
     self.conv_shortcut = (Conv2d(in_channels, conv_out, 1, use_bias=conv_shortcut_bias,
                                  dtype=dtype, rngs=rngs) if shortcut else None)
 
-  def __call__(self, x, temb=None, lora=None):  # x [B, H, W, C]; temb [B, temb_channels]
+  def __call__(self, x, temb=None, ctx=None):  # x [B, H, W, C]; temb [B, temb_channels]
     act = activation(self.non_linearity)
     h = self.conv1(act(self.norm1(x)))
     t = None
     if self.time_emb_proj is not None and temb is not None:
       t = temb if self.skip_time_act else act(temb)
-      t = self.time_emb_proj(t.astype(h.dtype), lora)[:, None, None, :]
+      t = self.time_emb_proj(t.astype(h.dtype), ctx)[:, None, None, :]
     if self.time_embedding_norm == "default":
       h = self.norm2(h if t is None else h + t)
     else:
@@ -387,7 +388,7 @@ class Attention(nnx.Module):
 
   Self-attention when `context` is None, cross-attention over `context` otherwise. After
   `to_out` it calls the insertion point named by its module path,
-  `insert(inserts, path, out, hidden_in, context)` with `out` the attention output `[B, N, C]`
+  `insert(ctx, path, out, hidden_in, context)` with `out` the attention output `[B, N, C]`
   (before any residual) and `hidden_in` the tokens given to this module `[B, N, C]`; then adds
   the residual (`residual_connection`) and divides by `rescale_output_factor`.
 
@@ -416,15 +417,15 @@ class Attention(nnx.Module):
     self.to_v = mk("to_v", kv_dim, inner, bias)
     self.to_out = nnx.List([mk("to_out.0", inner, out_dim or query_dim, out_bias)])
 
-  def __call__(self, x, context=None, *, mask=None, lora=None, inserts=None):
+  def __call__(self, x, context=None, *, mask=None, ctx=None):
     """x: `[B, N, C]` tokens or an NHWC map `[B, H, W, C]` (returned in the same shape)."""
     shape = x.shape
     tokens = x.reshape(shape[0], -1, shape[-1]) if x.ndim == 4 else x
     h = tokens if self.group_norm is None else self.group_norm(tokens)
     kv = h if context is None else context
-    q, k, v = self.to_q(h, lora), self.to_k(kv, lora), self.to_v(kv, lora)
-    out = self.to_out[0](dot_product_attention(q, k, v, self.heads, self.scale, mask), lora)
-    out = insert(inserts, self.path, out, tokens, context)
+    q, k, v = self.to_q(h, ctx), self.to_k(kv, ctx), self.to_v(kv, ctx)
+    out = self.to_out[0](dot_product_attention(q, k, v, self.heads, self.scale, mask), ctx)
+    out = insert(ctx, self.path, out, tokens, context)
     if self.residual_connection:
       out = out + tokens
     out = out / self.rescale_output_factor if self.rescale_output_factor != 1.0 else out
@@ -443,8 +444,8 @@ class GELUProj(nnx.Module):
     self.proj = Linear(dim_in, mult * dim_out, path=f"{path}.proj", use_bias=bias, dtype=dtype,
                        rngs=rngs)
 
-  def __call__(self, x, lora=None):
-    h = self.proj(x, lora)
+  def __call__(self, x, ctx=None):
+    h = self.proj(x, ctx)
     if self.kind == "geglu":
       h, gate = jnp.split(h, 2, axis=-1)
       return h * jax.nn.gelu(gate, approximate=False)
@@ -472,8 +473,8 @@ class FeedForward(nnx.Module):
                rngs=rngs),
     ])
 
-  def __call__(self, x, lora=None):
-    return self.net[2](self.net[0](x, lora), lora)
+  def __call__(self, x, ctx=None):
+    return self.net[2](self.net[0](x, ctx), ctx)
 
 
 

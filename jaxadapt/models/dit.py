@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxadapt.io.hf import read_config
 from jaxadapt.models import diffusion_layers as dl
 from jaxadapt.models.layers import Linear
 
@@ -180,9 +181,9 @@ class CombinedTimestepLabelEmbeddings(nnx.Module):
                                                   dtype=dtype, rngs=rngs)
     self.class_embedder = LabelEmbedding(c.num_embeds_ada_norm, c.inner_dim, dtype, rngs)
 
-  def __call__(self, timestep, class_labels, dtype, lora):
+  def __call__(self, timestep, class_labels, dtype, ctx):
     t = dl.timestep_embedding(timestep, 256, flip_sin_to_cos=True, downscale_freq_shift=1)
-    return self.timestep_embedder(t.astype(dtype), lora) + self.class_embedder(class_labels)
+    return self.timestep_embedder(t.astype(dtype), ctx) + self.class_embedder(class_labels)
 
 
 class AdaLayerNormZero(nnx.Module):
@@ -195,9 +196,9 @@ class AdaLayerNormZero(nnx.Module):
                          rngs=rngs)
     self.norm = dl.LayerNorm(d, eps=1e-6, elementwise_affine=False)
 
-  def __call__(self, x, timestep, class_labels, lora):
-    cond = self.emb(timestep, class_labels, x.dtype, lora)
-    mods = jnp.split(self.linear(jax.nn.silu(cond), lora), 6, axis=-1)
+  def __call__(self, x, timestep, class_labels, ctx):
+    cond = self.emb(timestep, class_labels, x.dtype, ctx)
+    mods = jnp.split(self.linear(jax.nn.silu(cond), ctx), 6, axis=-1)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
     x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
     return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
@@ -218,23 +219,23 @@ class DiTBlock(nnx.Module):
     self.ff = dl.FeedForward(d, path=f"{prefix}.ff", activation_fn=c.activation_fn, dtype=dtype,
                              rngs=rngs)
 
-  def __call__(self, x, timestep, class_labels, lora, inserts):
-    h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, timestep, class_labels, lora)
-    x = x + gate_msa[:, None] * self.attn1(h, lora=lora, inserts=inserts)
+  def __call__(self, x, timestep, class_labels, ctx):
+    h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, timestep, class_labels, ctx)
+    x = x + gate_msa[:, None] * self.attn1(h, ctx=ctx)
     h = self.norm3(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-    return x + gate_mlp[:, None] * self.ff(h, lora)
+    return x + gate_mlp[:, None] * self.ff(h, ctx)
 
 
 class DiTTransformer2DModel(nnx.Module):
   """Class-conditional DiT (Peebles & Xie 2023), as diffusers' `DiTTransformer2DModel`.
 
-  Call: `(sample, timestep, class_labels, *, lora=None, inserts=None)`.
+  Call: `(sample, timestep, class_labels, *, ctx=None)`.
   Args:
     sample: [B, C_in, H, W] noisy latents (NCHW); H and W multiples of `patch_size`.
     timestep: [B] (or scalar) diffusion timesteps, int or float.
     class_labels: [B] int labels in [0, num_classes]; `num_classes` is the null label (CFG).
-    lora: mapping from linear path to adapter context (`jaxadapt.adapters.hook`), or None.
-    inserts: mapping from `transformer_blocks.{i}.attn1` to an insert function, or None.
+    ctx: the forward `Context` (`jaxadapt.context`), or None; its `inserts` are keyed by
+      `transformer_blocks.{i}.attn1`.
   Returns:
     [B, C_out, H, W]; with learned sigma, channels `[:C_in]` are the noise prediction and
     `[C_in:]` the variance interpolation values.
@@ -252,7 +253,7 @@ class DiTTransformer2DModel(nnx.Module):
     self.proj_out_2 = Linear(c.inner_dim, c.patch_size ** 2 * c.output_channels,
                              path="proj_out_2", use_bias=True, dtype=dtype, rngs=rngs)
 
-  def __call__(self, sample, timestep, class_labels, *, lora=None, inserts=None):
+  def __call__(self, sample, timestep, class_labels, *, ctx=None):
     c = self.config
     p = c.patch_size
     b, _, height, width = sample.shape
@@ -264,12 +265,12 @@ class DiTTransformer2DModel(nnx.Module):
     class_labels = jnp.broadcast_to(jnp.asarray(class_labels, jnp.int32), (b,))
     x = self.pos_embed(jnp.transpose(sample, (0, 2, 3, 1)).astype(dtype))
     for block in self.transformer_blocks:
-      x = block(x, timestep, class_labels, lora, inserts)
+      x = block(x, timestep, class_labels, ctx)
     # Final layer (DiT Sec. 3.2): adaLN from block 0's conditioning embedding, as diffusers.
-    cond = self.transformer_blocks[0].norm1.emb(timestep, class_labels, x.dtype, lora)
-    shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(cond), lora), 2, axis=-1)
+    cond = self.transformer_blocks[0].norm1.emb(timestep, class_labels, x.dtype, ctx)
+    shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(cond), ctx), 2, axis=-1)
     x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
-    x = self.proj_out_2(x, lora)  # [B, h*w, p*p*C_out]
+    x = self.proj_out_2(x, ctx)  # [B, h*w, p*p*C_out]
     gh, gw = height // p, width // p
     x = x.reshape(b, gh, gw, p, p, c.output_channels)
     return jnp.einsum("nhwpqc->nchpwq", x).reshape(b, c.output_channels, height, width)
@@ -278,14 +279,22 @@ class DiTTransformer2DModel(nnx.Module):
 class DiT(dl.FrozenModel):
   """A frozen DiT: `config`, `graphdef`, `params` (pure dict); calls are jitted."""
 
-  def __call__(self, sample, timestep, class_labels, *, lora=None, inserts=None):
-    """The model output `[B, C_out, H, W]` (see `DiTTransformer2DModel`)."""
+  batch_item = "sample"
+
+  def __call__(self, sample, timestep, class_labels, *, adapter=None, adapters=None,
+               adapter_ids=None, context=None, inserts=None):
+    """The model output `[B, C_out, H, W]` (see `DiTTransformer2DModel`).
+
+    `adapter=`, `adapters=` + `adapter_ids=` (one id per sample, -1 = base) or `context=` (a
+    forward `Context`) select adapters; `inserts=` attaches modules at attention outputs.
+    """
     sample = jnp.asarray(sample)
     if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
       raise ValueError(f"sample must be [batch, {self.config.in_channels}, height, width] "
                        f"(NCHW), got shape {sample.shape}")
     return self._call("__call__", (sample, jnp.asarray(timestep), jnp.asarray(class_labels)),
-                      dict(lora=lora), inserts=inserts)
+                      adapter=adapter, adapters=adapters, adapter_ids=adapter_ids,
+                      context=context, inserts=inserts, batch=sample.shape[0])
 
 
 def load_dit(directory: str, *, dtype=jnp.float32, sharding=None) -> DiT:
@@ -296,7 +305,6 @@ def load_dit(directory: str, *, dtype=jnp.float32, sharding=None) -> DiT:
     dtype: parameter dtype (float32 or bfloat16).
     sharding: None, a Sharding, a Mesh or callable(path, shape) (see `jaxadapt.io.hf`).
   """
-  from jaxadapt.io.hf import read_config
   config = DiTConfig.from_config(read_config(directory))
   graphdef, params = dl.load_params(
       directory, lambda: DiTTransformer2DModel(config, dtype=dtype, rngs=nnx.Rngs(0)),

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxadapt import context as context_lib
 from jaxadapt.adapters import lora as lora_lib
 from jaxadapt.adapters import stack as stack_lib
+from jaxadapt.io.hf import load_tree
 from jaxadapt.models.layers import Linear
 
 
@@ -27,32 +29,24 @@ def load_params(directory: str, build: Callable[[], nnx.Module], *, dtype, shard
   The module is built abstractly (`nnx.eval_shape`), so no random weights are materialised; each
   tensor is memory-mapped, converted to jaxadapt's layout by `name_fn` and placed on its sharding.
   """
-  from jaxadapt.io.hf import load_tree  # late: io.hf imports jaxadapt.models (cycle)
   graphdef, state = nnx.split(nnx.eval_shape(build))
   params = load_tree(directory, nnx.to_pure_dict(state), name_fn, dtype=dtype,
                      sharding=sharding, stem=stem)
   return graphdef, params
 
 
-def apply(graphdef, params, method: str, *args, **kwargs):
-  """The pure forward `module.<method>(*args, **kwargs)` of graphdef + params (not jitted)."""
+def apply(graphdef, params, method: str, *args, ctx=None, **kwargs):
+  """The pure forward `module.<method>(*args, ctx=ctx, **kwargs)` of graphdef + params (not
+  jitted; use it inside your own jit/grad). The context's routing plan is built here, once."""
   module = nnx.merge(graphdef, nnx.State(params))
+  if ctx is not None:
+    kwargs["ctx"] = ctx.prepare()
   return getattr(module, method)(*args, **kwargs)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
 def _apply_jit(graphdef, params, method, static, args, kwargs):
   return apply(graphdef, params, method, *args, **dict(static), **kwargs)
-
-
-def as_traced_fns(inserts):
-  """Insertion-point fns as `jax.tree_util.Partial`s, so they pass through jit as arguments: the
-  function is part of the tree structure (a new function object recompiles) while a Partial's
-  bound arguments (e.g. an adapter module's params) are traced, so new values do not."""
-  if not inserts:
-    return None
-  return {name: fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn)
-          for name, fn in inserts.items()}
 
 
 def token_inputs(input_ids, attention_mask=None, position_ids=None):
@@ -85,6 +79,8 @@ class FrozenModel:
   arguments listed in `static` are compile-time constants. Inside your own jit/grad (training)
   use `apply`.
   """
+
+  batch_item = "batch element"  # what one row of the batch is ("sequence", "sample")
 
   def __init__(self, config, graphdef, params, *, merged: tuple = ()):
     self.config = config
@@ -170,31 +166,39 @@ class FrozenModel:
     cache[key] = (adapters, stacks)  # holds the adapters, so their ids stay unique
     return stacks
 
-  def lora_contexts(self, *, adapter=None, adapters=None, adapter_ids=None):
-    """Per-path adapter contexts: one adapter for the batch, or a mixed batch.
+  def make_context(self, *, adapter=None, adapters=None, adapter_ids=None, context=None,
+                   inserts=None, batch: Optional[int] = None):
+    """The forward `Context` for one adapter, a mixed batch, or a given context (+ inserts).
 
     Args:
       adapter: one `LoraAdapter` for every batch element.
       adapters: a list of adapters, with `adapter_ids` one id per batch element (-1 = base).
+      context: a ready `jaxadapt.Context` (instead of adapter/adapters).
+      inserts: {insertion point: fn} added to the context (as traced `Partial`s).
+      batch: the batch size, to check `adapter_ids` against.
 
     Returns:
-      {path: context} for the projection hook, or None for the plain base.
+      A `Context`, or None for the plain base.
 
     Raises:
-      TypeError: an adapter that is not a `LoraAdapter`, or `adapters=` given one adapter.
+      TypeError: an adapter that is not a `LoraAdapter`, `adapters=` given one adapter, or a
+        context that is not a `Context`.
       ValueError: conflicting arguments, `adapter_ids` that are not one int in
-        [-1, len(adapters) - 1] per element, or an adapter that does not fit this model.
+        [-1, len(adapters) - 1] per element, or an adapter or context path that does not fit.
     """
-    if adapter is not None and adapters is not None:
-      raise ValueError("pass either adapter= (one for the batch) or adapters= with adapter_ids=, "
-                       "not both")
+    given = [n for n, v in (("adapter", adapter), ("adapters", adapters), ("context", context))
+             if v is not None]
+    if len(given) > 1:
+      raise ValueError(f"pass one of adapter= (one for the batch), adapters= with adapter_ids=, "
+                       f"or context=, not both ({' and '.join(given)})")
     if adapter_ids is not None and adapters is None:
       raise ValueError("adapter_ids= needs adapters= (the list the ids index); for one adapter "
                        "on the whole batch pass adapter= alone")
+    ctx = None
     if adapter is not None:
       self.check_adapter(adapter)
-      return lora_lib.contexts(adapter)
-    if adapters is not None:
+      ctx = lora_lib.context(adapter)
+    elif adapters is not None:
       if isinstance(adapters, lora_lib.LoraAdapter):
         raise TypeError("adapters= takes a list of adapters (with adapter_ids=); for one "
                         "adapter on the whole batch pass adapter=")
@@ -202,21 +206,47 @@ class FrozenModel:
       if adapter_ids is None:
         raise ValueError("adapters= needs adapter_ids= (one id per batch element, -1 = base)")
       ids = np.asarray(adapter_ids)
+      if batch is not None and ids.shape != (batch,):
+        raise ValueError(f"adapter_ids must hold one id per {self.batch_item}, shape "
+                         f"({batch},); got shape {ids.shape}")
       if (ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer))
           or ((ids < -1) | (ids >= len(adapters))).any()):
         raise ValueError(f"adapter_ids must be one int per batch element in "
                          f"[-1, {len(adapters) - 1}] (-1 = base only) for {len(adapters)} "
                          f"adapter(s); got {adapter_ids!r} (shape {ids.shape}, dtype {ids.dtype})")
-      return stack_lib.mixed_contexts(self._stacks(adapters), ids.astype(np.int32))
-    return None
-
-  def _call(self, method: str, args: tuple, kwargs: dict, *, inserts=None, static=()):
-    lora = kwargs.get("lora")
-    if lora:
-      unknown = [p for p in lora if p not in self.linear_paths]
+      ctx = stack_lib.mixed_context(self._stacks(adapters), ids.astype(np.int32),
+                                    layout="sequence")
+    elif context is not None:
+      if not isinstance(context, context_lib.Context):
+        raise TypeError(f"context= takes a jaxadapt Context (e.g. ja.Context(weights=...)), got "
+                        f"{type(context).__name__}")
+      unknown = [p for p in list(context.weights or ()) + list(context.routers or ())
+                 if p not in self.linear_paths]
       if unknown:
-        raise ValueError(f"lora targets {unknown[:3]}, which are not linear layers of this "
-                         f"model (e.g. {self.linear_paths[:3]})")
+        raise ValueError(f"the context targets {unknown[:3]}, which are not linear layers of "
+                         f"this {type(self).__name__} (e.g. {self.linear_paths[:3]})")
+      ctx = context
     if inserts:
-      kwargs = dict(kwargs, inserts=as_traced_fns(inserts))
-    return _apply_jit(self.graphdef, self.params, method, tuple(static), args, kwargs)
+      self.check_inserts(inserts)
+      ctx = (ctx or context_lib.Context()).with_inserts(inserts)
+    return ctx
+
+  def check_inserts(self, inserts) -> None:
+    """Raises if `inserts` names a point this model does not have (families with insertion
+    points list them in `insertion_points`)."""
+    points = getattr(self, "insertion_points", None)
+    if points is None:
+      return
+    unknown = [k for k in inserts if k not in points]
+    if unknown:
+      raise ValueError(f"inserts names {unknown[:3]}, which are not attention modules of this "
+                       f"{type(self).__name__} (e.g. {points[:2]})")
+
+  def _call(self, method: str, args: tuple, kwargs: Optional[dict] = None, *, adapter=None,
+            adapters=None, adapter_ids=None, context=None, inserts=None, batch=None,
+            static=()):
+    """The one jitted forward of every family: `method(*args, ctx=..., **kwargs)`."""
+    ctx = self.make_context(adapter=adapter, adapters=adapters, adapter_ids=adapter_ids,
+                            context=context, inserts=inserts, batch=batch)
+    return _apply_jit(self.graphdef, self.params, method, tuple(static), args,
+                      dict(kwargs or {}, ctx=ctx))

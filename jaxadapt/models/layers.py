@@ -3,12 +3,12 @@
 `Linear` is the only linear layer: it carries its module path (the Hugging Face / diffusers
 module name, e.g. `model.layers.3.self_attn.q_proj` or `down_blocks.1.attentions.0.proj_in`)
 and routes through the projection hook with the adapter context for that path.
-`insert` is the named insertion point diffusion models call at every attention output, where
-AGD's and FACT's adapter modules attach without touching the base.
+`insert` (from `jaxadapt.context`) is the named insertion point diffusion models call at every
+attention output, where AGD's and FACT's adapter modules attach without touching the base.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,16 +29,6 @@ class Linear(nnx.Module):
     self.kernel = nnx.Param(jax.random.normal(rngs.params(), (din, dout), dtype) * 0.02)
     self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if use_bias else None
 
-  def __call__(self, x, lora=None):
-    ctx = None if lora is None else lora.get(self.path)
+  def __call__(self, x, ctx=None):
     bias = None if self.bias is None else self.bias[...]
-    return project(x, self.kernel[...], bias, ctx)
-
-
-
-def insert(inserts: Optional[Mapping[str, InsertFn]], name: str, out: jax.Array,
-           hidden_in: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
-  """Applies the adapter module registered at insertion point `name`, if any."""
-  if not inserts or name not in inserts:
-    return out
-  return inserts[name](out, hidden_in, context)
+    return project(x, self.kernel[...], bias, ctx, self.path)

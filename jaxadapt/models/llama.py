@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Mapping, Optional
 
 import jax
@@ -19,9 +20,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxadapt.adapters.hook import project
+from jaxadapt.io.hf import ShardingArg, read_config
+from jaxadapt.models import frozen
 from jaxadapt.models.layers import Linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Keys of config.json that have no default: without them the architecture is unknown.
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 # Keys each rope type needs in `rope_scaling` (after `LlamaConfig.from_hf` filled defaults).
 _ROPE_REQUIRED = {
@@ -311,20 +317,20 @@ class Attention(nnx.Module):
     self.v_proj = mk("v_proj", c.hidden_size, kvd, c.attention_bias)
     self.o_proj = mk("o_proj", qd, c.hidden_size, c.o_proj_bias)
 
-  def __call__(self, x, cos, sin, mask, lora):
+  def __call__(self, x, cos, sin, mask, ctx):
     c = self.config
     b, s, _ = x.shape
     g = c.num_attention_heads // c.num_key_value_heads
-    q = self.q_proj(x, lora).reshape(b, s, c.num_attention_heads, c.head_dim)
-    k = self.k_proj(x, lora).reshape(b, s, c.num_key_value_heads, c.head_dim)
-    v = self.v_proj(x, lora).reshape(b, s, c.num_key_value_heads, c.head_dim)
+    q = self.q_proj(x, ctx).reshape(b, s, c.num_attention_heads, c.head_dim)
+    k = self.k_proj(x, ctx).reshape(b, s, c.num_key_value_heads, c.head_dim)
+    v = self.v_proj(x, ctx).reshape(b, s, c.num_key_value_heads, c.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q = q.reshape(b, s, c.num_key_value_heads, g, c.head_dim)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * (c.head_dim ** -0.5)
     scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, -1)
-    return self.o_proj(out, lora)
+    return self.o_proj(out, ctx)
 
 
 class MLP(nnx.Module):
@@ -337,9 +343,9 @@ class MLP(nnx.Module):
     self.down_proj = mk("down_proj", c.intermediate_size, c.hidden_size)
     self.act = c.hidden_act
 
-  def __call__(self, x, lora):
-    gate = ACTIVATIONS[self.act](self.gate_proj(x, lora))
-    return self.down_proj(gate * self.up_proj(x, lora), lora)
+  def __call__(self, x, ctx):
+    gate = ACTIVATIONS[self.act](self.gate_proj(x, ctx))
+    return self.down_proj(gate * self.up_proj(x, ctx), ctx)
 
 
 class DecoderLayer(nnx.Module):
@@ -351,10 +357,10 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
     self.mlp = MLP(config, f"{prefix}.mlp", dtype, rngs)
 
-  def __call__(self, x, cos, sin, masks, lora):
+  def __call__(self, x, cos, sin, masks, ctx):
     mask = masks[self.window]
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, lora)
-    return x + self.mlp(self.post_attention_layernorm(x), lora)
+    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, ctx)
+    return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
 
 class Embed(nnx.Module):
@@ -374,13 +380,13 @@ class LlamaModel(nnx.Module):
 
 
 class LlamaForCausalLM(nnx.Module):
-  """Decoder with a language-model head. Call: `(input_ids, attention_mask, positions, lora)`.
+  """Decoder with a language-model head. Call: `(input_ids, attention_mask, positions, ctx)`.
 
   Args of `__call__`:
     input_ids: [B, S] int.
     attention_mask: [B, S] 1 for real tokens, 0 for padding (left or right), or None.
     positions: [B, S] int positions, or None for `arange(S)` (as transformers does).
-    lora: mapping from projection path to adapter context (see `adapters.hook`), or None.
+    ctx: the forward context (`jaxadapt.context.Context`), or None for the plain base.
   Returns:
     logits [B, S, vocab] in the parameter dtype.
   """
@@ -392,12 +398,7 @@ class LlamaForCausalLM(nnx.Module):
       self.lm_head = Linear(config.hidden_size, config.vocab_size, path="lm_head", dtype=dtype,
                             rngs=rngs)
 
-  def linear_paths(self) -> list[str]:
-    """Paths of every linear projection, in module order (lm_head last)."""
-    paths = [m.path for _, m in nnx.iter_graph(self) if isinstance(m, Linear)]
-    return sorted(set(paths), key=paths.index)
-
-  def hidden_states(self, input_ids, attention_mask=None, positions=None, lora=None):
+  def hidden_states(self, input_ids, attention_mask=None, positions=None, ctx=None):
     c = self.config
     b, s = input_ids.shape
     if positions is None:
@@ -418,12 +419,53 @@ class LlamaForCausalLM(nnx.Module):
       m = causal if w == 0 else causal & (qi - ki < w)
       masks[w] = m[None] & keys[:, None, :]  # [B, Sq, Sk]
     for layer in self.model.layers:
-      x = layer(x, cos, sin, masks, lora)
+      x = layer(x, cos, sin, masks, ctx)
     return self.model.norm(x)
 
-  def __call__(self, input_ids, attention_mask=None, positions=None, lora=None):
-    h = self.hidden_states(input_ids, attention_mask, positions, lora)
+  def __call__(self, input_ids, attention_mask=None, positions=None, ctx=None):
+    h = self.hidden_states(input_ids, attention_mask, positions, ctx)
     if self.config.tie_word_embeddings:
-      ctx = None if lora is None else lora.get("lm_head")
-      return project(h, self.model.embed_tokens.embedding[...].T, None, ctx)
-    return self.lm_head(h, lora)
+      return project(h, self.model.embed_tokens.embedding[...].T, None, ctx, "lm_head")
+    return self.lm_head(h, ctx)
+
+
+def hf_name(path: str):
+  """Dotted NNX param path -> (Hugging Face tensor name, layout transform or None).
+
+  `...kernel [in, out]` is HF's `...weight [out, in]` (transposed); `...embedding` is
+  `embed_tokens.weight`; norms and biases keep their names. The `name_fn` of `load_llama`.
+  """
+  stem, leaf = path.rsplit(".", 1)
+  if leaf == "kernel":
+    return f"{stem}.weight", lambda a: a.T
+  if leaf == "embedding":
+    return f"{stem}.weight", None
+  return path, None
+
+
+def load_llama(directory: str, *, dtype=jnp.float32, sharding: ShardingArg = None):
+  """Loads a Hugging Face Llama/Mistral/Qwen2 dir (config.json + safetensors).
+
+  Args:
+    directory: dir with config.json and model.safetensors (or a sharded index).
+    dtype: parameter dtype.
+    sharding: None, a Sharding, a Mesh or callable(path, shape) (see `jaxadapt.io.hf`).
+
+  Returns:
+    (config, graphdef, params as a pure dict), params memory-mapped and placed as they load.
+
+  Raises:
+    ValueError: config.json lacks a key the architecture needs, or asks for something
+      `LlamaConfig.from_hf` refuses.
+  """
+  cfg = read_config(directory)
+  missing = [k for k in _REQUIRED_KEYS if cfg.get(k) is None]
+  if missing and cfg.get("model_type") in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"{os.path.join(directory, 'config.json')} lacks {missing}, which a "
+                     f"{cfg['model_type']} config needs ({list(_REQUIRED_KEYS)}); is it the "
+                     f"config.json that came with the weights?")
+  config = LlamaConfig.from_hf(cfg)
+  graphdef, params = frozen.load_params(
+      directory, lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)), dtype=dtype,
+      sharding=sharding, stem="model", name_fn=hf_name)
+  return config, graphdef, params

@@ -3,7 +3,7 @@
 Written for a frozen base: the module tree mirrors diffusers' module names
 (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`), so parameter paths, checkpoint
 tensor names, PEFT keys and adapter paths are the same strings. Every linear layer is
-`jaxadapt.models.layers.Linear` with its diffusers path, so LoRA contexts (`lora={path: ctx}`)
+`jaxadapt.models.layers.Linear` with its diffusers path, so LoRA contexts (`ctx={path: ctx}`)
 apply anywhere; every attention module calls the insertion point named by its path
 (`...transformer_blocks.0.attn1` self-attention, `...attn2` cross-attention) where AGD's and
 FACT's adapter modules attach.
@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from jaxadapt.io.files import read_json_object
+from jaxadapt.io.hf import read_config
 from jaxadapt.models import diffusion_layers as dl
 from jaxadapt.models.diffusion_layers import (Attention, Conv2d, Downsample2D, FeedForward,
                                               GroupNorm, LayerNorm, ResnetBlock2D,
@@ -261,10 +261,10 @@ class BasicTransformerBlock(nnx.Module):
     self.norm3 = LayerNorm(dim, eps=1e-5, dtype=dtype)
     self.ff = FeedForward(dim, path=f"{path}.ff", activation_fn="geglu", dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, context, lora=None, inserts=None):  # x [B, N, C]; context [B, L, D]
-    x = x + self.attn1(self.norm1(x), lora=lora, inserts=inserts)
-    x = x + self.attn2(self.norm2(x), context, lora=lora, inserts=inserts)
-    return x + self.ff(self.norm3(x), lora)
+  def __call__(self, x, context, ctx=None):  # x [B, N, C]; context [B, L, D]
+    x = x + self.attn1(self.norm1(x), ctx=ctx)
+    x = x + self.attn2(self.norm2(x), context, ctx=ctx)
+    return x + self.ff(self.norm3(x), ctx)
 
 
 class Transformer2DModel(nnx.Module):
@@ -292,17 +292,17 @@ class Transformer2DModel(nnx.Module):
                               path=f"{path}.transformer_blocks.{i}", dtype=dtype, rngs=rngs)
         for i in range(num_layers)])
 
-  def __call__(self, x, context, lora=None, inserts=None):  # x [B, H, W, C]
+  def __call__(self, x, context, ctx=None):  # x [B, H, W, C]
     b, h, w, c = x.shape
     t = self.norm(x)
     if self.use_linear_projection:
-      t = self.proj_in(t.reshape(b, h * w, c), lora)
+      t = self.proj_in(t.reshape(b, h * w, c), ctx)
     else:
       t = self.proj_in(t).reshape(b, h * w, c)
     for block in self.transformer_blocks:
-      t = block(t, context, lora, inserts)
+      t = block(t, context, ctx)
     if self.use_linear_projection:
-      t = self.proj_out(t, lora).reshape(b, h, w, c)
+      t = self.proj_out(t, ctx).reshape(b, h, w, c)
     else:
       t = self.proj_out(t.reshape(b, h, w, c))
     return t + x
@@ -348,12 +348,12 @@ class DownBlock(nnx.Module):
         Downsample2D(cout, use_conv=True, padding=config.downsample_padding, dtype=dtype,
                      rngs=rngs)])
 
-  def __call__(self, x, temb, context, lora=None, inserts=None):
+  def __call__(self, x, temb, context, ctx=None):
     skips = []
     for i, resnet in enumerate(self.resnets):
-      x = resnet(x, temb, lora)
+      x = resnet(x, temb, ctx)
       if self.has_cross_attention:
-        x = self.attentions[i](x, context, lora, inserts)
+        x = self.attentions[i](x, context, ctx)
       skips.append(x)
     if self.downsamplers is not None:
       x = self.downsamplers[0](x)
@@ -372,10 +372,10 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
     self.attentions = nnx.List([_transformer(config, ch, len(config.block_out_channels) - 1,
                                              "mid_block.attentions.0", dtype, rngs)])
 
-  def __call__(self, x, temb, context, lora=None, inserts=None):
-    x = self.resnets[0](x, temb, lora)
+  def __call__(self, x, temb, context, ctx=None):
+    x = self.resnets[0](x, temb, ctx)
     for attn, resnet in zip(self.attentions, self.resnets[1:]):
-      x = resnet(attn(x, context, lora, inserts), temb, lora)
+      x = resnet(attn(x, context, ctx), temb, ctx)
     return x
 
 
@@ -405,12 +405,12 @@ class UpBlock(nnx.Module):
     self.upsamplers = None if last else nnx.List([
         Upsample2D(cout, use_conv=True, dtype=dtype, rngs=rngs)])
 
-  def __call__(self, x, skips, temb, context, upsample_size=None, lora=None, inserts=None):
+  def __call__(self, x, skips, temb, context, upsample_size=None, ctx=None):
     skips = list(skips)
     for i, resnet in enumerate(self.resnets):
-      x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb, lora)
+      x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb, ctx)
       if self.has_cross_attention:
-        x = self.attentions[i](x, context, lora, inserts)
+        x = self.attentions[i](x, context, ctx)
     if self.upsamplers is not None:
       x = self.upsamplers[0](x, upsample_size)
     return x
@@ -419,15 +419,15 @@ class UpBlock(nnx.Module):
 class UNet2DConditionModel(nnx.Module):
   """The LDM conditional U-Net (Rombach et al. 2022; Ronneberger et al. 2015).
 
-  Call: `(sample, timesteps, encoder_hidden_states, *, lora=None, inserts=None)`.
+  Call: `(sample, timesteps, encoder_hidden_states, *, ctx=None)`.
 
   Args of `__call__`:
     sample: [B, C_in, H, W] noisy latents (NCHW, as diffusers).
     timesteps: [B] or a scalar (int or float) diffusion timestep(s).
     encoder_hidden_states: [B, L, cross_attention_dim] text-encoder states.
-    lora: mapping from linear-layer path to adapter context (see `adapters.hook`), or None.
-    inserts: mapping from attention path (`...transformer_blocks.0.attn1`/`attn2`) to
-      `fn(out [B, N, C], hidden_in [B, N, C], context [B, L, D] or None) -> out`, or None.
+    ctx: the forward `Context` (`jaxadapt.context`), or None. Its `inserts` map attention
+      paths (`...transformer_blocks.0.attn1`/`attn2`) to
+      `fn(out [B, N, C], hidden_in [B, N, C], context [B, L, D] or None) -> out`.
   Returns:
     [B, C_out, H, W] model output in the parameter dtype (noise, or v for v-prediction).
   """
@@ -453,17 +453,12 @@ class UNet2DConditionModel(nnx.Module):
     self.conv_out = Conv2d(ch0, c.out_channels, c.conv_out_kernel,
                            padding=(c.conv_out_kernel - 1) // 2, dtype=dtype, rngs=rngs)
 
-  def linear_paths(self) -> list[str]:
-    """Paths of every linear layer (LoRA targets), in module order."""
-    paths = [m.path for _, m in nnx.iter_graph(self) if isinstance(m, Linear)]
-    return sorted(set(paths), key=paths.index)
-
   def attention_paths(self) -> list[str]:
     """Names of every insertion point (each attention module's path), in module order."""
     paths = [m.path for _, m in nnx.iter_graph(self) if isinstance(m, Attention)]
     return sorted(set(paths), key=paths.index)
 
-  def __call__(self, sample, timesteps, encoder_hidden_states, *, lora=None, inserts=None):
+  def __call__(self, sample, timesteps, encoder_hidden_states, *, ctx=None):
     c = self.config
     dtype = self.conv_in.kernel.dtype
     if sample.ndim != 4 or sample.shape[1] != c.in_channels:
@@ -476,18 +471,18 @@ class UNet2DConditionModel(nnx.Module):
     t = jnp.broadcast_to(t.reshape(-1) if t.ndim else t[None], (b,))
     t_emb = timestep_embedding(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
                                downscale_freq_shift=c.freq_shift).astype(dtype)
-    emb = self.time_embedding(t_emb, lora)
+    emb = self.time_embedding(t_emb, ctx)
     context = encoder_hidden_states.astype(dtype)
 
     # 1. Encoder: every intermediate output is a skip connection.
     x = self.conv_in(x)
     skips = [x]
     for block in self.down_blocks:
-      x, res = block(x, emb, context, lora, inserts)
+      x, res = block(x, emb, context, ctx)
       skips += res
     # 2. Bottleneck.
     if self.mid_block is not None:
-      x = self.mid_block(x, emb, context, lora, inserts)
+      x = self.mid_block(x, emb, context, ctx)
     # 3. Decoder: each block consumes as many skips as it has resnets, newest first; it
     #    upsamples to the next skip's size (odd sizes included, as diffusers' upsample_size).
     for i, block in enumerate(self.up_blocks):
@@ -497,7 +492,7 @@ class UNet2DConditionModel(nnx.Module):
       if block.upsamplers is not None:
         target = tuple(skips[-1].shape[1:3])
         size = None if target == (2 * x.shape[1], 2 * x.shape[2]) else target
-      x = block(x, res, emb, context, size, lora, inserts)
+      x = block(x, res, emb, context, size, ctx)
     # 4. Output head.
     x = self.conv_out(activation(c.act_fn)(self.conv_norm_out(x)))
     return jnp.transpose(x, (0, 3, 1, 2))
@@ -505,20 +500,22 @@ class UNet2DConditionModel(nnx.Module):
 
 # ----------------------------------------------------------------------------- frozen model API
 
-def forward(graphdef, params, sample, timesteps, encoder_hidden_states, lora=None,
-            inserts=None):
+def forward(graphdef, params, sample, timesteps, encoder_hidden_states, ctx=None):
   """The pure forward (not jitted): for use inside a user's own jit/grad (training)."""
   return dl.apply(graphdef, params, "__call__", sample, timesteps, encoder_hidden_states,
-                  lora=lora, inserts=inserts)
+                  ctx=ctx)
 
 
 class UNet(dl.FrozenModel):
   """A frozen U-Net: `config`, `graphdef`, `params` (a pure dict, never mutated); jitted calls.
 
   `unet(sample, timesteps, encoder_hidden_states)` runs the jitted forward; `adapter=` (one
-  `LoraAdapter`), `adapters=` + `adapter_ids=` (one id per batch element, -1 = base) or `lora=`
-  (raw per-path contexts) select adapters; `inserts=` attaches modules at attention outputs.
+  `LoraAdapter`), `adapters=` + `adapter_ids=` (one id per batch element, -1 = base) or
+  `context=` (a forward `Context`) select adapters; `inserts=` attaches modules at attention
+  outputs.
   """
+
+  batch_item = "sample"
 
   @classmethod
   def random(cls, config: UNetConfig, *, seed: int = 0, dtype=jnp.float32) -> "UNet":
@@ -537,8 +534,12 @@ class UNet(dl.FrozenModel):
     """Names of every insertion point (each attention module's path), in module order."""
     return nnx.merge(self.graphdef, nnx.State(self.params)).attention_paths()
 
+  @property
+  def insertion_points(self) -> list[str]:
+    return self.attention_paths
+
   def __call__(self, sample, timesteps, encoder_hidden_states, *, adapter=None, adapters=None,
-               adapter_ids=None, lora=None, inserts=None):
+               adapter_ids=None, context=None, inserts=None):
     """The model output `[B, C_out, H, W]` (NCHW) for noisy latents `sample [B, C_in, H, W]`.
 
     Args:
@@ -547,7 +548,7 @@ class UNet(dl.FrozenModel):
       encoder_hidden_states: [B, L, cross_attention_dim] text states.
       adapter: one `LoraAdapter` for the whole batch.
       adapters: a list of adapters, with `adapter_ids` one id per batch element (-1 = base).
-      lora: raw per-path contexts (instead of adapter/adapters).
+      context: a ready forward `Context` (instead of adapter/adapters).
       inserts: {attention path: fn(out, hidden_in, context) -> out}; see
         `UNet2DConditionModel`. A `jax.tree_util.Partial(fn, params)` traces `params`.
     """
@@ -559,22 +560,12 @@ class UNet(dl.FrozenModel):
     if ehs.ndim != 3 or ehs.shape[0] != sample.shape[0]:
       raise ValueError(f"encoder_hidden_states must be [B, L, D] with B={sample.shape[0]}, got "
                        f"{ehs.shape}")
-    if adapter_ids is not None and np.shape(adapter_ids) != (sample.shape[0],):
-      raise ValueError(f"adapter_ids must hold one id per sample, shape ({sample.shape[0]},); "
-                       f"got shape {np.shape(adapter_ids)}")
-    if lora is not None and (adapter is not None or adapters is not None):
-      raise ValueError("pass lora= (raw contexts) or adapter=/adapters=, not both")
-    if lora is None:
-      lora = self.lora_contexts(adapter=adapter, adapters=adapters, adapter_ids=adapter_ids)
-    if inserts:
-      unknown = [k for k in inserts if k not in self.attention_paths]
-      if unknown:
-        raise ValueError(f"inserts names {unknown[:3]}, which are not attention modules of this "
-                         f"U-Net (e.g. {self.attention_paths[:2]})")
     # Timesteps as float32 [B] before jit: scalar, [1] and [B], int or float, share a compile.
     t = jnp.asarray(timesteps, jnp.float32)
     t = jnp.broadcast_to(t.reshape(-1), (sample.shape[0],))
-    return self._call("__call__", (sample, t, ehs), dict(lora=lora), inserts=inserts)
+    return self._call("__call__", (sample, t, ehs), adapter=adapter, adapters=adapters,
+                      adapter_ids=adapter_ids, context=context, inserts=inserts,
+                      batch=sample.shape[0])
 
 
 def _scheduler_prediction_type(directory: str) -> Optional[str]:
@@ -583,8 +574,7 @@ def _scheduler_prediction_type(directory: str) -> Optional[str]:
                       "scheduler_config.json")
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f).get("prediction_type")
+  return read_json_object(path, "a diffusers scheduler config").get("prediction_type")
 
 
 def load_unet(directory: str, *, dtype="float32", sharding=None,
@@ -601,7 +591,6 @@ def load_unet(directory: str, *, dtype="float32", sharding=None,
   Returns:
     A `UNet` whose params are memory-mapped from the checkpoint and placed as they load.
   """
-  from jaxadapt.io.hf import read_config
   directory = os.fspath(directory)
   dtype = jnp.dtype(dtype)
   pred = prediction_type or _scheduler_prediction_type(directory)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxadapt.io.hf import read_config
+from jaxadapt.io.safetensors_mmap import CheckpointDir
 from jaxadapt.models import diffusion_layers as dl
 
 DOWN_BLOCK = "DownEncoderBlock2D"
@@ -131,11 +133,11 @@ class MidBlock(nnx.Module):
         norm_num_groups=c.norm_num_groups, eps=1e-6, residual_connection=True, dtype=dtype,
         rngs=rngs)]) if c.mid_block_add_attention else None)
 
-  def __call__(self, x, lora, inserts):
-    x = self.resnets[0](x, None, lora)
+  def __call__(self, x, ctx):
+    x = self.resnets[0](x, None, ctx)
     if self.attentions is not None:
-      x = self.attentions[0](x, lora=lora, inserts=inserts)
-    return self.resnets[1](x, None, lora)
+      x = self.attentions[0](x, ctx=ctx)
+    return self.resnets[1](x, None, ctx)
 
 
 class DownEncoderBlock2D(nnx.Module):
@@ -146,9 +148,9 @@ class DownEncoderBlock2D(nnx.Module):
     self.downsamplers = (None if last else nnx.List([
         dl.Downsample2D(cout, use_conv=True, padding=0, dtype=dtype, rngs=rngs)]))
 
-  def __call__(self, x, lora):
+  def __call__(self, x, ctx):
     for resnet in self.resnets:
-      x = resnet(x, None, lora)
+      x = resnet(x, None, ctx)
     return x if self.downsamplers is None else self.downsamplers[0](x)
 
 
@@ -160,9 +162,9 @@ class UpDecoderBlock2D(nnx.Module):
     self.upsamplers = (None if last else nnx.List([
         dl.Upsample2D(cout, use_conv=True, dtype=dtype, rngs=rngs)]))
 
-  def __call__(self, x, lora):
+  def __call__(self, x, ctx):
     for resnet in self.resnets:
-      x = resnet(x, None, lora)
+      x = resnet(x, None, ctx)
     return x if self.upsamplers is None else self.upsamplers[0](x)
 
 
@@ -180,11 +182,11 @@ class Encoder(nnx.Module):
     self.conv_out = dl.Conv2d(chans[-1], 2 * c.latent_channels, 3, padding=1, dtype=dtype,
                               rngs=rngs)
 
-  def __call__(self, x, lora, inserts):
+  def __call__(self, x, ctx):
     x = self.conv_in(x)
     for block in self.down_blocks:
-      x = block(x, lora)
-    x = self.mid_block(x, lora, inserts)
+      x = block(x, ctx)
+    x = self.mid_block(x, ctx)
     # diffusers' conv_act is SiLU whatever act_fn is (act_fn sets the resnets only).
     return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
@@ -202,10 +204,10 @@ class Decoder(nnx.Module):
     self.conv_norm_out = dl.GroupNorm(c.norm_num_groups, chans[-1], eps=1e-6, dtype=dtype)
     self.conv_out = dl.Conv2d(chans[-1], c.out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
 
-  def __call__(self, z, lora, inserts):
-    x = self.mid_block(self.conv_in(z), lora, inserts)
+  def __call__(self, z, ctx):
+    x = self.mid_block(self.conv_in(z), ctx)
     for block in self.up_blocks:
-      x = block(x, lora)
+      x = block(x, ctx)
     # diffusers' conv_act is SiLU whatever act_fn is (act_fn sets the resnets only).
     return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
@@ -214,8 +216,8 @@ class AutoencoderKL(nnx.Module):
   """The LDM KL autoencoder (Rombach et al. 2022), as diffusers' `AutoencoderKL`.
 
   `encode(sample)` -> `LatentDist` of the NCHW image `sample` in [-1, 1];
-  `decode(z)` -> NCHW image from unscaled latents `z`. Both take `lora=` (a mapping from the
-  mid-block attention projection paths to adapter contexts) and `inserts=` (insertion points
+  `decode(z)` -> NCHW image from unscaled latents `z`. Both take `ctx=`, the forward
+  `Context` (adapters on the mid-block attention projections; inserts at
   `encoder.mid_block.attentions.0`, `decoder.mid_block.attentions.0`).
   """
 
@@ -233,25 +235,25 @@ class AutoencoderKL(nnx.Module):
   def _dtype(self):
     return self.encoder.conv_in.kernel[...].dtype
 
-  def encode(self, sample, *, lora=None, inserts=None) -> LatentDist:
+  def encode(self, sample, *, ctx=None) -> LatentDist:
     x = jnp.transpose(sample, (0, 2, 3, 1)).astype(self._dtype())
-    h = self.encoder(x, lora, inserts)
+    h = self.encoder(x, ctx)
     if self.quant_conv is not None:
       h = self.quant_conv(h)
     mean, logvar = jnp.split(jnp.transpose(h, (0, 3, 1, 2)), 2, axis=1)
     return LatentDist(mean, jnp.clip(logvar, -30.0, 20.0))
 
-  def decode(self, z, *, lora=None, inserts=None):
+  def decode(self, z, *, ctx=None):
     h = jnp.transpose(z, (0, 2, 3, 1)).astype(self._dtype())
     if self.post_quant_conv is not None:
       h = self.post_quant_conv(h)
-    return jnp.transpose(self.decoder(h, lora, inserts), (0, 3, 1, 2))
+    return jnp.transpose(self.decoder(h, ctx), (0, 3, 1, 2))
 
-  def __call__(self, sample, key=None, *, lora=None, inserts=None):
+  def __call__(self, sample, key=None, *, ctx=None):
     """Reconstruction: decode a posterior sample (with `key`) or its mode (without)."""
-    dist = self.encode(sample, lora=lora, inserts=inserts)
+    dist = self.encode(sample, ctx=ctx)
     z = dist.mode() if key is None else dist.sample(key)
-    return self.decode(z, lora=lora, inserts=inserts)
+    return self.decode(z, ctx=ctx)
 
 
 class VAE(dl.FrozenModel):
@@ -264,22 +266,23 @@ class VAE(dl.FrozenModel):
                        f"{x.shape}")
     return x
 
-  def encode(self, sample, *, lora=None, inserts=None) -> LatentDist:
+  def encode(self, sample, *, adapter=None, context=None, inserts=None) -> LatentDist:
     """The posterior `LatentDist(mean, logvar)` of images `sample` [B, C, H, W] in [-1, 1]."""
     f = self.config.downsample_factor
     sample = self._check(sample, self.config.in_channels, "sample")
     if sample.shape[2] % f or sample.shape[3] % f:
       raise ValueError(f"image height/width {sample.shape[2:]} must be multiples of {f}")
-    return self._call("encode", (sample,), dict(lora=lora), inserts=inserts)
+    return self._call("encode", (sample,), adapter=adapter, context=context, inserts=inserts)
 
-  def decode(self, z, *, lora=None, inserts=None) -> jax.Array:
+  def decode(self, z, *, adapter=None, context=None, inserts=None) -> jax.Array:
     """Images [B, out_channels, h*f, w*f] from unscaled latents `z` [B, latent_channels, h, w]."""
     z = self._check(z, self.config.latent_channels, "z")
-    return self._call("decode", (z,), dict(lora=lora), inserts=inserts)
+    return self._call("decode", (z,), adapter=adapter, context=context, inserts=inserts)
 
-  def __call__(self, sample, key=None, *, lora=None, inserts=None) -> jax.Array:
+  def __call__(self, sample, key=None, *, adapter=None, context=None, inserts=None) -> jax.Array:
     sample = self._check(sample, self.config.in_channels, "sample")
-    return self._call("__call__", (sample, key), dict(lora=lora), inserts=inserts)
+    return self._call("__call__", (sample, key), adapter=adapter, context=context,
+                      inserts=inserts)
 
   def scale_latents(self, z: jax.Array) -> jax.Array:
     """Encoder latents -> the diffusion model's latent space, as diffusers' pipelines do.
@@ -331,8 +334,6 @@ def load_vae(directory: str, *, dtype=jnp.float32, sharding=None) -> VAE:
     dtype: parameter dtype (float32 or bfloat16).
     sharding: None, a Sharding, a Mesh or callable(path, shape) (see `jaxadapt.io.hf`).
   """
-  from jaxadapt.io.hf import read_config
-  from jaxadapt.io.safetensors_mmap import CheckpointDir
   config = VAEConfig.from_config(read_config(directory))
   names = set(CheckpointDir(directory, "diffusion_pytorch_model"))
   graphdef, params = dl.load_params(

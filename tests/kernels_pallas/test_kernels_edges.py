@@ -320,7 +320,8 @@ def test_hook_mixed_and_gated_equal_per_sequence_loop(name):
 
 
 def _check_hook():
-  from jaxadapt.adapters.hook import GatedLoRA, MixedLoRA, SingleLoRA, project
+  from jaxadapt.adapters.hook import SingleLoRA, project
+  from jaxadapt.context import Context, Stack, make_routing
   d = _data()
   ranks = np.array([8, 3, 5])
   a, b = _poisoned(d, ranks, np.nan)
@@ -338,18 +339,18 @@ def _check_hook():
     return (out * dora[i] if use_dora else out) + bias
 
   which = np.array([1, 5, -1, 0])  # 5 >= N: base only under jit
-  run = jax.jit(lambda *args: project(*args))  # a new function: traced on this backend
+  run = jax.jit(lambda *args: project(*args), static_argnums=(4,))  # traced on this backend
   want = jnp.stack([alone(int(i), x[j], True) for j, i in enumerate(which)])
-  for ids in (which, np.repeat(which, 2)):  # per sequence, per token
-    ctx = MixedLoRA(a=a, b=b, scale=d["scales"], token_ids=jnp.asarray(ids, jnp.int32),
-                    dora_scale=dora, ranks=jnp.asarray(ranks))
-    _close(run(x, kernel, bias, ctx), want)
+  stack = Stack(a=a, b=b, scale=d["scales"], dora_scale=dora, ranks=jnp.asarray(ranks))
+  for ids, layout in ((which, "sequence"), (np.repeat(which, 2), "token")):
+    ctx = Context(weights={"p": stack}, routing=make_routing(layout, ids, N))
+    _close(run(x, kernel, bias, ctx, "p"), want)
     with pytest.raises(ValueError, match=r"adapter ids must be < N=3.*found 5"):
-      project(x, kernel, bias, ctx)  # concrete ids: refused
+      project(x, kernel, bias, ctx, "p")  # concrete ids: refused
   topk = np.array([[0, 2], [1, -1], [4, 0], [2, 1], [-1, -1], [1, 1], [0, 3], [2, 0]])
   gates = jnp.asarray(rng.uniform(0.1, 1.0, topk.shape), jnp.float32)
-  ctx = GatedLoRA(a=a, b=b, scale=d["scales"], topk_ids=jnp.asarray(topk, jnp.int32),
-                  gates=gates, ranks=jnp.asarray(ranks))
+  ctx = Context(weights={"p": Stack(a=a, b=b, scale=d["scales"], ranks=jnp.asarray(ranks))},
+                routing=make_routing("topk", topk, N, gates=gates))
   x2 = x.reshape(8, D)
   base = x2 @ kernel + bias
   want = base
@@ -357,4 +358,4 @@ def _check_hook():
     if 0 <= topk[t, j] < N:
       delta = alone(int(topk[t, j]), x2[t:t + 1], False)[0] - base[t]
       want = want.at[t].add(gates[t, j] * delta)
-  _close(run(x2, kernel, bias, ctx), want)
+  _close(run(x2, kernel, bias, ctx, "p"), want)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import jaxadapt as ja
 from jaxadapt.adapters.hook import SingleLoRA
 from jaxadapt.models import diffusion_layers as dl
 from jaxadapt.models.dit import DiT, DiTConfig, load_dit
@@ -74,7 +75,7 @@ def test_lora_on_attention_projection_equals_merged_kernel(dit):
   b = jax.random.normal(k[1], (r, d)) * 0.3
   scale = jnp.asarray(1.7)
   x, t, y = _inputs(seed=2)
-  got = model(x.numpy(), t.numpy(), y.numpy(), lora={path: SingleLoRA(a=a, b=b, scale=scale)})
+  got = model(x.numpy(), t.numpy(), y.numpy(), context=ja.Context(weights={path: SingleLoRA(a=a, b=b, scale=scale)}))
   params = jax.tree_util.tree_map(lambda v: v, model.params)
   q = params["transformer_blocks"][1]["attn1"]["to_q"]
   q["kernel"] = q["kernel"] + scale * (a @ b)
@@ -83,7 +84,7 @@ def test_lora_on_attention_projection_equals_merged_kernel(dit):
   base = model(x.numpy(), t.numpy(), y.numpy())
   assert np.abs(np.asarray(got) - np.asarray(base)).max() > 1e-3
   with pytest.raises(ValueError, match="not linear layers"):
-    model(x.numpy(), t.numpy(), y.numpy(), lora={"transformer_blocks.1.attn1": None})
+    model(x.numpy(), t.numpy(), y.numpy(), context=ja.Context(weights={"transformer_blocks.1.attn1": None}))
 
 
 def test_lora_on_adaln_modulation_changes_output(dit):
@@ -95,7 +96,7 @@ def test_lora_on_adaln_modulation_changes_output(dit):
   b = jnp.ones((2, 6 * d)) * 0.1
   x, t, y = _inputs(seed=3)
   got = model(x.numpy(), t.numpy(), y.numpy(),
-              lora={path: SingleLoRA(a=a, b=b, scale=jnp.asarray(0.5))})
+              context=ja.Context(weights={path: SingleLoRA(a=a, b=b, scale=jnp.asarray(0.5))}))
   params = jax.tree_util.tree_map(lambda v: v, model.params)
   lin = params["transformer_blocks"][0]["norm1"]["linear"]
   lin["kernel"] = lin["kernel"] + 0.5 * (a @ b)
@@ -151,7 +152,7 @@ def test_insert_tensors_equal_diffusers_attention(dit):
   # The un-jitted pure forward, so the spy sees concrete arrays.
   dl.apply(model.graphdef, model.params, "__call__", jnp.asarray(x.numpy()),
            jnp.asarray(t.numpy()), jnp.asarray(y.numpy()),
-           inserts={"transformer_blocks.1.attn1": spy})
+           ctx=ja.Context().with_inserts({"transformer_blocks.1.attn1": spy}))
   np.testing.assert_allclose(np.asarray(seen["inp"]), captured["inp"].numpy(), atol=1e-4, rtol=0)
   np.testing.assert_allclose(np.asarray(seen["out"]), captured["out"].numpy(), atol=1e-4, rtol=0)
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import jaxadapt as ja
 from jaxadapt.adapters.hook import SingleLoRA
 from jaxadapt.models import diffusion_layers as dl
 from jaxadapt.models.vae import VAE, VAEConfig, load_vae
@@ -108,7 +109,8 @@ def test_insert_at_mid_block_attention(vae):
     seen.update(out=out, inp=hidden_in, context=context)
     return out
 
-  dl.apply(model.graphdef, model.params, "decode", jnp.asarray(z.numpy()), inserts={name: spy})
+  dl.apply(model.graphdef, model.params, "decode", jnp.asarray(z.numpy()),
+           ctx=ja.Context().with_inserts({name: spy}))
   assert seen["context"] is None
   tokens = lambda a: np.asarray(a).reshape(2, 64, 16)  # NHWC [B, 8, 8, C] -> [B, 64 tokens, C]
   inp = captured["inp"].numpy().transpose(0, 2, 3, 1)
@@ -134,7 +136,7 @@ def test_lora_on_mid_block_attention_equals_merged_kernel(vae):
   k = jax.random.split(jax.random.key(1), 2)
   a, b = jax.random.normal(k[0], (16, 2)), jax.random.normal(k[1], (2, 16))
   x = _image(seed=6).numpy()
-  got = model.encode(x, lora={path: SingleLoRA(a=a, b=b, scale=jnp.asarray(0.5))})
+  got = model.encode(x, context=ja.Context(weights={path: SingleLoRA(a=a, b=b, scale=jnp.asarray(0.5))}))
   params = jax.tree_util.tree_map(lambda v: v, model.params)
   v = params["encoder"]["mid_block"]["attentions"][0]["to_v"]
   v["kernel"] = v["kernel"] + 0.5 * (a @ b)
