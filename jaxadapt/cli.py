@@ -2,6 +2,7 @@
 
   jaxadapt demo [ARGS]          the embedded-default main job (`make demo`)
   jaxadapt train lora [ARGS]    LoRA fine-tuning (train/lora.py)
+  jaxadapt train pretrain [ARGS]  full-parameter training of a small base (train/pretrain.py)
   jaxadapt info DIR             what jaxadapt reads from a dir: a Hugging Face model (Llama,
                                 Mistral, Qwen2, CLIP text), a PEFT LoRA adapter, a diffusers
                                 pipeline (model_index.json) or one diffusers model (UNet, DiT, VAE)
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
+
+TRAIN_RECIPES = ("lora", "pretrain")  # modules of train/ with a main(argv)
 
 INFO_USAGE = "usage: jaxadapt info DIR   (a model, PEFT adapter or diffusers pipeline dir)"
 _EXPECTED = ("a model dir (config.json), a PEFT adapter dir (adapter_config.json) or a diffusers "
@@ -112,13 +115,15 @@ def main(argv=None) -> int:
     return 0
   if cmd == "train":
     if rest and rest[0] in ("-h", "--help"):
-      print("usage: jaxadapt train lora [ARGS]   (jaxadapt train lora --help lists the ARGS)")
+      print("usage: jaxadapt train {lora,pretrain} [ARGS]   (jaxadapt train lora --help lists "
+            "the ARGS)")
       return 0
-    if not rest or rest[0] != "lora":
-      print(f"jaxadapt train: expected a recipe name (lora), got {rest[:1]}", file=sys.stderr)
+    if not rest or rest[0] not in TRAIN_RECIPES:
+      print(f"jaxadapt train: expected a recipe name ({', '.join(TRAIN_RECIPES)}), got "
+            f"{rest[:1]}", file=sys.stderr)
       return 2
-    from train import lora
-    return lora.main(rest[1:]) or 0
+    import importlib
+    return importlib.import_module(f"train.{rest[0]}").main(rest[1:]) or 0
   if cmd == "info":
     if rest in (["-h"], ["--help"]):
       print(INFO_USAGE)

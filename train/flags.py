@@ -161,3 +161,24 @@ def apply_overrides(config, argv: Sequence[str]):
                       + (f" (did you mean {close}?)" if close else ""))
     changes[key] = parse_value(key, hints[key], value)
   return dataclasses.replace(config, **changes)
+
+
+def config_from_argv(argv: Sequence[str], *, default: str, cls: type, doc: str):
+  """A recipe's config from its command line: `--config NAME` (default `default`) with field
+  overrides; `--help` prints `doc`'s first paragraph and the fields, then exits.
+
+  Args:
+    argv: the arguments after the program name.
+    default: the config module used without `--config`.
+    cls: the config class `get_config()` must return (e.g. `train.lora.TrainConfig`).
+    doc: the recipe module's docstring.
+  """
+  name, rest = split_config_flag(argv)
+  config = load_config_module(name or default)
+  if not isinstance(config, cls):
+    raise FlagError(f"--config {name}: get_config() returned {type(config).__name__}, "
+                    f"expected {cls.__module__}.{cls.__qualname__}")
+  if any(a in ("-h", "--help") for a in rest):
+    print(doc.split("\n\n")[0] + "\n\n" + help_text(config))
+    raise SystemExit(0)
+  return apply_overrides(config, rest)

@@ -181,8 +181,6 @@ def context(adapter: LoraAdapter, *, dropout_key: Optional[jax.Array] = None) ->
   return Context(weights=out)
 
 
-contexts = context  # the name train/ and older callers use
-
 
 def delta_weight(adapter: LoraAdapter, path: str) -> jax.Array:
   """`scale * A @ B` for one path, float32 [in, out]."""
