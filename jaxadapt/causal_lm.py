@@ -12,6 +12,7 @@ import os
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxadapt.context import KVCache
 from jaxadapt.io.files import float_dtype
 from jaxadapt.models.frozen import FrozenModel, apply, token_inputs
 from jaxadapt.models.llama import LlamaConfig, LlamaForCausalLM, load_llama
@@ -51,6 +52,13 @@ class CausalLM(FrozenModel):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty `KVCache` for `batch` rows of up to `max_len` tokens (prompt + new tokens);
+    pass it as `context=ja.Context(attention=cache)` (the call then returns the new cache)."""
+    c = self.config
+    return KVCache.empty(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim,
+                         dtype or self.dtype)
+
   def __call__(self, input_ids, attention_mask=None, *, adapter=None, adapters=None,
                adapter_ids=None, context=None, position_ids=None):
     """Logits `[batch, seq, vocab]`.
@@ -60,7 +68,8 @@ class CausalLM(FrozenModel):
       attention_mask: [batch, seq] 1 = token, 0 = padding (left or right), as transformers.
       adapter: one `LoraAdapter` for the whole batch.
       adapters: a list of adapters, with `adapter_ids` one id per sequence (-1 = base only).
-      context: a ready forward `Context` (a mixed batch in another layout, a pool, routers).
+      context: a ready forward `Context` (a mixed batch in another layout, a pool, routers, a
+        `KVCache` in `attention`: then the call returns `(logits, updated cache)`).
       position_ids: [batch, seq] positions; default `arange(seq)` as transformers.
     """
     input_ids, attention_mask, position_ids = token_inputs(input_ids, attention_mask,

@@ -14,8 +14,8 @@ A model forward is `params` (frozen) plus a `Context` that says, for this step:
     own input (`Router`; MeteoRA Eq. 3-4).
   * `inserts` / `insert_inputs`: modules at named insertion points (AGD, FACT) and their inputs
     (a guidance scale, face tokens and mask), traced, never constants.
-  * `attention`: the attention state slot (a KV cache for generation, paged KV for the serving
-    engine); no model reads it yet.
+  * `attention`: the attention state: a dense `KVCache` (the Llama family reads and returns
+    it); paged KV for the serving engine.
 
 The projection hook (`jaxadapt.adapters.hook.project`) is the only reader of `weights`,
 `routing` and `routers`. Everything here is a pytree: a context passes through `jit`, `grad` and
@@ -234,6 +234,40 @@ class Router:
   top_k: int = 1
 
 
+# -- Attention state --------------------------------------------------------------------------
+
+@_pytree()
+class KVCache:
+  """A preallocated dense KV cache: the `attention` slot for generation.
+
+  A forward with it writes the new tokens' keys and values at slots `lengths + arange(S)` of
+  every row and attends over the whole cache (causal by slot, padding slots masked), so a prompt
+  prefill and each decode step run the same static-shape computation. Slots past `max_len` are
+  dropped under jit: size the cache for prompt + new tokens.
+
+  Attributes:
+    keys, values: per layer [B, max_len, kv_heads, head_dim].
+    valid: [B, max_len] bool, the slots that hold a real token (left padding is not).
+    lengths: [B] int32, slots filled so far (the next token's slot).
+  """
+  keys: tuple
+  values: tuple
+  valid: jax.Array
+  lengths: jax.Array
+
+  @classmethod
+  def empty(cls, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+            dtype=jnp.float32) -> "KVCache":
+    zeros = lambda: jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
+    return cls(keys=tuple(zeros() for _ in range(layers)),
+               values=tuple(zeros() for _ in range(layers)),
+               valid=jnp.zeros((batch, max_len), bool), lengths=jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.valid.shape[1]
+
+
 # -- The context ------------------------------------------------------------------------------
 
 @_pytree()
@@ -245,7 +279,7 @@ class Context:
   routers: Optional[Mapping[str, Router]] = None  # path -> Router
   inserts: Optional[Mapping[str, Any]] = None     # insertion point -> jax.tree_util.Partial
   insert_inputs: Optional[Mapping[str, Any]] = None
-  attention: Any = None                           # KV state (generation, serving)
+  attention: Any = None                           # KVCache (generation), paged KV (serving)
 
   def prepare(self, rows: Optional[int] = None) -> "Context":
     """The context with its routing's plan built (once per forward, inside the trace)."""

@@ -180,3 +180,40 @@ def test_one_call_surface_refuses_conflicts(setup):
     model(ids, context={"model.layers.0.self_attn.q_proj": None})
   with pytest.raises(ValueError, match="token routing has 4 ids"):
     model(ids, context=stack_lib.mixed_context(stacks, [0, 1, 2, -1], layout="token"))
+
+
+@pytest.mark.parametrize("windows", [(), (3, 0)])
+def test_kv_cache_prefill_and_decode_equal_the_full_forward(windows):
+  """A left-padded prompt prefilled into a dense KVCache, then three one-token steps, give the
+  logits of one forward over the whole sequence (GQA, a sliding window, a mixed batch of
+  adapters), with one compile for all decode steps."""
+  from jaxadapt.models.llama import LlamaConfig
+  model = ja.CausalLM.random(LlamaConfig(
+      vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_windows=windows))
+  adapters = [_perturbed(ja.init_lora(model, ja.LoraConfig(r=2, target_modules="all-linear"),
+                                      seed=s), s) for s in (1, 2)]
+  which = [1, -1, 0]
+  ids = np.random.default_rng(4).integers(0, 61, (3, 8))
+  mask = np.ones_like(ids)
+  mask[1, :3] = 0  # left padding
+  full = np.asarray(model(ids, attention_mask=mask, adapters=adapters, adapter_ids=which))
+  mixed = model.make_context(adapters=adapters, adapter_ids=which)
+  cache = model.init_cache(3, 10)
+  logits, cache = model(ids[:, :5], attention_mask=mask[:, :5],
+                        context=ja.Context(weights=mixed.weights, routing=mixed.routing,
+                                           attention=cache))
+  from jaxadapt.models import frozen
+  steps = [np.asarray(logits)]
+  for t in range(5, 8):
+    logits, cache = model(ids[:, t:t + 1], context=ja.Context(
+        weights=mixed.weights, routing=mixed.routing, attention=cache))
+    steps.append(np.asarray(logits))
+    if t == 5:
+      compiled = frozen._apply_jit._cache_size()  # pylint: disable=protected-access
+  assert frozen._apply_jit._cache_size() == compiled  # pylint: disable=protected-access
+  got = np.concatenate(steps, axis=1)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(got[real], full[real], atol=1e-5, rtol=0)
+  assert np.asarray(cache.lengths).tolist() == [8, 8, 8]
+  assert np.abs(full[0] - np.asarray(model(ids, attention_mask=mask))[0]).max() > 1e-3

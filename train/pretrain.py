@@ -32,7 +32,9 @@ import numpy as np
 
 from jaxadapt import sharding as sharding_lib
 from jaxadapt.causal_lm import CausalLM, load_model
+from jaxadapt.io.hf import read_config, torch_name
 from jaxadapt.models.llama import LlamaConfig
+from jaxadapt.paths import keypath_str
 from train import flags
 from train import lm
 from train import loop
@@ -196,20 +198,6 @@ def train(config: PretrainConfig, *, stop_after: Optional[int] = None,
 
 # --- the Hugging Face export ---------------------------------------------------------------------
 
-def hf_tensor_name(path: str) -> tuple[str, bool]:
-  """Dotted param path -> (Hugging Face tensor name, whether to transpose).
-
-  The inverse of jaxadapt's Llama loader: a `...kernel [in, out]` is HF's `...weight [out, in]`,
-  `...embedding` is `...weight`; norms and biases keep their names.
-  """
-  stem, leaf = path.rsplit(".", 1)
-  if leaf == "kernel":
-    return f"{stem}.weight", True
-  if leaf == "embedding":
-    return f"{stem}.weight", False
-  return path, False
-
-
 def hf_config(config: LlamaConfig) -> dict:
   """transformers' `config.json` of a plain Llama (`LlamaConfig.from_hf` reads it back).
 
@@ -259,13 +247,12 @@ def save_hf_model(model: CausalLM, directory: str, *, source_dir: Optional[str] 
     return
   tensors = {}
   for kp, value in jax.tree_util.tree_flatten_with_path(host)[0]:
-    path = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
-    name, transpose = hf_tensor_name(path)
+    # jaxadapt's loader name map, inverted: its layout transforms (transposes) are involutions.
+    name, transform = torch_name(keypath_str(kp))
     value = np.asarray(value)
-    tensors[name] = np.ascontiguousarray(value.T if transpose else value)
+    tensors[name] = np.ascontiguousarray(transform(value) if transform else value)
   if source_dir is not None:
-    with open(os.path.join(source_dir, "config.json")) as f:
-      config = json.load(f)
+    config = read_config(source_dir)
   else:
     config = hf_config(model.config)
   dtypes = {str(v.dtype) for v in tensors.values()}

@@ -90,3 +90,27 @@ def load_tree(directory: str, shapes, name_fn: Callable[[str], tuple[str, Option
     return jax.device_put(host, target) if target is not None else jnp.asarray(host)
 
   return paths.map_with_paths(load, shapes)
+
+
+def torch_to_jax_layout(a):
+  """A torch weight in jaxadapt's layout: linear `[out, in]` -> `[in, out]`, conv OIHW -> HWIO."""
+  if a.ndim == 2:
+    return a.T
+  if a.ndim == 4:
+    return a.transpose(2, 3, 1, 0)
+  raise ValueError(f"expected a 2-D linear or 4-D conv weight, got shape {tuple(a.shape)}")
+
+
+def torch_name(path: str):
+  """Dotted NNX param path -> (torch checkpoint name, layout transform or None).
+
+  `...kernel` (Linear or Conv2d) is torch's `...weight`, transposed to jaxadapt's layout;
+  `...embedding` is an `nn.Embedding`'s `...weight`; norms keep torch's `weight`/`bias` names.
+  Use as the `name_fn` of `load_tree` (every family: Llama, UNet, DiT, VAE, CLIP).
+  """
+  stem, leaf = path.rsplit(".", 1)
+  if leaf == "kernel":
+    return f"{stem}.weight", torch_to_jax_layout
+  if leaf == "embedding":
+    return f"{stem}.weight", None
+  return path, None

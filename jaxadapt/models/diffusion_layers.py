@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxadapt.context import insert
+from jaxadapt.io.hf import torch_name, torch_to_jax_layout  # noqa: F401  (the families' name map)
 from jaxadapt.models import frozen
 from jaxadapt.models.frozen import FrozenModel, apply  # noqa: F401  (re-exported)
-from jaxadapt.context import insert
 from jaxadapt.models.layers import Linear
 
 __all__ = [
@@ -41,30 +42,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- checkpoint names
-
-def torch_to_jax_layout(a):
-  """A torch weight in jaxadapt's layout: linear `[out, in]` -> `[in, out]`, conv OIHW -> HWIO."""
-  if a.ndim == 2:
-    return a.T
-  if a.ndim == 4:
-    return a.transpose(2, 3, 1, 0)
-  raise ValueError(f"expected a 2-D linear or 4-D conv weight, got shape {tuple(a.shape)}")
-
-
-def torch_name(path: str):
-  """Dotted NNX param path -> (torch checkpoint name, layout transform or None).
-
-  `...kernel` (Linear or Conv2d) is torch's `...weight`, transposed to jaxadapt's layout;
-  `...embedding` is an `nn.Embedding`'s `...weight`; norms keep torch's `weight`/`bias` names.
-  Use as the `name_fn` of `jaxadapt.io.hf.load_tree`.
-  """
-  stem, leaf = path.rsplit(".", 1)
-  if leaf == "kernel":
-    return f"{stem}.weight", torch_to_jax_layout
-  if leaf == "embedding":
-    return f"{stem}.weight", None
-  return path, None
-
 
 # ----------------------------------------------------------------------------- activations
 

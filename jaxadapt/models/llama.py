@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxadapt.adapters.hook import project
-from jaxadapt.io.hf import ShardingArg, read_config
+from jaxadapt.context import KVCache
+from jaxadapt.io.hf import ShardingArg, read_config, torch_name
 from jaxadapt.models import frozen
 from jaxadapt.models.layers import Linear
 
@@ -317,7 +318,9 @@ class Attention(nnx.Module):
     self.v_proj = mk("v_proj", c.hidden_size, kvd, c.attention_bias)
     self.o_proj = mk("o_proj", qd, c.hidden_size, c.o_proj_bias)
 
-  def __call__(self, x, cos, sin, mask, ctx):
+  def __call__(self, x, cos, sin, mask, ctx, cache=None):
+    """Attention output; with `cache=(keys, values, slots)` also the updated (keys, values):
+    the new tokens' k/v are written at `slots [B, S]` and the queries attend over the cache."""
     c = self.config
     b, s, _ = x.shape
     g = c.num_attention_heads // c.num_key_value_heads
@@ -325,12 +328,18 @@ class Attention(nnx.Module):
     k = self.k_proj(x, ctx).reshape(b, s, c.num_key_value_heads, c.head_dim)
     v = self.v_proj(x, ctx).reshape(b, s, c.num_key_value_heads, c.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+      keys, values, slots = cache
+      rows = jnp.arange(b)[:, None]
+      k = keys.at[rows, slots].set(k.astype(keys.dtype))
+      v = values.at[rows, slots].set(v.astype(values.dtype))
     q = q.reshape(b, s, c.num_key_value_heads, g, c.head_dim)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * (c.head_dim ** -0.5)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k.astype(q.dtype)) * (c.head_dim ** -0.5)
     scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, -1)
-    return self.o_proj(out, ctx)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(x.dtype)).reshape(b, s, -1)
+    out = self.o_proj(out, ctx)
+    return out if cache is None else (out, (k, v))
 
 
 class MLP(nnx.Module):
@@ -357,10 +366,14 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
     self.mlp = MLP(config, f"{prefix}.mlp", dtype, rngs)
 
-  def __call__(self, x, cos, sin, masks, ctx):
+  def __call__(self, x, cos, sin, masks, ctx, cache=None):
     mask = masks[self.window]
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, ctx)
-    return x + self.mlp(self.post_attention_layernorm(x), ctx)
+    attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, ctx, cache)
+    if cache is not None:
+      attn, cache = attn
+    x = x + attn
+    x = x + self.mlp(self.post_attention_layernorm(x), ctx)
+    return x if cache is None else (x, cache)
 
 
 class Embed(nnx.Module):
@@ -386,9 +399,12 @@ class LlamaForCausalLM(nnx.Module):
     input_ids: [B, S] int.
     attention_mask: [B, S] 1 for real tokens, 0 for padding (left or right), or None.
     positions: [B, S] int positions, or None for `arange(S)` (as transformers does).
-    ctx: the forward context (`jaxadapt.context.Context`), or None for the plain base.
+    ctx: the forward context (`jaxadapt.context.Context`), or None for the plain base. With a
+      `KVCache` in `ctx.attention` the tokens are the next ones of each row (slots
+      `lengths + arange(S)`; positions default to those slots) and the call returns
+      `(logits, updated KVCache)`.
   Returns:
-    logits [B, S, vocab] in the parameter dtype.
+    logits [B, S, vocab] in the parameter dtype (and the KVCache, see ctx).
   """
 
   def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -399,48 +415,60 @@ class LlamaForCausalLM(nnx.Module):
                             rngs=rngs)
 
   def hidden_states(self, input_ids, attention_mask=None, positions=None, ctx=None):
+    """The final hidden states [B, S, D]; `(hidden, KVCache)` when `ctx.attention` holds a
+    `KVCache` (see `__call__`)."""
     c = self.config
     b, s = input_ids.shape
+    cache = None if ctx is None else ctx.attention
+    if cache is not None and not isinstance(cache, KVCache):
+      raise TypeError(f"the Llama family reads a KVCache from ctx.attention, got "
+                      f"{type(cache).__name__}")
+    keys = (jnp.ones((b, s), bool) if attention_mask is None
+            else jnp.asarray(attention_mask).astype(bool))
+    qi = jnp.arange(s)[:, None]
+    if cache is None:
+      ki = jnp.arange(s)[None, :]
+      key_valid = keys[:, None, :]
+      dist = (qi - ki)[None]                          # [1, Sq, Sk]
+    else:  # keys are the cache's slots; the new tokens take the next `s` of every row
+      slots = cache.lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None]  # [B, S]
+      valid = cache.valid.at[jnp.arange(b)[:, None], slots].set(keys)
+      key_valid = valid[:, None, :]
+      dist = slots[:, :, None] - jnp.arange(cache.max_len)[None, None, :]  # [B, Sq, L]
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+      positions = (jnp.broadcast_to(jnp.arange(s), (b, s)) if cache is None else slots)
     inv_freq, rope_scale = rope_frequencies(c, seq_len=jnp.max(positions) + 1)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     x = self.model.embed_tokens(input_ids)
     cos = (jnp.cos(emb) * rope_scale).astype(x.dtype)
     sin = (jnp.sin(emb) * rope_scale).astype(x.dtype)
-    qi = jnp.arange(s)[:, None]
-    ki = jnp.arange(s)[None, :]
-    causal = ki <= qi
-    keys = (jnp.ones((b, s), bool) if attention_mask is None
-            else jnp.asarray(attention_mask).astype(bool))
     masks = {}
     for w in set(c.sliding_windows or (0,)):
-      m = causal if w == 0 else causal & (qi - ki < w)
-      masks[w] = m[None] & keys[:, None, :]  # [B, Sq, Sk]
-    for layer in self.model.layers:
-      x = layer(x, cos, sin, masks, ctx)
-    return self.model.norm(x)
+      m = dist >= 0 if w == 0 else (dist >= 0) & (dist < w)
+      masks[w] = m & key_valid  # [B, Sq, Sk]
+    new_keys, new_values = [], []
+    for i, layer in enumerate(self.model.layers):
+      if cache is None:
+        x = layer(x, cos, sin, masks, ctx)
+      else:
+        x, (k, v) = layer(x, cos, sin, masks, ctx, (cache.keys[i], cache.values[i], slots))
+        new_keys.append(k)
+        new_values.append(v)
+    h = self.model.norm(x)
+    if cache is None:
+      return h
+    return h, KVCache(keys=tuple(new_keys), values=tuple(new_values), valid=valid,
+                      lengths=cache.lengths + s)
 
   def __call__(self, input_ids, attention_mask=None, positions=None, ctx=None):
-    h = self.hidden_states(input_ids, attention_mask, positions, ctx)
+    out = self.hidden_states(input_ids, attention_mask, positions, ctx)
+    h, cache = out if isinstance(out, tuple) else (out, None)
     if self.config.tie_word_embeddings:
-      return project(h, self.model.embed_tokens.embedding[...].T, None, ctx, "lm_head")
-    return self.lm_head(h, ctx)
-
-
-def hf_name(path: str):
-  """Dotted NNX param path -> (Hugging Face tensor name, layout transform or None).
-
-  `...kernel [in, out]` is HF's `...weight [out, in]` (transposed); `...embedding` is
-  `embed_tokens.weight`; norms and biases keep their names. The `name_fn` of `load_llama`.
-  """
-  stem, leaf = path.rsplit(".", 1)
-  if leaf == "kernel":
-    return f"{stem}.weight", lambda a: a.T
-  if leaf == "embedding":
-    return f"{stem}.weight", None
-  return path, None
+      logits = project(h, self.model.embed_tokens.embedding[...].T, None, ctx, "lm_head")
+    else:
+      logits = self.lm_head(h, ctx)
+    return logits if cache is None else (logits, cache)
 
 
 def load_llama(directory: str, *, dtype=jnp.float32, sharding: ShardingArg = None):
@@ -467,5 +495,5 @@ def load_llama(directory: str, *, dtype=jnp.float32, sharding: ShardingArg = Non
   config = LlamaConfig.from_hf(cfg)
   graphdef, params = frozen.load_params(
       directory, lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)), dtype=dtype,
-      sharding=sharding, stem="model", name_fn=hf_name)
+      sharding=sharding, stem="model", name_fn=torch_name)
   return config, graphdef, params
