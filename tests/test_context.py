@@ -217,3 +217,44 @@ def test_kv_cache_prefill_and_decode_equal_the_full_forward(windows):
   np.testing.assert_allclose(got[real], full[real], atol=1e-5, rtol=0)
   assert np.asarray(cache.lengths).tolist() == [8, 8, 8]
   assert np.abs(full[0] - np.asarray(model(ids, attention_mask=mask))[0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas_interpret"])
+def test_kernels_take_a_precomputed_grouping(backend):
+  """shrink/expand/lora_batched given `make_grouping`'s plan equal the ops planning themselves;
+  a grouping for other rows or another backend is refused, naming both."""
+  rng = np.random.default_rng(6)
+  t, d, o, n, r = 12, 8, 6, 3, 4
+  x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(t, o)), jnp.float32)
+  a = jnp.asarray(rng.normal(size=(n, d, r)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(n, r, o)), jnp.float32)
+  scales = jnp.asarray([0.5, 1.0, 2.0], jnp.float32)
+  ids = jnp.asarray(rng.integers(-1, n, t), jnp.int32)
+  before = kernels_pallas.get_backend()
+  kernels_pallas.set_backend(backend)
+  try:
+    g = kernels_pallas.make_grouping(ids, n)
+    h = kernels_pallas.lora_shrink(x, a, ids, grouping=g)
+    np.testing.assert_allclose(np.asarray(h), np.asarray(kernels_pallas.lora_shrink(x, a, ids)),
+                               atol=1e-6)
+    got = kernels_pallas.lora_expand(y, h, b, ids, scales, grouping=g)
+    want = kernels_pallas.reference.lora_expand(y, h, b, ids, scales)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    seq_ids = jnp.asarray([2, -1, 0], jnp.int32)
+    x3, y3 = x.reshape(3, 4, d), y.reshape(3, 4, o)
+    gb = kernels_pallas.batched_grouping(seq_ids, 4, n)
+    got = kernels_pallas.lora_batched(y3, x3, a, b, seq_ids, scales, grouping=gb)
+    want = kernels_pallas.lora_batched(y3, x3, a, b, seq_ids, scales)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    with pytest.raises(ValueError, match=r"built for 6 rows .* this call has 12 rows"):
+      kernels_pallas.lora_shrink(x, a, ids, grouping=kernels_pallas.make_grouping(ids[:6], n))
+  finally:
+    kernels_pallas.set_backend(before)
+  other = "pallas_interpret" if backend == "xla" else "xla"
+  kernels_pallas.set_backend(other)
+  try:
+    with pytest.raises(ValueError, match="on 'xla'|on 'tpu_interpret'"):
+      kernels_pallas.lora_shrink(x, a, ids, grouping=g)
+  finally:
+    kernels_pallas.set_backend(before)

@@ -168,6 +168,9 @@ def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
   """
   base = jnp.matmul(x, kernel.astype(x.dtype))
   if isinstance(ctx, Context):
+    if path is None and (ctx.weights or ctx.routers):
+      raise ValueError("project() needs the projection's path to read a Context that holds "
+                       "adapters (the key of ctx.weights / ctx.routers)")
     view, router = ctx.view(path), ctx.router(path)
     routing = ctx.routing
   elif ctx is None or isinstance(ctx, SingleLoRA):
