@@ -162,22 +162,24 @@ class Routing:
 
   def prepare(self, rows: Optional[int] = None) -> "Routing":
     """This routing with its plan built, for `rows` rows of the projections' flattened input
-    (default: one row per id). Call once per forward; every projection then shares it."""
+    (default: one row per id; a "sequence" routing without `rows` waits for the first
+    projection). Call once per forward; every projection then shares it."""
     if self.layout == "topk":
       if self.grouping is not None:
         return self
       return dataclasses.replace(self, grouping=tuple(
           kernels_pallas.make_grouping(self.ids[:, j], self.num_adapters)
           for j in range(self.ids.shape[1])))
+    sequence = self.layout == "sequence"
+    if sequence and (rows is None or not kernels_pallas.batched_needs_grouping()):
+      # The XLA path of lora_batched gathers per row: no plan. Without the row count (B rows
+      # of S tokens) the plan is built at the first projection (`grouping_for`).
+      return self
     rows = self.ids.shape[0] if rows is None else rows
     if self.grouping is not None and self.grouping.rows == rows:
       return self
     if self.layout == "token":
       grouping = kernels_pallas.make_grouping(self.ids, self.num_adapters)
-    elif not kernels_pallas.batched_needs_grouping() or rows == self.ids.shape[0]:
-      # The XLA path of lora_batched gathers per row: no plan. Without the row count (one
-      # per id is the default) the plan is built at the first projection (`grouping_for`).
-      return self
     else:
       if rows % self.ids.shape[0]:
         raise ValueError(f"sequence routing has {self.ids.shape[0]} ids for {rows} rows")
