@@ -1,4 +1,5 @@
 """Every notebook in colab/ executes top to bottom on CPU (its cells assert their own results)."""
+import concurrent.futures
 import os
 import pathlib
 
@@ -10,14 +11,27 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)
-  monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device, as on a laptop
+def _execute(path, cwd, env):
   nb = nbformat.read(str(path), as_version=4)
   NotebookClient(nb, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": str(tmp_path)}}).execute()
+                 resources={"metadata": {"path": str(cwd)}}).execute(env=env)
+  return nb
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+  """Every notebook started at once, each in its own kernel (they overlap on several cores);
+  a test waits for its own."""
+  env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+         "XLA_FLAGS": ""}  # one CPU device, as on a laptop
+  with concurrent.futures.ThreadPoolExecutor(len(NOTEBOOKS)) as pool:
+    yield {p.name: pool.submit(_execute, p, tmp_path_factory.mktemp(p.stem), env)
+           for p in NOTEBOOKS}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs(path, executed):
+  nb = executed[path.name].result()
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if o.get("output_type") == "error"]
   assert not errors

@@ -6,23 +6,12 @@ import numpy as np
 import pytest
 
 import jaxadapt as ja
+from _adapter_helpers import perturbed
 import kernels_pallas
 from jaxadapt.adapters import stack as stack_lib
-from jaxadapt.adapters.lora import LoraAdapter, kernel_at
+from jaxadapt.adapters.lora import kernel_at
 from jaxadapt.causal_lm import forward
 from jaxadapt.context import Router, SingleLoRA, insert
-
-
-def _perturbed(adapter, seed):
-  key = jax.random.key(seed)
-  weights = {}
-  for path, w in adapter.weights.items():
-    key, k1, k2 = jax.random.split(key, 3)
-    w = dict(w, b=0.3 * jax.random.normal(k1, w["b"].shape))
-    if "magnitude" in w:
-      w["magnitude"] = w["magnitude"] * (1 + 0.2 * jax.random.uniform(k2, w["magnitude"].shape))
-    weights[path] = w
-  return LoraAdapter(weights=weights, config=adapter.config)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +20,7 @@ def setup(llama_dir):
   configs = [ja.LoraConfig(r=3, target_modules="all-linear"),
              ja.LoraConfig(r=6, target_modules=["q_proj", "down_proj", "k_proj"]),
              ja.LoraConfig(r=2, target_modules="all-linear", use_dora=True)]
-  adapters = [_perturbed(ja.init_lora(model, c, seed=i), 20 + i) for i, c in enumerate(configs)]
+  adapters = [perturbed(ja.init_lora(model, c, seed=i), 20 + i) for i, c in enumerate(configs)]
   stacks = stack_lib.stack_adapters(model.params, adapters)
   ids = np.random.default_rng(0).integers(0, 97, (4, 5))
   return model, adapters, stacks, ids
@@ -145,7 +134,8 @@ def test_router_is_evaluated_from_each_layers_input(setup):
     c = stack_lib.routed_context(stacks2, {p: Router(w_gate=gate_w[p], temperature=jnp.float32(
         2.0), top_k=2) for p in paths})
     return jnp.sum(forward(model.graphdef, model.params, jnp.asarray(ids), None, None, c) ** 2)
-  grads = jax.grad(loss)({p: routers[p].w_gate for p in paths})
+  # Jitted: an eager grad of the whole forward runs (and compiles) op by op.
+  grads = jax.jit(jax.grad(loss))({p: routers[p].w_gate for p in paths})
   for p in paths:
     assert np.all(np.isfinite(np.asarray(grads[p]))) and np.abs(np.asarray(grads[p])).max() > 0
 
@@ -191,7 +181,7 @@ def test_kv_cache_prefill_and_decode_equal_the_full_forward(windows):
   model = ja.CausalLM.random(LlamaConfig(
       vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_windows=windows))
-  adapters = [_perturbed(ja.init_lora(model, ja.LoraConfig(r=2, target_modules="all-linear"),
+  adapters = [perturbed(ja.init_lora(model, ja.LoraConfig(r=2, target_modules="all-linear"),
                                       seed=s), s) for s in (1, 2)]
   which = [1, -1, 0]
   ids = np.random.default_rng(4).integers(0, 61, (3, 8))

@@ -1,22 +1,9 @@
 """A mixed batch (each sequence its own adapter, or none) equals per-sequence runs."""
-import jax
 import numpy as np
 
 import jaxadapt as ja
+from _adapter_helpers import perturbed
 from jaxadapt.adapters.lora import LoraAdapter
-
-
-def _perturbed(adapter, seed):
-  """Random non-zero B (init_lora starts at B = 0) and magnitudes so every adapter matters."""
-  key = jax.random.key(seed)
-  weights = {}
-  for path, w in adapter.weights.items():
-    key, k1, k2 = jax.random.split(key, 3)
-    w = dict(w, b=0.3 * jax.random.normal(k1, w["b"].shape))
-    if "magnitude" in w:
-      w["magnitude"] = w["magnitude"] * (1 + 0.2 * jax.random.uniform(k2, w["magnitude"].shape))
-    weights[path] = w
-  return LoraAdapter(weights=weights, config=adapter.config)
 
 
 def test_mixed_batch_equals_per_sequence(llama_dir):
@@ -28,7 +15,7 @@ def test_mixed_batch_equals_per_sequence(llama_dir):
       ja.LoraConfig(r=8, lora_alpha=8, target_modules=["down_proj", "o_proj"], use_dora=True,
                     rank_pattern={"o_proj": 3}),
   ]
-  adapters = [_perturbed(ja.init_lora(model, c, seed=i), 10 + i) for i, c in enumerate(configs)]
+  adapters = [perturbed(ja.init_lora(model, c, seed=i), 10 + i) for i, c in enumerate(configs)]
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 97, (5, 7))
   mask = np.ones_like(ids)
@@ -64,7 +51,7 @@ def test_per_token_ids_equal_per_sequence_ids(llama_dir):
   """The hook's per-token path (S-LoRA decode/BGMV layout) equals its per-sequence path."""
   from jaxadapt.adapters import stack as stack_lib
   model = ja.load_model(llama_dir[0])
-  adapters = [_perturbed(ja.init_lora(model, ja.LoraConfig(r=r, target_modules="all-linear",
+  adapters = [perturbed(ja.init_lora(model, ja.LoraConfig(r=r, target_modules="all-linear",
                                                            use_dora=d), seed=r), r)
               for r, d in ((2, False), (5, True))]
   ids = np.random.default_rng(1).integers(0, 97, (3, 6))
@@ -81,7 +68,7 @@ def test_per_token_ids_equal_per_sequence_ids(llama_dir):
 def _stack_setup(llama_dir, use_dora=False):
   from jaxadapt.adapters import stack as stack_lib
   model = ja.load_model(llama_dir[0])
-  adapters = [_perturbed(ja.init_lora(model, ja.LoraConfig(r=r, target_modules=t, use_dora=use_dora),
+  adapters = [perturbed(ja.init_lora(model, ja.LoraConfig(r=r, target_modules=t, use_dora=use_dora),
                                       seed=r), r)
               for r, t in ((3, "all-linear"), (6, ["q_proj", "down_proj"]), (1, ["v_proj"]))]
   return model, adapters, stack_lib.stack_adapters(model.params, adapters)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,6 +25,7 @@ CONFIGS = {
 }
 
 
+@jax.tree_util.register_dataclass  # a pytree: a case passes into jit as traced arguments
 @dataclasses.dataclass
 class Case:
   x: jnp.ndarray
