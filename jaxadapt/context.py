@@ -80,7 +80,7 @@ class Stack:
     return self.scale.shape[0]
 
 
-@_pytree(meta=("slot", "din", "dout", "pages_a", "pages_b", "rank"))
+@_pytree(meta=("slot", "din", "dout", "pages_a", "pages_b"))
 class PoolView:
   """A path's adapters in the context's unified pool (`Context.pool`): static geometry only.
 
@@ -88,14 +88,13 @@ class PoolView:
   `page_size // din` rank rows of A^T (or `page_size // dout` rows of B), so any feature size
   that divides the page size shares the one pool (GQA's narrow k/v, the MLP's wide layers).
   Adapter n's A pages are `pool.tables[slot, 0, n, :pages_a]`, its B pages
-  `pool.tables[slot, 1, n, :pages_b]`; `rank` is the largest rank served here.
+  `pool.tables[slot, 1, n, :pages_b]`.
   """
   slot: int
   din: int
   dout: int
   pages_a: int
   pages_b: int
-  rank: int
 
 
 @_pytree()

@@ -2,7 +2,7 @@
 
 Eight simulated CPU devices are set before jax is imported so sharded tests can build meshes.
 XLA's CPU backend compiles at LLVM optimization level 0: the models are tiny, so compiling is
-most of the suite's time (a tiny U-Net forward: 2.7 s -> 1.4 s; the suite 9 -> 7.3 min) and
+most of the suite's time (a tiny U-Net forward: 2.7 s -> 1.4 s; the suite measured 9m06s -> 8m32s and 7m15s quiet) and
 running the compiled code little of it. HLO-level optimization is unchanged; float results may
 differ in the last bits, and every comparison has its tolerance. The notebooks (test_colab) run
 with XLA's defaults, as users run them. Set XLA_FLAGS yourself to test otherwise.

@@ -140,7 +140,7 @@ def pool_context(stacks: Mapping, ids, *, layout: str = "sequence", page_size: i
     ranks = np.asarray(s["ranks"])
     live_a = [-(-int(r) // rpp_a) for r in ranks]
     live_b = [-(-int(r) // rpp_b) for r in ranks]
-    geo[p] = (din, dout, -(-rmax // rpp_a), -(-rmax // rpp_b), rmax, live_a, live_b)
+    geo[p] = (din, dout, -(-rmax // rpp_a), -(-rmax // rpp_b), live_a, live_b)
     need += sum(live_a) + sum(live_b)
   num_pages = need + 1 if num_pages is None else num_pages
   if num_pages < need:
@@ -157,7 +157,7 @@ def pool_context(stacks: Mapping, ids, *, layout: str = "sequence", page_size: i
   views = {}
   for slot, p in enumerate(paths):
     s = stacks[p]
-    din, dout, pa, pb, rmax, live_a, live_b = geo[p]
+    din, dout, pa, pb, live_a, live_b = geo[p]
     a_rows = np.asarray(s["a"]).transpose(0, 2, 1)   # [N, R, D]: rank rows of A
     b_rows = np.asarray(s["b"])                       # [N, R, O]
     for side, (rows, feat, live) in enumerate(((a_rows, din, live_a), (b_rows, dout, live_b))):
@@ -172,7 +172,7 @@ def pool_context(stacks: Mapping, ids, *, layout: str = "sequence", page_size: i
           tables[slot, side, i, j] = page
     if s["dora_scale"] is not None:
       dora[slot, :, :dout] = np.asarray(s["dora_scale"])
-    views[p] = PoolView(slot=slot, din=din, dout=dout, pages_a=pa, pages_b=pb, rank=rmax)
+    views[p] = PoolView(slot=slot, din=din, dout=dout, pages_a=pa, pages_b=pb)
   pool = AdapterPool(
       pages=jnp.asarray(pages), tables=jnp.asarray(tables),
       scales=jnp.stack([jnp.asarray(stacks[p]["scale"]) for p in paths]),
