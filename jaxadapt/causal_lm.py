@@ -59,6 +59,12 @@ class CausalLM(FrozenModel):
     return KVCache.empty(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim,
                          dtype or self.dtype)
 
+  def generate(self, inputs, **kwargs):
+    """Generates continuations of `inputs` (token ids or text): see `jaxadapt.generate.generate`
+    for the arguments (max_new_tokens, sampling, eos and stop strings, adapters)."""
+    from jaxadapt.generate import generate
+    return generate(self, inputs, **kwargs)
+
   def __call__(self, input_ids, attention_mask=None, *, adapter=None, adapters=None,
                adapter_ids=None, context=None, position_ids=None):
     """Logits `[batch, seq, vocab]`.
@@ -80,13 +86,22 @@ class CausalLM(FrozenModel):
 
 
 def load_model(directory: str, *, dtype="float32", sharding=None) -> CausalLM:
-  """Loads a Hugging Face Llama/Mistral/Qwen2 dir as a frozen `CausalLM`.
+  """Loads a Hugging Face Llama/Mistral/Qwen2 dir (or a GGUF file) as a frozen `CausalLM`.
 
   Args:
-    directory: dir with config.json and model.safetensors (or a sharded index).
+    directory: dir with config.json and model.safetensors (or a sharded index); a llama.cpp
+      `.gguf` file (`jaxadapt.io.gguf`); or `"default"`, the embedded default model
+      (`jaxadapt.default`).
     dtype: a floating dtype for the params ("float32", "bfloat16", "float16").
     sharding: None, a Sharding, a Mesh (jaxadapt.sharding rules) or callable(path, shape).
   """
+  directory = os.fspath(directory)
+  if directory == "default":
+    from jaxadapt import default
+    directory = default.model_dir()
+  if directory.endswith(".gguf") and os.path.isfile(directory):
+    from jaxadapt.io.gguf import load_gguf
+    return load_gguf(directory, dtype=float_dtype(dtype), sharding=sharding)
   config, graphdef, params = load_llama(directory, dtype=float_dtype(dtype), sharding=sharding)
   model = CausalLM(config, graphdef, params)
   model.directory = os.fspath(directory)

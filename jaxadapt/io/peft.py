@@ -192,13 +192,17 @@ def load_adapter(path: str, *, dtype="float32", component: str | None = None) ->
       ranks from the shapes and alpha = rank (scale 1) for every module.
 
   Args:
-    path: the PEFT dir, a diffusers LoRA file or the dir that holds one.
+    path: the PEFT dir, a diffusers LoRA file or the dir that holds one; or
+      `"default:<task>"`, a task adapter of the embedded default model (`jaxadapt.default`).
     dtype: floating dtype of the loaded weights.
     component: for diffusers files, which model's LoRA to read ("unet", "transformer",
       "text_encoder", ...); needed only when the file holds several.
   """
   float_dtype(dtype)
   path = os.fspath(path)
+  if path.startswith("default:"):  # a task adapter of the embedded default model
+    from jaxadapt import default
+    path = default.adapter_dir(path[len("default:"):])
   if os.path.isfile(path) and os.path.basename(path) == "adapter_model.safetensors":
     path = os.path.dirname(path) or "."  # a PEFT dir's weights: its config is beside them
     if not os.path.exists(os.path.join(path, "adapter_config.json")):
