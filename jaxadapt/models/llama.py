@@ -461,14 +461,26 @@ class LlamaForCausalLM(nnx.Module):
     return h, KVCache(keys=tuple(new_keys), values=tuple(new_values), valid=valid,
                       lengths=cache.lengths + s)
 
+  def head(self, h, ctx=None):
+    """The language-model head: logits [..., vocab] of final hidden states [..., D]."""
+    if self.config.tie_word_embeddings:
+      return project(h, self.model.embed_tokens.embedding[...].T, None, ctx, "lm_head")
+    return self.lm_head(h, ctx)
+
   def __call__(self, input_ids, attention_mask=None, positions=None, ctx=None):
     out = self.hidden_states(input_ids, attention_mask, positions, ctx)
     h, cache = out if isinstance(out, tuple) else (out, None)
-    if self.config.tie_word_embeddings:
-      logits = project(h, self.model.embed_tokens.embedding[...].T, None, ctx, "lm_head")
-    else:
-      logits = self.lm_head(h, ctx)
+    logits = self.head(h, ctx)
     return logits if cache is None else (logits, cache)
+
+  def last_logits(self, input_ids, attention_mask=None, positions=None, ctx=None):
+    """`(logits [B, vocab] of each row's last token, updated KVCache)`: generation's step.
+
+    `ctx.attention` must hold a `KVCache`; the head runs on the last position only (a prefill
+    of S tokens costs one head matmul per row, not S).
+    """
+    h, cache = self.hidden_states(input_ids, attention_mask, positions, ctx)
+    return self.head(h[:, -1:], ctx)[:, 0], cache
 
 
 def load_llama(directory: str, *, dtype=jnp.float32, sharding: ShardingArg = None):
