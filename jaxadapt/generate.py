@@ -71,13 +71,13 @@ class _State:
   token: jax.Array        # [B] the last token (input of the next step)
   pos: jax.Array          # [B] its position (real tokens before it)
   done: jax.Array         # [B] bool, the row has finished
-  out: jax.Array          # [B, N] new tokens, -1 where none
+  out: jax.Array          # [B, N >= max_new_tokens] new tokens, -1 where none
   step: jax.Array         # [] tokens produced so far
   keys: jax.Array         # [B] PRNG keys (one per row)
   temperature: jax.Array  # [B] float32, 0 = greedy
   top_k: jax.Array        # [B] int32, 0 = all tokens
   top_p: jax.Array        # [B] float32, 1 = all tokens
-  eos: jax.Array          # [E] int32 eos ids (-1 pads)
+  eos: jax.Array          # [E] int32 eos ids (-1 pads; E a power of two >= 4)
 
 
 def process_logits(logits, temperature, top_k, top_p):
@@ -99,12 +99,12 @@ def process_logits(logits, temperature, top_k, top_p):
   k = jnp.clip(jnp.where(top_k > 0, top_k, v), 1, v)
   kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
   logits = jnp.where(logits < kth, -jnp.inf, logits)        # ties with the k-th are kept
-  desc = jnp.where(jnp.arange(v)[None] < k[:, None], desc, -jnp.inf)
-  probs = jax.nn.softmax(desc, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs               # mass of the more likely tokens
-  keep = before < top_p[:, None]
-  keep = keep.at[:, 0].set(True)                            # at least one token
-  cut = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+  # Nucleus, in transformers' order of operations: ascending cumulative probabilities, drop
+  # the tokens whose cumulative mass is <= 1 - top_p, always keep the most likely one.
+  asc = jnp.sort(logits, axis=-1)
+  cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
+  keep = (cum > 1 - top_p[:, None]).at[:, -1].set(True)
+  cut = jnp.min(jnp.where(keep, asc, jnp.inf), axis=-1, keepdims=True)
   logits = jnp.where(logits < cut, -jnp.inf, logits)
   return jax.nn.log_softmax(logits, axis=-1)
 
@@ -352,10 +352,11 @@ def generate(model, inputs, *, attention_mask=None, max_new_tokens: int = 32,
     keys = jax.vmap(jax.random.key)(jnp.asarray(pad(seeds, 0), jnp.uint32))
   state = _State(
       token=jnp.zeros((b,), jnp.int32), pos=jnp.zeros((b,), jnp.int32),
-      done=jnp.asarray(np.arange(b) >= rows), out=jnp.full((b, max_new_tokens), -1, jnp.int32),
+      done=jnp.asarray(np.arange(b) >= rows),
+      out=jnp.full((b, cache_len), -1, jnp.int32),  # >= max_new_tokens, one shape per cache
       step=jnp.zeros((), jnp.int32), keys=keys, temperature=jnp.asarray(pad(temps, 0)),
       top_k=jnp.asarray(pad(top_ks, 0)), top_p=jnp.asarray(pad(top_ps, 1)),
-      eos=jnp.asarray(eos or [-1], jnp.int32))
+      eos=jnp.asarray(eos + [-1] * (bucket(len(eos), 4) - len(eos)), jnp.int32))
   cache = model.init_cache(b, cache_len)
   cache, state = _prefill(model.graphdef, sampling, model.params, jnp.asarray(ids),
                           jnp.asarray(mask), ctx, cache, state)
