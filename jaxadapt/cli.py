@@ -1,6 +1,8 @@
 """The `jaxadapt` command.
 
   jaxadapt demo [ARGS]          the embedded-default main job (`make demo`)
+  jaxadapt generate --model M [--adapter NAME=DIR] [--use NAME] PROMPT...
+                                text generation (jaxadapt generate --help)
   jaxadapt train lora [ARGS]    LoRA fine-tuning (train/lora.py)
   jaxadapt train pretrain [ARGS]  full-parameter training of a small base (train/pretrain.py)
   jaxadapt info DIR             what jaxadapt reads from a dir: a Hugging Face model (Llama,
@@ -113,6 +115,9 @@ def main(argv=None) -> int:
     from jaxadapt import demo
     demo.main(rest)
     return 0
+  if cmd == "generate":
+    from jaxadapt import generate_cli
+    return generate_cli.run(rest)
   if cmd == "train":
     if rest and rest[0] in ("-h", "--help"):
       print("usage: jaxadapt train {lora,pretrain} [ARGS]   (jaxadapt train lora --help lists "

@@ -279,3 +279,26 @@ def test_bad_input_is_refused_and_changes_nothing(llama, tmp_path, hf_model_make
   with pytest.raises(ValueError, match="tokenizer"):
     no_tok.generate(prompts, max_new_tokens=4, stop=["x"])
   assert model.generate(prompts, max_new_tokens=4, eos_token_id=[]).ids == before
+
+
+def test_generate_command_line(llama, tmp_path, capsys):
+  import json
+  from _adapter_helpers import perturbed
+  from jaxadapt import cli
+  model, _, directory = llama
+  adapter = perturbed(ja.init_lora(model, ja.LoraConfig(r=4, target_modules="all-linear")), 3)
+  ja.save_adapter(adapter, str(tmp_path / "x"))
+  argv = ["generate", "--model", directory, "--adapter", f"x={tmp_path / 'x'}", "--use", "x",
+          "--use", "base", "--max-new-tokens", "6", "--json", "hello", "abc"]
+  assert cli.main(argv) == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  want = model.generate(["hello", "abc"], max_new_tokens=6, adapters=[ja.load_adapter(
+      str(tmp_path / "x"))], adapter_ids=[0, -1])
+  assert [r["ids"] for r in rows] == want.ids and [r["text"] for r in rows] == want.text
+  assert [r["adapter"] for r in rows] == ["x", "base"]
+  assert want.ids[0] != model.generate(["hello"], max_new_tokens=6).ids[0]
+  for bad, message in ((["--adapter", "nodir"], "NAME=DIR"), (["--use", "y"], "names no"),
+                       (["--max-new-tokens", "0"], "max_new_tokens"),
+                       (["--chat"], "chat template")):
+    rc = cli.main(["generate", "--model", directory, *bad, "hello"])
+    assert rc in (1, 2) and message in capsys.readouterr().err
