@@ -115,8 +115,9 @@ def _unexpected(key: str) -> str:
           "does not support")
 
 
-def _read_weights(tensors, keys, prefix: str, st_path: str, dtype) -> dict:
-  """{path: {"a", "b"[, "magnitude"]}} in JAX layout from LoRA tensors named `prefix<path>...`.
+def _read_weights(tensors, keys, prefix: str, st_path: str, dtype, host: bool = False) -> dict:
+  """{path: {"a", "b"[, "magnitude"]}} in JAX layout from LoRA tensors named `prefix<path>...`
+  (numpy arrays in host memory with `host=True`, else jax arrays).
 
   Raises:
     NotImplementedError: a tensor is not a linear layer's LoRA A/B/magnitude (named, with what
@@ -139,13 +140,14 @@ def _read_weights(tensors, keys, prefix: str, st_path: str, dtype) -> dict:
           f"{'magnitude [out]' if ndim == 1 else 'linear LoRA factor'}); LoRA on a conv layer "
           f"is not supported")
     arr = np.asarray(tensors[key]).astype(jnp.dtype(dtype))
+    put = np.ascontiguousarray if host else jnp.asarray
     slot = weights.setdefault(m["path"], {})
     if m["kind"] == "lora_A.weight":
-      slot["a"] = jnp.asarray(arr.T)
+      slot["a"] = put(arr.T)
     elif m["kind"] == "lora_B.weight":
-      slot["b"] = jnp.asarray(arr.T)
+      slot["b"] = put(arr.T)
     else:
-      slot["magnitude"] = jnp.asarray(arr)
+      slot["magnitude"] = put(arr)
   if not weights:
     raise ValueError(f"{st_path} holds no LoRA tensors (expected keys like "
                      f"{prefix}<module path>.lora_A.weight / .lora_B.weight)")
@@ -181,7 +183,8 @@ def _check_dora(weights: dict, config: LoraConfig, st_path: str) -> None:
                        f"use_dora={config.use_dora}")
 
 
-def load_adapter(path: str, *, dtype="float32", component: str | None = None) -> LoraAdapter:
+def load_adapter(path: str, *, dtype="float32", component: str | None = None,
+                 host: bool = False) -> LoraAdapter:
   """Loads a LoRA adapter in JAX layout.
 
   Two formats:
@@ -197,6 +200,7 @@ def load_adapter(path: str, *, dtype="float32", component: str | None = None) ->
     dtype: floating dtype of the loaded weights.
     component: for diffusers files, which model's LoRA to read ("unet", "transformer",
       "text_encoder", ...); needed only when the file holds several.
+    host: keep the weights as numpy arrays in host memory (the serving store), not on a device.
   """
   float_dtype(dtype)
   path = os.fspath(path)
@@ -209,14 +213,14 @@ def load_adapter(path: str, *, dtype="float32", component: str | None = None) ->
       raise FileNotFoundError(f"{path}: adapter_model.safetensors without adapter_config.json "
                               f"beside it; a PEFT adapter needs both")
   if os.path.isdir(path) and os.path.exists(os.path.join(path, "adapter_config.json")):
-    return _load_peft_dir(path, dtype)
+    return _load_peft_dir(path, dtype, host)
   st_path = path if path.endswith(".safetensors") else os.path.join(path, DIFFUSERS_LORA_FILE)
   if not os.path.exists(st_path):
     found = sorted(os.listdir(path)) if os.path.isdir(path) else "no such file or directory"
     raise FileNotFoundError(f"{path}: expected a PEFT adapter dir (adapter_config.json + "
                             f"adapter_model.safetensors) or a diffusers LoRA file "
                             f"({DIFFUSERS_LORA_FILE}); found {found}")
-  return _load_diffusers_file(st_path, dtype, component)
+  return _load_diffusers_file(st_path, dtype, component, host)
 
 
 def read_peft_config(directory: str) -> LoraConfig:
@@ -234,7 +238,7 @@ def read_peft_config(directory: str) -> LoraConfig:
     raise type(e)(f"{cfg_path}: {e}") from None
 
 
-def _load_peft_dir(directory: str, dtype) -> LoraAdapter:
+def _load_peft_dir(directory: str, dtype, host: bool = False) -> LoraAdapter:
   config = read_peft_config(directory)
   st_path = os.path.join(directory, "adapter_model.safetensors")
   if not os.path.exists(st_path):
@@ -246,13 +250,13 @@ def _load_peft_dir(directory: str, dtype) -> LoraAdapter:
            if bins else "")
         + "re-save the adapter with PEFT's save_pretrained(..., safe_serialization=True)")
   tensors = SafetensorsFile(st_path)
-  weights = _read_weights(tensors, list(tensors), _PREFIX, st_path, dtype)
+  weights = _read_weights(tensors, list(tensors), _PREFIX, st_path, dtype, host)
   _check_dora(weights, config, st_path)
   _check_ranks(weights, config, directory)
   return LoraAdapter(weights=weights, config=config)
 
 
-def _load_diffusers_file(st_path: str, dtype, component) -> LoraAdapter:
+def _load_diffusers_file(st_path: str, dtype, component, host: bool = False) -> LoraAdapter:
   tensors = SafetensorsFile(st_path)
   kohya = [k for k in tensors if k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k]
   if kohya:
@@ -274,7 +278,7 @@ def _load_diffusers_file(st_path: str, dtype, component) -> LoraAdapter:
     raise ValueError(f"{st_path} has no LoRA for component {component!r}; it has {components}")
   prefix = component + "."
   keys = [k for k in tensors if k.startswith(prefix)]
-  weights = _read_weights(tensors, keys, prefix, st_path, dtype)
+  weights = _read_weights(tensors, keys, prefix, st_path, dtype, host)
   meta = tensors.metadata.get("lora_adapter_metadata")
   if meta:
     cfg = {k[len(prefix):]: v for k, v in json.loads(meta).items() if k.startswith(prefix)}
