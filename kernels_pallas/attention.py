@@ -1,0 +1,120 @@
+"""Attention over a paged KV cache (S-LoRA Sec. 4.1's unified pool holds the pages).
+
+Layout, shared with jax's TPU kernel (`jax.experimental.pallas.ops.tpu.ragged_paged_attention`):
+  * `kv_pages [P, block, 2 * kv_heads, head_dim]`: a page holds `block` consecutive tokens of
+    one layer; keys and values interleaved on the head axis (k0, v0, k1, v1, ...).
+  * queries are ragged: `q [T, heads, head_dim]` packs the new tokens of every sequence in
+    order; sequence i owns `q[cu_q_lens[i]:cu_q_lens[i + 1]]`, which are the *last* tokens of
+    its `kv_lens[i]` cached tokens (their keys and values are written first, `write_kv`), so
+    query j of sequence i sits at position `kv_lens[i] - q_len_i + j`. Causal; an optional
+    sliding window keeps keys with `position(q) - position(k) < window`.
+  * `page_indices [S, pages_per_seq]`: the pages of each sequence, in token order.
+
+`ragged_paged_attention` runs jax's Pallas kernel on TPU and the jnp reference elsewhere; the
+reference scatters the ragged queries into a `[S, max_q]` rectangle (`max_q` static: the engine
+passes the step's bucket of the longest query run) and gathers each sequence's pages.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import ops
+
+MASK = -1e30
+
+
+def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, page: jax.Array,
+             offset: jax.Array) -> jax.Array:
+  """`kv_pages` with token t's key and value written at `[page[t], offset[t]]`.
+
+  Args:
+    kv_pages: [P, block, 2 * kv_heads, head_dim].
+    k, v: [T, kv_heads, head_dim].
+    page, offset: [T] int32 (padding tokens point at a scratch page nobody reads).
+  """
+  t, h, d = k.shape
+  kv = jnp.stack([k, v], axis=2).reshape(t, 2 * h, d).astype(kv_pages.dtype)
+  return kv_pages.at[page, offset].set(kv, mode="promise_in_bounds")
+
+
+def token_slots(page_indices: jax.Array, seq: jax.Array, pos: jax.Array, block: int,
+                valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(page, offset) of tokens at positions `pos` of sequences `seq` (invalid tokens: page 0)."""
+  page = page_indices[seq, pos // block]
+  return jnp.where(valid, page, 0), jnp.where(valid, pos % block, 0)
+
+
+def reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
+              max_q: int, sliding_window: Optional[int] = None) -> jax.Array:
+  """The specification in jnp (module docstring); `[T, heads, head_dim]`, zeros for tokens past
+  the last sequence."""
+  t, hq, d = q.shape
+  s = kv_lens.shape[0]
+  _, block, h2, _ = kv_pages.shape
+  hk = h2 // 2
+  g = hq // hk
+  live = jnp.arange(s) < num_seqs.reshape(())
+  q_lens = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)
+  # The rectangle: row i, column j holds query token cu_q_lens[i] + j.
+  cols = jnp.arange(max_q)
+  src = cu_q_lens[:-1, None] + cols[None]                          # [S, max_q]
+  q_ok = cols[None] < q_lens[:, None]
+  rect = jnp.where(q_ok[..., None, None], q[jnp.clip(src, 0, t - 1)], 0)  # [S, Q, Hq, D]
+  kv = kv_pages[page_indices]                                      # [S, n, block, 2Hk, D]
+  kv = kv.reshape(s, -1, hk, 2, d)
+  keys, values = kv[..., 0, :], kv[..., 1, :]                     # [S, K, Hk, D]
+  q_pos = (kv_lens - q_lens)[:, None] + cols[None]                 # [S, Q]
+  k_pos = jnp.arange(keys.shape[1])
+  mask = (k_pos[None, None] <= q_pos[..., None]) & (k_pos[None, None] < kv_lens[:, None, None])
+  if sliding_window is not None:
+    mask &= q_pos[..., None] - k_pos[None, None] < sliding_window
+  rect = rect.reshape(s, max_q, hk, g, d)
+  scores = jnp.einsum("sqhgd,skhd->shgqk", rect.astype(jnp.float32),
+                      keys.astype(jnp.float32)) * sm_scale
+  scores = jnp.where(mask[:, None, None], scores, MASK)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("shgqk,skhd->sqhgd", probs, values.astype(jnp.float32))
+  out = out.reshape(s, max_q, hq, d)
+  # Back to the ragged layout: token i of the packed batch is (row, column) of the rectangle.
+  tok = jnp.arange(t)
+  row = jnp.clip(jnp.searchsorted(cu_q_lens[1:], tok, side="right"), 0, s - 1)
+  col = tok - cu_q_lens[row]
+  ok = (tok < cu_q_lens[jnp.clip(num_seqs.reshape(()), 0, s)]) & (col < max_q)
+  return jnp.where(ok[:, None, None], out[row, jnp.clip(col, 0, max_q - 1)], 0).astype(q.dtype)
+
+
+def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                           sm_scale: float, max_q: int, sliding_window: Optional[int] = None,
+                           backend: Optional[str] = None,
+                           tpu_blocks: Optional[tuple[int, int]] = None) -> jax.Array:
+  """Attention of ragged queries over paged keys/values (module docstring).
+
+  Args:
+    q: [T, heads, head_dim].
+    kv_pages: [P, block, 2 * kv_heads, head_dim].
+    kv_lens: [S] int32 cached tokens of each sequence (this step's included).
+    page_indices: [S, pages_per_seq] int32.
+    cu_q_lens: [S + 1] int32 offsets of each sequence's queries in `q`.
+    num_seqs: [1] int32, the sequences in use (the rest are padding).
+    sm_scale: the softmax scale (head_dim ** -0.5).
+    max_q: a static bound on any sequence's query count (the reference's rectangle).
+    sliding_window: keys within this distance only, or None.
+    backend: as `kernels_pallas.set_backend` (default: the global choice).
+    tpu_blocks: (kv pages, queries) per block of the TPU kernel; None: jax's table tuned per TPU
+      generation (which needs a TPU to look up).
+  Returns:
+    [T, heads, head_dim].
+  """
+  impl = ops.resolve_backend(backend)
+  if impl == "tpu":
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import (
+        ragged_paged_attention as tpu_kernel)
+    blocks = {} if tpu_blocks is None else dict(num_kv_pages_per_block=tpu_blocks[0],
+                                                num_queries_per_block=tpu_blocks[1])
+    return tpu_kernel(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                      sm_scale=sm_scale, sliding_window=sliding_window, **blocks)
+  return reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+                   max_q=max_q, sliding_window=sliding_window)
