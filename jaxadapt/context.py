@@ -269,6 +269,37 @@ class KVCache:
     return self.valid.shape[1]
 
 
+@_pytree(meta=("block", "max_q"))
+class PagedKV:
+  """The serving engine's attention state: KV pages inside the context's unified pool.
+
+  The tokens of a forward are packed (`input_ids [1, T]`, positions given): sequence i owns
+  tokens `cu_q_lens[i]:cu_q_lens[i + 1]`, the last of its `kv_lens[i]` cached tokens. The KV
+  pages are pages of `Context.pool.pages` (S-LoRA Sec. 4.1: one pool for adapters and KV), each
+  `[block, 2 * kv_heads, head_dim]` (keys and values interleaved, as
+  `kernels_pallas.attention`); the Llama family writes the new tokens' keys and values, attends
+  over the pages and returns the updated pool pages.
+
+  Attributes:
+    tables: [layers, S, pages_per_seq] int32, the pages of each sequence on each layer.
+    kv_lens: [S] int32 tokens cached per sequence after this forward.
+    cu_q_lens: [S + 1] int32 offsets of each sequence's tokens in the packed batch.
+    num_seqs: [1] int32 sequences in use (the rest pad).
+    token_seq: [T] int32 the sequence of each packed token.
+    token_valid: [T] bool, real tokens (padding writes to the scratch page 0).
+    block: tokens per KV page (static).
+    max_q: a static bound on any sequence's token count in this forward.
+  """
+  tables: jax.Array
+  kv_lens: jax.Array
+  cu_q_lens: jax.Array
+  num_seqs: jax.Array
+  token_seq: jax.Array
+  token_valid: jax.Array
+  block: int = 16
+  max_q: int = 1
+
+
 # -- The context ------------------------------------------------------------------------------
 
 @_pytree()
@@ -299,6 +330,10 @@ class Context:
 
   def router(self, path: str) -> Optional[Router]:
     return None if not self.routers else self.routers.get(path)
+
+  def with_pages(self, pages: jax.Array) -> "Context":
+    """The context with its pool's pages replaced (the new version after a KV write)."""
+    return dataclasses.replace(self, pool=dataclasses.replace(self.pool, pages=pages))
 
   def with_inserts(self, inserts: Optional[Mapping[str, Any]]) -> "Context":
     """The context with insertion-point functions added (as traced `Partial`s)."""

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxadapt.adapters.hook import project
-from jaxadapt.context import KVCache
+from jaxadapt.context import KVCache, PagedKV
+from kernels_pallas import attention as paged_attention
 from jaxadapt.io.hf import ShardingArg, read_config, torch_name
 from jaxadapt.models import frozen
 from jaxadapt.models.layers import Linear
@@ -320,7 +321,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x, cos, sin, mask, ctx, cache=None):
     """Attention output; with `cache=(keys, values, slots)` also the updated (keys, values):
-    the new tokens' k/v are written at `slots [B, S]` and the queries attend over the cache."""
+    the new tokens' k/v are written at `slots [B, S]` and the queries attend over the cache.
+    With a `_PagedStep` cache, `(output, updated kv pages)` (see `PagedKV`)."""
     c = self.config
     b, s, _ = x.shape
     g = c.num_attention_heads // c.num_key_value_heads
@@ -328,6 +330,8 @@ class Attention(nnx.Module):
     k = self.k_proj(x, ctx).reshape(b, s, c.num_key_value_heads, c.head_dim)
     v = self.v_proj(x, ctx).reshape(b, s, c.num_key_value_heads, c.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if isinstance(cache, _PagedStep):
+      return self._paged(q[0], k[0], v[0], ctx, cache)
     if cache is not None:
       keys, values, slots = cache
       rows = jnp.arange(b)[:, None]
@@ -340,6 +344,34 @@ class Attention(nnx.Module):
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(x.dtype)).reshape(b, s, -1)
     out = self.o_proj(out, ctx)
     return out if cache is None else (out, (k, v))
+
+
+  def _paged(self, q, k, v, ctx, step: "_PagedStep"):
+    """Writes this layer's new keys/values into the pool's pages and attends over them; the
+    output projection reads its adapter pages from the new pool version."""
+    c, kv = self.config, step.kv
+    # Every read of the old pool version (the q/k/v adapters) happens before the write, so the
+    # write can update the pool in place.
+    q, k, v, pages = jax.lax.optimization_barrier((q, k, v, step.pages))
+    page, offset = paged_attention.token_slots(step.tables, kv.token_seq, step.positions,
+                                               kv.block, kv.token_valid)
+    pages = paged_attention.write_kv(pages, k, v, page, offset)
+    out = paged_attention.ragged_paged_attention(
+        q, pages, kv.kv_lens, step.tables, kv.cu_q_lens, kv.num_seqs,
+        sm_scale=c.head_dim ** -0.5, max_q=kv.max_q, sliding_window=step.window or None)
+    ctx = ctx.with_pages(pages.reshape(ctx.pool.pages.shape))
+    out = self.o_proj(out.reshape(1, q.shape[0], -1).astype(q.dtype), ctx)
+    return out, pages
+
+
+@dataclasses.dataclass(frozen=True)
+class _PagedStep:
+  """One layer's view of a `PagedKV` forward (trace-time only)."""
+  pages: jax.Array       # [P, block, 2 * kv_heads, head_dim] the pool's current version
+  tables: jax.Array      # [S, pages_per_seq] this layer's page tables
+  kv: PagedKV
+  positions: jax.Array   # [T]
+  window: int            # 0: full attention
 
 
 class MLP(nnx.Module):
@@ -367,6 +399,13 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(config, f"{prefix}.mlp", dtype, rngs)
 
   def __call__(self, x, cos, sin, masks, ctx, cache=None):
+    if isinstance(cache, _PagedStep):
+      cache = dataclasses.replace(cache, window=self.window)
+      attn, pages = self.self_attn(self.input_layernorm(x), cos, sin, None, ctx, cache)
+      ctx = ctx.with_pages(pages.reshape(ctx.pool.pages.shape))
+      x = x + attn
+      x = x + self.mlp(self.post_attention_layernorm(x), ctx)
+      return x, pages
     mask = masks[self.window]
     attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, ctx, cache)
     if cache is not None:
@@ -420,8 +459,10 @@ class LlamaForCausalLM(nnx.Module):
     c = self.config
     b, s = input_ids.shape
     cache = None if ctx is None else ctx.attention
+    if isinstance(cache, PagedKV):
+      return self._paged_hidden(input_ids, positions, ctx)
     if cache is not None and not isinstance(cache, KVCache):
-      raise TypeError(f"the Llama family reads a KVCache from ctx.attention, got "
+      raise TypeError(f"the Llama family reads a KVCache or PagedKV from ctx.attention, got "
                       f"{type(cache).__name__}")
     keys = (jnp.ones((b, s), bool) if attention_mask is None
             else jnp.asarray(attention_mask).astype(bool))
@@ -460,6 +501,40 @@ class LlamaForCausalLM(nnx.Module):
       return h
     return h, KVCache(keys=tuple(new_keys), values=tuple(new_values), valid=valid,
                       lengths=cache.lengths + s)
+
+  def _paged_hidden(self, input_ids, positions, ctx):
+    """`(hidden [1, T, D], new pool pages)` of a packed forward over `PagedKV` (serving)."""
+    c, kv = self.config, ctx.attention
+    if input_ids.shape[0] != 1 or positions is None:
+      raise ValueError(f"a PagedKV forward takes packed tokens input_ids [1, T] with their "
+                       f"positions; got input_ids {input_ids.shape}, positions "
+                       f"{None if positions is None else positions.shape}")
+    if ctx.pool is None:
+      raise ValueError("a PagedKV forward keeps its KV pages in ctx.pool (an AdapterPool)")
+    p, size = ctx.pool.pages.shape
+    kv_width = 2 * c.num_key_value_heads * c.head_dim
+    if size != kv.block * kv_width:
+      raise ValueError(f"pool pages of {size} elements do not hold {kv.block} tokens of K and V "
+                       f"({kv.block} x {kv_width} = {kv.block * kv_width})")
+    inv_freq, rope_scale = rope_frequencies(c, seq_len=jnp.max(positions) + 1)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    x = self.model.embed_tokens(input_ids)
+    cos = (jnp.cos(emb) * rope_scale).astype(x.dtype)
+    sin = (jnp.sin(emb) * rope_scale).astype(x.dtype)
+    pages = ctx.pool.pages.reshape(p, kv.block, 2 * c.num_key_value_heads, c.head_dim)
+    for i, layer in enumerate(self.model.layers):
+      step = _PagedStep(pages=pages, tables=kv.tables[i], kv=kv, positions=positions[0],
+                        window=0)
+      x, pages = layer(x, cos, sin, None, ctx, step)
+      ctx = ctx.with_pages(pages.reshape(p, size))
+    return self.model.norm(x), ctx.pool.pages
+
+  def packed_logits(self, input_ids, positions, ctx, select):
+    """The serving step: `(logits [S, vocab] at packed token indices `select [S]`, new pool
+    pages)` of a `PagedKV` forward (see `PagedKV`)."""
+    h, pages = self._paged_hidden(input_ids, positions, ctx)
+    return self.head(h[0][select][None], ctx.with_pages(pages))[0], pages
 
   def head(self, h, ctx=None):
     """The language-model head: logits [..., vocab] of final hidden states [..., D]."""

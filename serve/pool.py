@@ -1,0 +1,266 @@
+"""The unified paged pool (S-LoRA Sec. 4.1): one device array whose pages hold KV or adapters.
+
+`pages [P, page_size]` is one device array, one jit argument of every engine step (donated and
+updated in place). A page is `page_size` elements and holds either
+  * `block` tokens of one layer's keys and values (`page_size = block * 2 * kv_heads *
+    head_dim`; the layout of `kernels_pallas.attention`), or
+  * `page_size // d` rank rows of one adapter's A^T (d = the layer's input size) or B (d = its
+    output size), as `jaxadapt.context.PoolView` reads them.
+S-LoRA's page is one hidden-sized vector; we use `block` tokens per page instead (the attention
+kernels read whole pages, and jax's TPU kernel wants blocks of tokens), so `page_size` must be a
+multiple of every targeted layer's sizes as well: `PagedPool.block_for(model)` gives the
+smallest such block of at least the requested tokens. GQA's narrow k/v and the MLP's wide layers
+then share one pool, adapters of any rank up to `max_rank` on any linear target.
+
+One allocator (a free list) serves both kinds; page 0 is a scratch page that padding tokens
+write to and nobody reads. Host-side bookkeeping is numpy; the device sees `pages` and the
+small `tables` / `scales` / `ranks` arrays of `jaxadapt.context.AdapterPool`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxadapt.adapters.lora import kernel_at
+from jaxadapt.context import AdapterPool, PoolView
+
+
+class OutOfPages(RuntimeError):
+  """The pool has fewer free pages than an allocation asked for."""
+
+
+@dataclasses.dataclass
+class ResidentAdapter:
+  """An adapter in the pool: its slot, its pages, and who holds it."""
+  key: tuple            # (name, digest)
+  slot: int
+  pages: list
+  nbytes: int
+  users: int = 0        # running or prefetched requests that need it
+
+
+def _write_pages(pages, index, rows):
+  return pages.at[index].set(rows.astype(pages.dtype), mode="promise_in_bounds")
+
+
+_write_pages_jit = jax.jit(_write_pages, donate_argnums=0)
+
+
+class PagedPool:
+  """The engine's unified pool for one model (module docstring).
+
+  Args:
+    model: the frozen `CausalLM`.
+    num_pages: pages in the pool (page 0 is scratch).
+    block: KV tokens per page; must make `page_size` a multiple of the sizes of every layer an
+      adapter may target (`block_for`).
+    max_adapters: adapter slots resident at once.
+    max_rank: the largest adapter rank the pool takes.
+    dtype: the pool's dtype (the model's by default).
+  """
+
+  def __init__(self, model, *, num_pages: int, block: int, max_adapters: int = 64,
+               max_rank: int = 64, dtype=None):
+    c = model.config
+    self.model = model
+    self.block = int(block)
+    self.kv_width = 2 * c.num_key_value_heads * c.head_dim
+    self.page_size = self.block * self.kv_width
+    self.layers = c.num_hidden_layers
+    self.dtype = jnp.dtype(dtype or model.dtype)
+    if num_pages < 2:
+      raise ValueError(f"num_pages must be >= 2 (page 0 is scratch), got {num_pages}")
+    self.num_pages = int(num_pages)
+    self.max_adapters = int(max_adapters)
+    self.max_rank = int(max_rank)
+    # Every linear layer but the head can hold adapter pages.
+    self.paths = [p for p in model.linear_paths if p != "lm_head"]
+    self.sizes = {p: kernel_at(model.params, p).shape for p in self.paths}
+    bad = [(p, d) for p, dims in self.sizes.items() for d in dims if self.page_size % d]
+    if bad:
+      raise ValueError(f"a page of {self.block} KV tokens ({self.page_size} elements) cannot "
+                       f"hold rank rows of {bad[0][0]} (size {bad[0][1]}); use block="
+                       f"{self.block_for(model, self.block)}")
+    self.slot_of = {p: i for i, p in enumerate(self.paths)}
+    self.max_pages_per_side = max(-(-self.max_rank // (self.page_size // d))
+                                  for dims in self.sizes.values() for d in dims)
+    n, lp = self.max_adapters, len(self.paths)
+    self.tables = np.zeros((lp, 2, n, self.max_pages_per_side), np.int32)
+    self.scales = np.zeros((lp, n), np.float32)
+    self.ranks = np.ones((lp, n), np.int32)
+    self.pages = jnp.zeros((self.num_pages, self.page_size), self.dtype)
+    self._free = list(range(self.num_pages - 1, 0, -1))  # a stack; page 0 is scratch
+    self._kv_pages = 0
+    self._adapter_pages = 0
+    self.resident: dict[tuple, ResidentAdapter] = {}
+    self._free_slots = list(range(n - 1, -1, -1))
+    self.targets: frozenset = frozenset()  # paths some resident adapter targets
+    self._waste_rows = 0  # unused rank rows in adapter pages (elements)
+
+  @staticmethod
+  def block_for(model, at_least: int = 16) -> int:
+    """The smallest block >= `at_least` whose page holds rank rows of every linear layer."""
+    c = model.config
+    kv_width = 2 * c.num_key_value_heads * c.head_dim
+    need = 1
+    for p in model.linear_paths:
+      if p != "lm_head":
+        for d in kernel_at(model.params, p).shape:
+          need = math.lcm(need, d)
+    step = need // math.gcd(need, kv_width)  # blocks that make block * kv_width a multiple
+    return -(-at_least // step) * step
+
+  # -- allocation ------------------------------------------------------------------------------
+
+  @property
+  def free_pages(self) -> int:
+    return len(self._free)
+
+  def alloc(self, n: int, kind: str = "kv") -> list:
+    """`n` free pages (raises OutOfPages, changing nothing, when fewer are free)."""
+    if n > len(self._free):
+      raise OutOfPages(f"asked for {n} pages, {len(self._free)} free of {self.num_pages - 1}")
+    out = [self._free.pop() for _ in range(n)]
+    if kind == "kv":
+      self._kv_pages += n
+    else:
+      self._adapter_pages += n
+    return out
+
+  def free(self, pages: list, kind: str = "kv") -> None:
+    self._free.extend(reversed(pages))
+    if kind == "kv":
+      self._kv_pages -= len(pages)
+    else:
+      self._adapter_pages -= len(pages)
+
+  def adapter_pages_needed(self, adapter) -> int:
+    """Pages `adapter` takes in this pool."""
+    return sum(-(-adapter.rank(p) // (self.page_size // d))
+               for p in adapter.weights for d in self.sizes[p])
+
+  def check_adapter(self, name: str, adapter) -> None:
+    """Raises ValueError if the pool cannot hold `adapter` (rank, DoRA, targets)."""
+    if adapter.config.use_dora:
+      raise ValueError(f"adapter {name!r} uses DoRA, which the serving pool does not hold yet "
+                       f"(its column norms depend on the merged weight); merge it "
+                       f"(ja.merge) or serve it with model.generate")
+    too_big = [p for p in adapter.weights if adapter.rank(p) > self.max_rank]
+    if too_big:
+      raise ValueError(f"adapter {name!r} has rank {adapter.rank(too_big[0])} at {too_big[0]}, "
+                       f"above the pool's max_rank={self.max_rank}")
+    head = [p for p in adapter.weights if p not in self.slot_of]
+    if head:
+      raise ValueError(f"adapter {name!r} targets {head[:3]}, which the serving pool does not "
+                       f"hold (only the decoder's linear layers)")
+
+  def load(self, key: tuple, adapter, nbytes: int = 0) -> ResidentAdapter:
+    """Copies `adapter` (host weights) into free pages and a free slot.
+
+    Raises:
+      OutOfPages: not enough free pages or no free slot (nothing changes).
+      ValueError: an adapter the pool cannot hold (`check_adapter`).
+    """
+    if key in self.resident:
+      return self.resident[key]
+    self.check_adapter(key[0], adapter)
+    if not self._free_slots:
+      raise OutOfPages(f"all {self.max_adapters} adapter slots are in use")
+    need = self.adapter_pages_needed(adapter)
+    pages = self.alloc(need, kind="adapter")
+    slot = self._free_slots.pop()
+    rows_out, index = [], []
+    it = iter(pages)
+    for path, w in adapter.weights.items():
+      ps = self.slot_of[path]
+      din, dout = self.sizes[path]
+      r = adapter.rank(path)
+      for side, (mat, feat) in enumerate(((np.asarray(w["a"]).T, din),
+                                          (np.asarray(w["b"]), dout))):
+        rpp = self.page_size // feat
+        n = -(-r // rpp)
+        padded = np.zeros((n * rpp, feat), np.float32)
+        padded[:r] = mat
+        for j in range(n):
+          page = next(it)
+          self.tables[ps, side, slot, j] = page
+          index.append(page)
+          rows_out.append(padded[j * rpp:(j + 1) * rpp].reshape(-1))
+        self._waste_rows += (n * rpp - r) * feat
+      self.scales[ps, slot] = adapter.scale(path)
+      self.ranks[ps, slot] = r
+    if index:
+      self.pages = _write_pages_jit(self.pages, jnp.asarray(index, jnp.int32),
+                                    jnp.asarray(np.stack(rows_out)))
+    self.targets = self.targets | frozenset(adapter.weights)
+    res = ResidentAdapter(key=key, slot=slot, pages=pages, nbytes=nbytes)
+    self.resident[key] = res
+    return res
+
+  def unload(self, key: tuple) -> None:
+    """Frees an adapter's pages and slot (its users must be 0)."""
+    res = self.resident.pop(key)
+    if res.users:
+      self.resident[key] = res
+      raise RuntimeError(f"adapter {key[0]!r} still has {res.users} users")
+    self.tables[:, :, res.slot] = 0
+    self.scales[:, res.slot] = 0.0
+    self.ranks[:, res.slot] = 1
+    self.free(res.pages, kind="adapter")
+    self._free_slots.append(res.slot)
+    self._waste_rows = self._recount_waste()
+
+  def _recount_waste(self) -> int:
+    waste = 0
+    for ps, path in enumerate(self.paths):
+      for side, feat in enumerate(self.sizes[path]):
+        rpp = self.page_size // feat
+        for res in self.resident.values():
+          r = int(self.ranks[ps, res.slot]) if self.scales[ps, res.slot] else 0
+          if r:
+            waste += (-(-r // rpp) * rpp - r) * feat
+    return waste
+
+  # -- what the device sees --------------------------------------------------------------------
+
+  def adapter_pool(self) -> AdapterPool:
+    """The context's `AdapterPool` over the current pages."""
+    return AdapterPool(pages=self.pages, tables=jnp.asarray(self.tables),
+                       scales=jnp.asarray(self.scales), ranks=jnp.asarray(self.ranks))
+
+  def views(self) -> dict:
+    """`{path: PoolView}` for the paths some resident adapter targets (static geometry)."""
+    out = {}
+    for path in self.paths:
+      if path in self.targets:
+        din, dout = self.sizes[path]
+        out[path] = PoolView(slot=self.slot_of[path], din=din, dout=dout,
+                             pages_a=-(-self.max_rank // (self.page_size // din)),
+                             pages_b=-(-self.max_rank // (self.page_size // dout)))
+    return out
+
+  def stats(self, kv_tokens: int = 0) -> dict:
+    """Occupancy and fragmentation.
+
+    Args:
+      kv_tokens: tokens cached now (the engine knows them), to measure the unused slots of
+        partly filled KV pages.
+    Returns:
+      pages (usable), free, kv and adapter pages, occupancy (used / usable), and fragmentation:
+      the share of used page elements that hold nothing (unused token slots of KV pages and
+      unused rank rows of adapter pages).
+    """
+    usable = self.num_pages - 1
+    used = self._kv_pages + self._adapter_pages
+    kv_waste = self._kv_pages * self.page_size - kv_tokens * self.layers * self.kv_width
+    waste = max(kv_waste, 0) + self._waste_rows
+    return {"pages": usable, "free": len(self._free), "kv_pages": self._kv_pages,
+            "adapter_pages": self._adapter_pages, "occupancy": used / usable,
+            "fragmentation": waste / (used * self.page_size) if used else 0.0,
+            "resident_adapters": len(self.resident), "page_size": self.page_size,
+            "block": self.block, "bytes": self.num_pages * self.page_size * self.dtype.itemsize}
