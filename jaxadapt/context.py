@@ -269,7 +269,7 @@ class KVCache:
     return self.valid.shape[1]
 
 
-@_pytree(meta=("block", "max_q"))
+@_pytree(meta=("block", "max_q", "long_seqs"))
 class PagedKV:
   """The serving engine's attention state: KV pages inside the context's unified pool.
 
@@ -289,6 +289,8 @@ class PagedKV:
     token_valid: [T] bool, real tokens (padding writes to the scratch page 0).
     block: tokens per KV page (static).
     max_q: a static bound on any sequence's token count in this forward.
+    long_seqs: static; when set, only the first `long_seqs` sequences have more than one token
+      (prefill chunks first, decodes after; see `kernels_pallas.attention.reference`).
   """
   tables: jax.Array
   kv_lens: jax.Array
@@ -298,6 +300,7 @@ class PagedKV:
   token_valid: jax.Array
   block: int = 16
   max_q: int = 1
+  long_seqs: Optional[int] = None
 
 
 # -- The context ------------------------------------------------------------------------------

@@ -48,15 +48,39 @@ def token_slots(page_indices: jax.Array, seq: jax.Array, pos: jax.Array, block: 
 
 
 def reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
-              max_q: int, sliding_window: Optional[int] = None) -> jax.Array:
+              max_q: int, sliding_window: Optional[int] = None,
+              long_seqs: Optional[int] = None) -> jax.Array:
   """The specification in jnp (module docstring); `[T, heads, head_dim]`, zeros for tokens past
-  the last sequence."""
+  the last sequence.
+
+  With `long_seqs=n` only the first n sequences may have more than one query (the engine puts
+  prefill chunks first and decodes after): those form a `[n, max_q]` rectangle and the rest a
+  `[S - n, 1]` one, so a step that mixes one long prefill with many decodes does not pay
+  `S x max_q` attention.
+  """
+  s = kv_lens.shape[0]
+  if long_seqs == 0:
+    max_q = 1
+  elif long_seqs is not None and 0 < long_seqs < s and max_q > 1:
+    n = long_seqs
+    num = num_seqs.reshape(())
+    head = _rectangle(q, kv_pages, kv_lens[:n], page_indices[:n], cu_q_lens[:n + 1],
+                      jnp.minimum(num, n), sm_scale, max_q, sliding_window)
+    tail = _rectangle(q, kv_pages, kv_lens[n:], page_indices[n:], cu_q_lens[n:],
+                      jnp.maximum(num - n, 0), sm_scale, 1, sliding_window)
+    return head + tail  # each is zero outside its own sequences' tokens
+  return _rectangle(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs.reshape(()),
+                    sm_scale, max_q, sliding_window)
+
+
+def _rectangle(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale, max_q,
+               sliding_window):
   t, hq, d = q.shape
   s = kv_lens.shape[0]
   _, block, h2, _ = kv_pages.shape
   hk = h2 // 2
   g = hq // hk
-  live = jnp.arange(s) < num_seqs.reshape(())
+  live = jnp.arange(s) < num_seqs
   q_lens = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)
   # The rectangle: row i, column j holds query token cu_q_lens[i] + j.
   cols = jnp.arange(max_q)
@@ -82,14 +106,16 @@ def reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_sca
   tok = jnp.arange(t)
   row = jnp.clip(jnp.searchsorted(cu_q_lens[1:], tok, side="right"), 0, s - 1)
   col = tok - cu_q_lens[row]
-  ok = (tok < cu_q_lens[jnp.clip(num_seqs.reshape(()), 0, s)]) & (col < max_q)
+  ok = ((tok >= cu_q_lens[0]) & (tok < cu_q_lens[jnp.clip(num_seqs, 0, s)]) & (col >= 0)
+        & (col < max_q))
   return jnp.where(ok[:, None, None], out[row, jnp.clip(col, 0, max_q - 1)], 0).astype(q.dtype)
 
 
 def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, max_q: int, sliding_window: Optional[int] = None,
                            backend: Optional[str] = None,
-                           tpu_blocks: Optional[tuple[int, int]] = None) -> jax.Array:
+                           tpu_blocks: Optional[tuple[int, int]] = None,
+                           long_seqs: Optional[int] = None) -> jax.Array:
   """Attention of ragged queries over paged keys/values (module docstring).
 
   Args:
@@ -105,6 +131,8 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_se
     backend: as `kernels_pallas.set_backend` (default: the global choice).
     tpu_blocks: (kv pages, queries) per block of the TPU kernel; None: jax's table tuned per TPU
       generation (which needs a TPU to look up).
+    long_seqs: static; only the first `long_seqs` sequences have more than one query (see
+      `reference`; the TPU kernel needs no such hint).
   Returns:
     [T, heads, head_dim].
   """
@@ -117,4 +145,4 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_se
     return tpu_kernel(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                       sm_scale=sm_scale, sliding_window=sliding_window, **blocks)
   return reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-                   max_q=max_q, sliding_window=sliding_window)
+                   max_q=max_q, sliding_window=sliding_window, long_seqs=long_seqs)

@@ -358,7 +358,8 @@ class Attention(nnx.Module):
     pages = paged_attention.write_kv(pages, k, v, page, offset)
     out = paged_attention.ragged_paged_attention(
         q, pages, kv.kv_lens, step.tables, kv.cu_q_lens, kv.num_seqs,
-        sm_scale=c.head_dim ** -0.5, max_q=kv.max_q, sliding_window=step.window or None)
+        sm_scale=c.head_dim ** -0.5, max_q=kv.max_q, sliding_window=step.window or None,
+        long_seqs=kv.long_seqs)
     ctx = ctx.with_pages(pages.reshape(ctx.pool.pages.shape))
     out = self.o_proj(out.reshape(1, q.shape[0], -1).astype(q.dtype), ctx)
     return out, pages

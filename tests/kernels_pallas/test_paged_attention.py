@@ -54,6 +54,7 @@ def _case(seed, kv_lens, q_lens, window=None, pad_tokens=3, pad_seqs=2):
 
 @pytest.mark.parametrize("kv_lens,q_lens,window", [
     ((5, 1, 9, 12), (5, 1, 3, 1), None),      # a prefill, a 1-token prompt, a chunk, a decode
+    ((5, 9, 12, 3), (5, 3, 1, 1), None),      # prefills first, then decodes
     ((7, 13, 2), (1, 1, 1), None),            # decode only
     ((11, 6, 9), (4, 1, 9), 3),               # a sliding window
 ])
@@ -65,6 +66,12 @@ def test_reference_equals_dense_attention(kv_lens, q_lens, window):
   got = jax.jit(lambda *a: pa.ragged_paged_attention(
       *a, sm_scale=D ** -0.5, max_q=16, sliding_window=window))(*args)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+  # Long query runs first, single queries after: the split rectangles give the same.
+  long = sum(1 for n in q_lens if n > 1)
+  if all(n == 1 for n in q_lens[long:]):
+    got = pa.reference(*args, sm_scale=D ** -0.5, max_q=16, sliding_window=window,
+                       long_seqs=long)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
 
 def test_write_kv_places_tokens_and_interleaves_heads():
