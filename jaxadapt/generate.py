@@ -109,15 +109,24 @@ def process_logits(logits, temperature, top_k, top_p):
   return jax.nn.log_softmax(logits, axis=-1)
 
 
-def _next_token(logits, state: _State, sampling: bool):
+def sample_tokens(logits, temperature, top_k, top_p, keys, counts, sampling: bool):
+  """The next token of each row: argmax where `temperature` is 0, else a draw from
+  `process_logits` with key `fold_in(keys[i], counts[i])` (counts: tokens the row has made).
+
+  `sampling` (static) False skips the sampling work when every row is greedy.
+  """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if not sampling:
     return greedy
-  logp = process_logits(logits, state.temperature, state.top_k, state.top_p)
-  keys = jax.vmap(jax.random.fold_in)(state.keys, jnp.broadcast_to(state.step,
-                                                                    state.keys.shape))
+  logp = process_logits(logits, temperature, top_k, top_p)
+  keys = jax.vmap(jax.random.fold_in)(keys, counts)
   sampled = jax.vmap(jax.random.categorical)(keys, logp).astype(jnp.int32)
-  return jnp.where(state.temperature > 0, sampled, greedy)
+  return jnp.where(temperature > 0, sampled, greedy)
+
+
+def _next_token(logits, state: _State, sampling: bool):
+  return sample_tokens(logits, state.temperature, state.top_k, state.top_p, state.keys,
+                       jnp.broadcast_to(state.step, state.keys.shape), sampling)
 
 
 def _record(state: _State, token) -> _State:

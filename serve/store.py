@@ -60,7 +60,8 @@ class StoredAdapter:
 @dataclasses.dataclass
 class _Entry:
   path: str
-  stamp: Optional[tuple] = None          # (mtime_ns, size) of both files when `stored` was read
+  stamp: Optional[tuple] = None          # (mtime_ns, size) of both files at the last read
+  digest: Optional[str] = None           # the content hash of the last read
   stored: Optional[StoredAdapter] = None  # in the host cache, or None (on disk only)
   loading: Optional[threading.Event] = None
   error: Optional[BaseException] = None
@@ -231,7 +232,7 @@ class AdapterStore:
     with self._lock:
       entry.loading = None
       if self._entries.get(name) is entry:  # not unregistered or replaced meanwhile
-        entry.stamp = stamp
+        entry.stamp, entry.digest = stamp, stored.digest
         if stored.nbytes <= self.host_budget_bytes:
           entry.stored = stored
           self._lru[name] = None
@@ -239,6 +240,19 @@ class AdapterStore:
           self._evict()
     event.set()
     return stored
+
+  def unchanged(self, name: str, digest: str) -> bool:
+    """Whether `name`'s files are still those last read, with content hash `digest` (one
+    `stat`, no read): state kept under that digest (pool pages) is still valid."""
+    with self._lock:
+      entry = self._entries.get(name)
+      if entry is None or entry.digest != digest or entry.stamp is None:
+        return False
+      path, stamp = entry.path, entry.stamp
+    try:
+      return _stamp(path) == stamp
+    except OSError:
+      return False
 
   def cached(self, name: str) -> bool:
     """Whether `name` is in host memory now."""
@@ -305,7 +319,7 @@ class AdapterStore:
     entry = self._entries[name]
     if entry.stored is not None:
       self._cached_bytes -= entry.stored.nbytes
-      entry.stored, entry.stamp = None, None
+      entry.stored = None
       self._lru.pop(name, None)
 
   def _evict(self) -> None:

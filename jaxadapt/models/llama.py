@@ -531,7 +531,7 @@ class LlamaForCausalLM(nnx.Module):
       ctx = ctx.with_pages(pages.reshape(p, size))
     return self.model.norm(x), ctx.pool.pages
 
-  def packed_logits(self, input_ids, positions, ctx, select):
+  def packed_logits(self, input_ids, positions, select, ctx=None):
     """The serving step: `(logits [S, vocab] at packed token indices `select [S]`, new pool
     pages)` of a `PagedKV` forward (see `PagedKV`)."""
     h, pages = self._paged_hidden(input_ids, positions, ctx)

@@ -27,7 +27,7 @@ def setup(llama_dir):
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def _step(graphdef, params, pages, ctx, ids, positions, select):
   ctx = ctx.with_pages(pages)
-  return apply(graphdef, params, "packed_logits", ids, positions, ctx, select, ctx=None)
+  return apply(graphdef, params, "packed_logits", ids, positions, select, ctx=ctx)
 
 
 class _Seqs:

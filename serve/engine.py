@@ -1,0 +1,698 @@
+"""The S-LoRA engine: continuous batching of requests for many adapters over one unified pool.
+
+Paper: "S-LoRA: Serving Thousands of Concurrent LoRA Adapters" (Sheng et al., MLSys 2024).
+  * Sec. 4.1 unified paging: KV pages and adapter pages share one device array
+    (`serve.pool.PagedPool`); a request's adapter is copied into the pool when it is admitted and
+    freed when no running request needs it (least recently used first).
+  * Sec. 4.2 prefetch: a background thread reads the adapters of the waiting queue from disk
+    into host memory (`serve.store.AdapterStore`) while the batch decodes, so an admission
+    rarely waits for a disk read (`stats()["admissions_waited"]`).
+  * Sec. 5 heterogeneous batching: one packed forward per step (prefill chunks first, then one
+    token per decoding request), every projection's LoRA read straight from the pool pages
+    through `kernels_pallas` in the per-token layout; base-only requests in the same batch.
+  * Admission (as S-LoRA's scheduler): a request is admitted when the pool can hold its
+    adapter and the KV pages of its worst-case length (`reserve="worst"`; `reserve="none"`
+    admits on the prompt alone, as vLLM does, and relies on preemption). When a step cannot get
+    the pages it needs, the most recently admitted request is preempted: its pages are freed and
+    it is recomputed later from its tokens so far (nothing is lost).
+
+```python
+engine = Engine(model, adapters={"sql": "adapters/sql"}, pool_mb=256)
+out = engine.generate([Request(prompt="...", adapter="sql", max_tokens=32)])
+handle = engine.submit(Request(prompt=ids, temperature=0.8, seed=1))
+for event in handle: ...              # streamed tokens (online use: engine.start() first)
+```
+
+Shapes are bucketed (sequences, tokens, query run, pages per sequence to powers of two), so a
+steady stream of decode steps never recompiles.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import math
+import queue
+import threading
+import time
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxadapt import generate as gen_lib
+from jaxadapt.context import Context, PagedKV, make_routing
+from jaxadapt.models.frozen import apply
+from serve.pool import OutOfPages, PagedPool
+from serve.store import AdapterError, AdapterStore
+
+
+@dataclasses.dataclass
+class Request:
+  """One generation request.
+
+  Attributes:
+    prompt: text (through the model's tokenizer) or token ids.
+    adapter: a registered adapter name, or None for the base model.
+    max_tokens: new tokens at most (> 0).
+    temperature, top_k, top_p, seed: sampling as `model.generate` (0 = greedy); a seed makes
+      the request reproducible (its draws are `fold_in(key(seed), i)` for its i-th token,
+      whatever batch it runs in: equal to `model.generate(..., seed=[seed])`).
+    stop: strings that end the request (not included in the text).
+    eos_token_id: ids that end it; None = the model's.
+    request_id: any string; one is made when None.
+  """
+  prompt: Union[str, Sequence[int]]
+  adapter: Optional[str] = None
+  max_tokens: int = 16
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: Optional[int] = None
+  stop: Sequence[str] = ()
+  eos_token_id: Optional[Sequence[int]] = None
+  request_id: Optional[str] = None
+
+
+@dataclasses.dataclass
+class Completion:
+  """A finished request: new token ids and text, why it finished, and its timings (seconds)."""
+  request_id: str
+  adapter: Optional[str]
+  prompt_tokens: int
+  tokens: list
+  text: Optional[str]
+  finish_reason: str           # "stop", "length", "cancelled" or "error"
+  error: Optional[str] = None
+  arrival: float = 0.0
+  first_token: Optional[float] = None   # time to first token
+  finished: float = 0.0
+  preemptions: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+  """One streamed token: its id and the text it completes (may be empty mid-character or while
+  a possible stop string is held back)."""
+  token: int
+  text: str
+
+
+class Handle:
+  """A submitted request. Iterate it for `TokenEvent`s (ends when the request does); `result()`
+  waits for the `Completion`; `cancel()` ends it early (its pages are freed)."""
+
+  def __init__(self, engine: "Engine", request: Request, request_id: str):
+    self.engine, self.request, self.request_id = engine, request, request_id
+    self._events: queue.Queue = queue.Queue()
+    self._done = threading.Event()
+    self.completion: Optional[Completion] = None
+    self.cancelled = False
+
+  def __iter__(self):
+    while True:
+      event = self._events.get()
+      if event is None:
+        return
+      yield event
+
+  def cancel(self) -> None:
+    self.cancelled = True
+    self.engine._wake()
+
+  def done(self) -> bool:
+    return self._done.is_set()
+
+  def result(self, timeout: Optional[float] = None) -> Completion:
+    if not self._done.wait(timeout):
+      raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+    return self.completion
+
+
+@dataclasses.dataclass(eq=False)
+class _Seq:
+  handle: Handle
+  tokens: list                  # prompt + generated ids
+  prompt_len: int
+  eos: frozenset
+  key: Optional[tuple] = None   # (adapter name, digest) once its adapter is read
+  slot: int = -1                # its adapter's pool slot (-1: base)
+  computed: int = 0             # tokens whose KV is in the pool
+  blocks: list = dataclasses.field(default_factory=list)  # per block: L page ids
+  reserved: int = 0             # pages promised at admission, not yet allocated
+  arrival: float = 0.0
+  first_token: Optional[float] = None
+  preemptions: int = 0
+  sent_text: int = 0            # chars of text streamed so far
+  error: Optional[str] = None
+
+  @property
+  def generated(self) -> int:
+    return len(self.tokens) - self.prompt_len
+
+
+def _bucket(n: int, minimum: int = 1) -> int:
+  return gen_lib.bucket(n, minimum)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _engine_step(graphdef, sampling, params, pages, ctx, ids, positions, select, samp):
+  """One packed forward over the pool and the next token of each selected sequence."""
+  ctx = ctx.with_pages(pages)
+  logits, pages = apply(graphdef, params, "packed_logits", ids, positions, select, ctx=ctx)
+  temperature, top_k, top_p, seeds, counts = samp
+  keys = jax.vmap(jax.random.key)(seeds)
+  tokens = gen_lib.sample_tokens(logits, temperature, top_k, top_p, keys, counts, sampling)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return pages, tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+class Engine:
+  """S-LoRA serving over one frozen `CausalLM` (module docstring).
+
+  Args:
+    model: the base (`ja.load_model(...)`).
+    adapters: {name: PEFT dir} to register (read lazily).
+    adapter_dir: a dir whose PEFT subdirs are all registered (names: relative paths).
+    pool_mb: the unified pool's size in MiB (or `num_pages`).
+    num_pages: the pool's size in pages (instead of pool_mb).
+    block: KV tokens per page (default: the smallest >= 16 that every layer's size divides).
+    max_seqs: requests in a batch at most.
+    max_step_tokens: tokens of one forward at most (prefill chunks are cut to fit).
+    max_adapters: adapters resident in the pool at once.
+    max_rank: the largest adapter rank served.
+    host_cache_mb: host memory for adapter weights (the store's LRU budget).
+    reserve: "worst" (admit when the worst-case KV fits) or "none" (prompt only; preempt).
+    prefetch: read waiting requests' adapters on a background thread.
+  """
+
+  def __init__(self, model, *, adapters: Optional[dict] = None,
+               adapter_dir: Optional[str] = None, pool_mb: Optional[float] = None,
+               num_pages: Optional[int] = None, block: Optional[int] = None,
+               max_seqs: int = 32, max_step_tokens: int = 256, max_adapters: int = 64,
+               max_rank: int = 64, host_cache_mb: float = 1024, reserve: str = "worst",
+               prefetch: bool = True):
+    if reserve not in ("worst", "none"):
+      raise ValueError(f"reserve must be 'worst' or 'none', got {reserve!r}")
+    if max_seqs < 1 or max_step_tokens < max_seqs:
+      raise ValueError(f"need max_seqs >= 1 and max_step_tokens >= max_seqs; got {max_seqs}, "
+                       f"{max_step_tokens}")
+    self.model = model
+    self.store = AdapterStore(model, host_budget_bytes=int(host_cache_mb * 2 ** 20))
+    for name, path in (adapters or {}).items():
+      self.store.register(name, path)
+    if adapter_dir is not None:
+      self.store.register_tree(adapter_dir)
+    block = block or PagedPool.block_for(model, 16)
+    if num_pages is None:
+      c = model.config
+      page_bytes = block * 2 * c.num_key_value_heads * c.head_dim * np.dtype(model.dtype).itemsize
+      num_pages = int((pool_mb if pool_mb is not None else 256) * 2 ** 20 // page_bytes)
+    self.pool = PagedPool(model, num_pages=num_pages, block=block, max_adapters=max_adapters,
+                          max_rank=max_rank)
+    self.max_seqs, self.max_step_tokens, self.reserve = max_seqs, max_step_tokens, reserve
+    self.default_eos = frozenset(gen_lib._default_eos(model))
+    self._lock = threading.Lock()
+    self._incoming: collections.deque = collections.deque()
+    self.waiting: collections.deque = collections.deque()
+    self.running: list = []
+    self._lru: collections.OrderedDict = collections.OrderedDict()  # resident keys, idle order
+    self._name_key: dict = {}  # adapter name -> the key (name, digest) last made resident
+    self._prefetch_names: list = []  # adapters of the waiting queue, for the prefetch thread
+    self._prefetch_event = threading.Event()
+    self._ids = itertools.count()
+    self._stats = collections.Counter()
+    self._wake_event = threading.Event()
+    self._loop_thread = None
+    self._stop_loop = False
+    self._prefetch_thread = None
+    if prefetch:
+      self._prefetch_thread = threading.Thread(target=self._prefetch_loop, daemon=True,
+                                               name="jaxadapt-prefetch")
+      self._prefetch_thread.start()
+
+  # -- submission ------------------------------------------------------------------------------
+
+  def _tokenize(self, prompt) -> list:
+    if isinstance(prompt, str):
+      tok = self.model.tokenizer
+      if tok is None:
+        raise ValueError("a text prompt needs the model's tokenizer, and this model has none; "
+                         "pass token ids")
+      return [int(t) for t in tok(prompt)["input_ids"]]
+    ids = np.asarray(prompt)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"a prompt must be text or a non-empty list of int token ids; got "
+                       f"{type(prompt).__name__} of shape {ids.shape}")
+    return [int(t) for t in ids]
+
+  def check(self, request: Request) -> tuple[list, frozenset]:
+    """The prompt ids and eos set of `request`, or a ValueError naming what is wrong."""
+    if not isinstance(request, Request):
+      raise TypeError(f"expected a serve.Request, got {type(request).__name__}")
+    ids = self._tokenize(request.prompt)
+    vocab = self.model.config.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+      raise ValueError(f"prompt token ids {bad[:3]} are outside the vocabulary [0, {vocab})")
+    mt = request.max_tokens
+    if not isinstance(mt, (int, np.integer)) or isinstance(mt, bool) or mt <= 0:
+      raise ValueError(f"max_tokens must be an int > 0, got {mt!r}")
+    context = self.model.config.max_position_embeddings
+    if len(ids) + mt > context:
+      raise ValueError(f"the prompt has {len(ids)} tokens and max_tokens={mt}: {len(ids) + mt} "
+                       f"> the model's context of {context} tokens")
+    blocks = -(-(len(ids) + mt) // self.pool.block) * self.pool.layers
+    if blocks > self.pool.num_pages - 1:
+      raise ValueError(f"the prompt ({len(ids)} tokens) + max_tokens={mt} need {blocks} KV "
+                       f"pages; the pool has {self.pool.num_pages - 1}, so it can never hold "
+                       f"this request (a larger pool_mb, or fewer tokens)")
+    t, k, p = request.temperature, request.top_k, request.top_p
+    if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+      raise ValueError(f"temperature must be a float >= 0, got {t!r}")
+    if not (isinstance(k, (int, np.integer)) and k >= 0):
+      raise ValueError(f"top_k must be an int >= 0, got {k!r}")
+    if not (isinstance(p, (int, float)) and 0 < p <= 1):
+      raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+    if request.seed is not None and not (isinstance(request.seed, (int, np.integer))
+                                         and 0 <= request.seed < 2 ** 32):
+      raise ValueError(f"seed must be an int in [0, 2**32) or None, got {request.seed!r}")
+    stops = list(request.stop or ())
+    if any(not isinstance(s, str) or not s for s in stops):
+      raise ValueError(f"stop must be a list of non-empty strings, got {request.stop!r}")
+    if stops and self.model.tokenizer is None:
+      raise ValueError("stop strings need the model's tokenizer, and this model has none")
+    if request.adapter is not None and request.adapter not in self.store:
+      names = self.store.names()
+      raise AdapterError(f"unknown adapter {request.adapter!r}; {len(names)} registered"
+                         f"{' (e.g. ' + ', '.join(names[:5]) + ')' if names else ''}")
+    eos = (self.default_eos if request.eos_token_id is None
+           else frozenset(int(e) for e in np.atleast_1d(request.eos_token_id)))
+    return ids, eos
+
+  def submit(self, request: Request) -> Handle:
+    """Queues `request` and returns its `Handle`.
+
+    Raises:
+      ValueError (AdapterError for an unknown adapter): a request that can never run; nothing
+        is queued.
+    """
+    ids, eos = self.check(request)
+    rid = request.request_id or f"req-{next(self._ids)}"
+    handle = Handle(self, request, rid)
+    seq = _Seq(handle=handle, tokens=list(ids), prompt_len=len(ids), eos=eos,
+               arrival=time.perf_counter())
+    with self._lock:
+      self._incoming.append(seq)
+    self._wake()
+    self._prefetch_event.set()
+    return handle
+
+  def generate(self, requests: Sequence[Request]) -> list:
+    """Runs `requests` to completion (offline batch) and returns their `Completion`s in order.
+    Every request is checked before any is queued."""
+    for r in requests:
+      self.check(r)
+    handles = [self.submit(r) for r in requests]
+    if self._loop_thread is None:
+      while not all(h.done() for h in handles):
+        self.step()
+    return [h.result() for h in handles]
+
+  # -- the loop --------------------------------------------------------------------------------
+
+  def start(self) -> None:
+    """Runs steps on a background thread whenever there is work (online use: the server)."""
+    if self._loop_thread is not None:
+      return
+    self._stop_loop = False
+    self._loop_thread = threading.Thread(target=self._loop, daemon=True, name="jaxadapt-engine")
+    self._loop_thread.start()
+
+  def stop(self) -> None:
+    self._stop_loop = True
+    self._wake()
+    if self._loop_thread is not None:
+      self._loop_thread.join()
+      self._loop_thread = None
+
+  def _wake(self) -> None:
+    self._wake_event.set()
+
+  def _loop(self) -> None:
+    while not self._stop_loop:
+      if not self.has_work():
+        self._wake_event.wait(0.05)
+        self._wake_event.clear()
+        continue
+      try:
+        self.step()
+      except Exception as e:  # a bug must not kill the server: fail the running requests
+        for seq in list(self.running) + list(self.waiting):
+          self._finish(seq, "error", error=f"engine error: {type(e).__name__}: {e}")
+        self.running, self.waiting = [], collections.deque()
+
+  def has_work(self) -> bool:
+    return bool(self._incoming or self.waiting or self.running)
+
+  def step(self) -> int:
+    """One iteration: admit, run one packed forward, emit tokens. Returns tokens produced."""
+    with self._lock:
+      while self._incoming:
+        self.waiting.append(self._incoming.popleft())
+    for seq in [s for s in itertools.chain(self.running, self.waiting) if s.handle.cancelled]:
+      self._finish(seq, "cancelled")
+    self._admit()
+    batch = self._plan()
+    if not batch:
+      return 0
+    return self._run(batch)
+
+  # -- admission -------------------------------------------------------------------------------
+
+  def _resident(self, seq: _Seq) -> bool:
+    """Puts `seq`'s adapter in the pool (reading it if needed); False if it does not fit now.
+    A bad adapter finishes `seq` with an error and returns False."""
+    name = seq.handle.request.adapter
+    if name is None:
+      return True
+    key = self._name_key.get(name)
+    if key in self.pool.resident and self.store.unchanged(name, key[1]):
+      self._stats["adapter_hits"] += 1  # on the device already (and its files unchanged)
+    else:
+      try:
+        if not self.store.cached(name):
+          self._stats["admissions_waited"] += 1  # a disk read now: prefetch did not get to it
+        stored = self.store.get(name)
+        self.pool.check_adapter(name, stored.adapter)
+      except (AdapterError, ValueError) as e:
+        self._finish(seq, "error", error=str(e))
+        return False
+      key = stored.key
+      if key not in self.pool.resident:
+        need = self.pool.adapter_pages_needed(stored.adapter)
+        if not self._make_room(need, slots=True):
+          return False
+        self.pool.load(key, stored.adapter, stored.nbytes)
+        self._stats["adapter_loads"] += 1
+      else:
+        self._stats["adapter_hits"] += 1
+      old = self._name_key.get(name)
+      if old is not None and old != key and old in self._lru:  # a stale version, idle: free it
+        self._lru.pop(old)
+        self.pool.unload(old)
+      self._name_key[name] = key
+    res = self.pool.resident[key]
+    res.users += 1
+    self._lru.pop(key, None)
+    seq.key, seq.slot = key, res.slot
+    return True
+
+  def _make_room(self, pages: int, slots: bool = False) -> bool:
+    """Evicts idle adapters (least recently used first) until `pages` are free beyond what is
+    reserved (and a slot, with `slots`)."""
+    def ok():
+      return (self.pool.free_pages - self._reserved() >= pages
+              and (not slots or self.pool._free_slots))
+    while not ok() and self._lru:
+      key, _ = self._lru.popitem(last=False)
+      self.pool.unload(key)
+      self._stats["adapter_evictions"] += 1
+    return bool(ok())
+
+  def _reserved(self) -> int:
+    return sum(s.reserved for s in self.running)
+
+  def _kv_pages(self, tokens: int) -> int:
+    return -(-tokens // self.pool.block) * self.pool.layers
+
+  def _admit(self) -> None:
+    while self.waiting and len(self.running) < self.max_seqs:
+      seq = self.waiting[0]
+      if seq.handle.cancelled:
+        self.waiting.popleft()
+        self._finish(seq, "cancelled")
+        continue
+      remaining = seq.handle.request.max_tokens - seq.generated
+      total = len(seq.tokens) + (remaining if self.reserve == "worst" else 1)
+      need = self._kv_pages(total)
+      if not self._make_room(need):
+        break
+      if not self._resident(seq):
+        if seq.handle.done():  # its adapter failed (`_finish` took it off the queue): go on
+          continue
+        break
+      if self.pool.free_pages - self._reserved() < need:  # the adapter took the room
+        self._release_adapter(seq)
+        break
+      self.waiting.popleft()
+      seq.reserved = need
+      self.running.append(seq)
+      self._stats["admissions"] += 1
+    self._prefetch_names = [s.handle.request.adapter for s in self.waiting]
+    if self._prefetch_names:
+      self._prefetch_event.set()
+
+  def _release_adapter(self, seq: _Seq) -> None:
+    if seq.key is None:
+      return
+    res = self.pool.resident.get(seq.key)
+    if res is not None:
+      res.users -= 1
+      if res.users == 0:
+        self._lru[seq.key] = None
+    seq.key, seq.slot = None, -1
+
+  # -- one forward -----------------------------------------------------------------------------
+
+  def _grow(self, seq: _Seq, upto: int) -> bool:
+    """Allocates KV pages so `seq` can hold `upto` tokens; False if the pool is out."""
+    need = -(-upto // self.pool.block) - len(seq.blocks)
+    if need <= 0:
+      return True
+    n = need * self.pool.layers
+    while self.pool.free_pages < n and self._lru:  # idle adapters make room for running KV
+      key, _ = self._lru.popitem(last=False)
+      self.pool.unload(key)
+      self._stats["adapter_evictions"] += 1
+    if self.pool.free_pages < n:
+      return False
+    pages = self.pool.alloc(n, kind="kv")
+    seq.blocks += [pages[i * self.pool.layers:(i + 1) * self.pool.layers] for i in range(need)]
+    seq.reserved = max(seq.reserved - n, 0)
+    return True
+
+  def _preempt(self, seq: _Seq) -> None:
+    """Frees `seq`'s KV pages and queues it again at the front (recomputed from its tokens)."""
+    self.running.remove(seq)
+    for block in seq.blocks:
+      self.pool.free(block, kind="kv")
+    seq.blocks, seq.computed, seq.reserved = [], 0, 0
+    self._release_adapter(seq)
+    seq.preemptions += 1
+    self._stats["preemptions"] += 1
+    self.waiting.appendleft(seq)
+
+  def _plan(self) -> list:
+    """[(seq, number of its tokens to feed)] for this step: prefill chunks first, then decodes;
+    preempts the newest requests when the pool cannot hold the step's KV."""
+    while True:
+      budget = self.max_step_tokens
+      plan = []
+      prefill = [s for s in self.running if len(s.tokens) - s.computed > 1]
+      decode = [s for s in self.running if len(s.tokens) - s.computed == 1]
+      budget -= len(decode)
+      for s in prefill:
+        n = min(len(s.tokens) - s.computed, budget)
+        if n <= 0:
+          break
+        plan.append((s, n))
+        budget -= n
+      plan += [(s, 1) for s in decode]
+      failed = next((s for s, n in plan if not self._grow(s, s.computed + n)), None)
+      if failed is None:
+        return plan
+      victim = max(self.running, key=lambda s: s.arrival)  # the newest admitted
+      self._preempt(victim)
+      if not self.running:
+        return []
+
+  def _run(self, plan: list) -> int:
+    pool, c = self.pool, self.model.config
+    long = sum(1 for _, n in plan if n > 1)
+    s = _bucket(len(plan))
+    total = sum(n for _, n in plan)
+    t = _bucket(total, s)
+    max_q = _bucket(max(n for _, n in plan))
+    pps = _bucket(max(len(seq.blocks) for seq, _ in plan))
+    tokens = np.zeros(t, np.int32)
+    positions = np.zeros(t, np.int32)
+    token_seq = np.zeros(t, np.int32)
+    valid = np.zeros(t, bool)
+    slots = np.full(t, -1, np.int32)
+    tables = np.zeros((pool.layers, s, pps), np.int32)
+    kv_lens = np.zeros(s, np.int32)
+    cu = np.zeros(s + 1, np.int32)
+    select = np.zeros(s, np.int32)
+    temp = np.zeros(s, np.float32)
+    top_k = np.zeros(s, np.int32)
+    top_p = np.ones(s, np.float32)
+    seeds = np.zeros(s, np.uint32)
+    counts = np.zeros(s, np.int32)
+    at = 0
+    for i, (seq, n) in enumerate(plan):
+      lo = seq.computed
+      tokens[at:at + n] = seq.tokens[lo:lo + n]
+      positions[at:at + n] = np.arange(lo, lo + n)
+      token_seq[at:at + n] = i
+      valid[at:at + n] = True
+      slots[at:at + n] = seq.slot
+      blocks = np.asarray(seq.blocks, np.int32).reshape(-1, pool.layers)
+      tables[:, i, :blocks.shape[0]] = blocks.T
+      kv_lens[i] = lo + n
+      at += n
+      cu[i + 1] = at
+      select[i] = at - 1
+      r = seq.handle.request
+      temp[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
+      seeds[i] = 0 if r.seed is None else r.seed
+      counts[i] = seq.generated
+    cu[len(plan) + 1:] = at
+    sampling = bool((temp > 0).any())
+    kv = PagedKV(tables=jnp.asarray(tables), kv_lens=jnp.asarray(kv_lens),
+                 cu_q_lens=jnp.asarray(cu), num_seqs=jnp.asarray([len(plan)], jnp.int32),
+                 token_seq=jnp.asarray(token_seq), token_valid=jnp.asarray(valid),
+                 block=pool.block, max_q=max_q,
+                 long_seqs=_bucket(long) if 0 < long and _bucket(long) < s else
+                 (0 if long == 0 else None))
+    views = pool.views()
+    ctx = Context(weights=views or None, pool=dataclasses.replace(pool.adapter_pool(),
+                                                                  pages=None),
+                  routing=make_routing("token", slots, pool.max_adapters) if views else None,
+                  attention=kv)
+    samp = (jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(seeds),
+            jnp.asarray(counts))
+    pool.pages, out, logp = _engine_step(self.model.graphdef, sampling, self.model.params,
+                                         pool.pages, ctx, jnp.asarray(tokens[None]),
+                                         jnp.asarray(positions[None]), jnp.asarray(select),
+                                         samp)
+    out = np.asarray(out)
+    produced = 0
+    now = time.perf_counter()
+    self._stats["steps"] += 1
+    self._stats["tokens_fed"] += total
+    for i, (seq, n) in enumerate(plan):
+      seq.computed += n
+      if seq.computed < len(seq.tokens):
+        continue  # a prefill chunk short of the prompt's end: no token yet
+      token = int(out[i])
+      seq.tokens.append(token)
+      produced += 1
+      if seq.first_token is None:
+        seq.first_token = now
+      self._emit(seq, token)
+    self._stats["tokens_generated"] += produced
+    return produced
+
+  # -- tokens out ------------------------------------------------------------------------------
+
+  def _text(self, seq: _Seq) -> Optional[str]:
+    tok = self.model.tokenizer
+    if tok is None:
+      return None
+    ids = seq.tokens[seq.prompt_len:]
+    if ids and ids[-1] in seq.eos:
+      ids = ids[:-1]
+    return tok.decode(ids, skip_special_tokens=True)
+
+  def _emit(self, seq: _Seq, token: int) -> None:
+    r = seq.handle.request
+    reason = None
+    text = None
+    stops = list(r.stop or ())
+    if token in seq.eos:
+      reason = "stop"
+    if stops or self.model.tokenizer is not None:
+      text = self._text(seq)
+    if stops and text is not None:
+      hits = [text.find(x) for x in stops if x in text]
+      if hits:
+        text, reason = text[:min(hits)], "stop"
+    if reason is None and seq.generated >= r.max_tokens:
+      reason = "length"
+    delta = ""
+    if text is not None:
+      hold = 0 if reason else max([len(x) - 1 for x in stops] + [0])
+      upto = max(len(text) - hold, seq.sent_text)
+      if text.endswith("\ufffd") and reason is None:  # a character cut in the middle
+        upto = min(upto, len(text) - 1)
+      delta = text[seq.sent_text:upto]
+      seq.sent_text = max(seq.sent_text, upto)
+    seq.handle._events.put(TokenEvent(token=token, text=delta))
+    if reason is not None:
+      self._finish(seq, reason, text=text)
+
+  def _finish(self, seq: _Seq, reason: str, text: Optional[str] = None,
+              error: Optional[str] = None) -> None:
+    if seq.handle.done():
+      return
+    if seq in self.running:
+      self.running.remove(seq)
+    try:
+      self.waiting.remove(seq)
+    except ValueError:
+      pass
+    for block in seq.blocks:
+      self.pool.free(block, kind="kv")
+    seq.blocks, seq.reserved = [], 0
+    self._release_adapter(seq)
+    if text is None and reason != "error":
+      text = self._text(seq)
+    r = seq.handle.request
+    seq.handle.completion = Completion(
+        request_id=seq.handle.request_id, adapter=r.adapter, prompt_tokens=seq.prompt_len,
+        tokens=seq.tokens[seq.prompt_len:], text=text, finish_reason=reason, error=error,
+        arrival=seq.arrival,
+        first_token=None if seq.first_token is None else seq.first_token - seq.arrival,
+        finished=time.perf_counter() - seq.arrival, preemptions=seq.preemptions)
+    self._stats["finished_" + reason] += 1
+    seq.handle._events.put(None)
+    seq.handle._done.set()
+
+  # -- prefetch (S-LoRA Sec. 4.2) --------------------------------------------------------------
+
+  def _prefetch_loop(self) -> None:
+    failed = {}  # name -> when its read failed (retried after a second; admission reports it)
+    while True:
+      with self._lock:
+        names = list(self._prefetch_names) + [s.handle.request.adapter for s in self._incoming]
+      now = time.monotonic()
+      todo = [n for n in dict.fromkeys(names) if n is not None and n in self.store
+              and not self.store.cached(n) and now - failed.get(n, -1e9) > 1.0]
+      if not todo:
+        self._prefetch_event.wait(0.05)
+        self._prefetch_event.clear()
+        continue
+      for name in todo[:4]:
+        try:
+          self.store.get(name)
+          self._stats["prefetched"] += 1
+        except AdapterError:
+          failed[name] = time.monotonic()
+
+  # -- reporting -------------------------------------------------------------------------------
+
+  def stats(self) -> dict:
+    """Counters (steps, tokens, admissions and how many waited for a disk read, adapter loads,
+    hits and evictions, preemptions, finishes by reason), the pool's occupancy and
+    fragmentation, and the store's cache."""
+    st = dict(self._stats)
+    kv_tokens = sum(s.computed for s in self.running)
+    st["running"], st["waiting"] = len(self.running), len(self.waiting) + len(self._incoming)
+    st["admission_wait_share"] = (st.get("admissions_waited", 0) / st["admissions"]
+                                  if st.get("admissions") else 0.0)
+    st["pool"] = self.pool.stats(kv_tokens=kv_tokens)
+    st["store"] = self.store.stats()
+    return st
