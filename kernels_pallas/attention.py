@@ -40,6 +40,23 @@ def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, page: jax.Array,
   return kv_pages.at[page, offset].set(kv, mode="promise_in_bounds")
 
 
+def write_layers(kv_pages: jax.Array, k: jax.Array, v: jax.Array, tables: jax.Array,
+                 seq: jax.Array, pos: jax.Array, valid: jax.Array) -> jax.Array:
+  """`kv_pages` with every layer's new keys/values written (one scatter for all layers).
+
+  Args:
+    kv_pages: [P, block, 2 * kv_heads, head_dim].
+    k, v: [L, T, kv_heads, head_dim].
+    tables: [L, S, pages_per_seq] each layer's page tables.
+    seq, pos, valid: [T] each token's sequence, position and whether it is real.
+  """
+  layers, t = k.shape[:2]
+  block = kv_pages.shape[1]
+  page, offset = jax.vmap(lambda tab: token_slots(tab, seq, pos, block, valid))(tables)
+  return write_kv(kv_pages, k.reshape(layers * t, *k.shape[2:]),
+                  v.reshape(layers * t, *v.shape[2:]), page.reshape(-1), offset.reshape(-1))
+
+
 def token_slots(page_indices: jax.Array, seq: jax.Array, pos: jax.Array, block: int,
                 valid: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(page, offset) of tokens at positions `pos` of sequences `seq` (invalid tokens: page 0)."""
@@ -49,7 +66,7 @@ def token_slots(page_indices: jax.Array, seq: jax.Array, pos: jax.Array, block: 
 
 def reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
               max_q: int, sliding_window: Optional[int] = None,
-              long_seqs: Optional[int] = None) -> jax.Array:
+              long_seqs: Optional[int] = None, new_kv=None) -> jax.Array:
   """The specification in jnp (module docstring); `[T, heads, head_dim]`, zeros for tokens past
   the last sequence.
 
@@ -57,6 +74,10 @@ def reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_sca
   prefill chunks first and decodes after): those form a `[n, max_q]` rectangle and the rest a
   `[S - n, 1]` one, so a step that mixes one long prefill with many decodes does not pay
   `S x max_q` attention.
+
+  With `new_kv=(k, v)` ([T, kv_heads, head_dim], the step's own tokens) the pages hold only
+  the tokens cached before this step and the new ones are attended from `new_kv`: a forward
+  that only reads the pages (the engine writes them afterwards, in place, in a call of its own).
   """
   s = kv_lens.shape[0]
   if long_seqs == 0:
@@ -65,16 +86,16 @@ def reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_sca
     n = long_seqs
     num = num_seqs.reshape(())
     head = _rectangle(q, kv_pages, kv_lens[:n], page_indices[:n], cu_q_lens[:n + 1],
-                      jnp.minimum(num, n), sm_scale, max_q, sliding_window)
+                      jnp.minimum(num, n), sm_scale, max_q, sliding_window, new_kv)
     tail = _rectangle(q, kv_pages, kv_lens[n:], page_indices[n:], cu_q_lens[n:],
-                      jnp.maximum(num - n, 0), sm_scale, 1, sliding_window)
+                      jnp.maximum(num - n, 0), sm_scale, 1, sliding_window, new_kv)
     return head + tail  # each is zero outside its own sequences' tokens
   return _rectangle(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs.reshape(()),
-                    sm_scale, max_q, sliding_window)
+                    sm_scale, max_q, sliding_window, new_kv)
 
 
 def _rectangle(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale, max_q,
-               sliding_window):
+               sliding_window, new_kv=None):
   t, hq, d = q.shape
   s = kv_lens.shape[0]
   _, block, h2, _ = kv_pages.shape
@@ -84,17 +105,29 @@ def _rectangle(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale
   q_lens = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)
   # The rectangle: row i, column j holds query token cu_q_lens[i] + j.
   cols = jnp.arange(max_q)
-  src = cu_q_lens[:-1, None] + cols[None]                          # [S, max_q]
+  src = jnp.clip(cu_q_lens[:-1, None] + cols[None], 0, t - 1)      # [S, max_q]
   q_ok = cols[None] < q_lens[:, None]
-  rect = jnp.where(q_ok[..., None, None], q[jnp.clip(src, 0, t - 1)], 0)  # [S, Q, Hq, D]
+  rect = jnp.where(q_ok[..., None, None], q[src], 0)              # [S, Q, Hq, D]
   kv = kv_pages[page_indices]                                      # [S, n, block, 2Hk, D]
   kv = kv.reshape(s, -1, hk, 2, d)
   keys, values = kv[..., 0, :], kv[..., 1, :]                     # [S, K, Hk, D]
-  q_pos = (kv_lens - q_lens)[:, None] + cols[None]                 # [S, Q]
+  start = kv_lens - q_lens                                         # cached before this step
+  q_pos = start[:, None] + cols[None]                              # [S, Q]
   k_pos = jnp.arange(keys.shape[1])
-  mask = (k_pos[None, None] <= q_pos[..., None]) & (k_pos[None, None] < kv_lens[:, None, None])
+  # With the step's own keys in flight (`new_kv`), the pages hold only the cached tokens.
+  limit = kv_lens if new_kv is None else start
+  mask = (k_pos[None, None] <= q_pos[..., None]) & (k_pos[None, None] < limit[:, None, None])
   if sliding_window is not None:
     mask &= q_pos[..., None] - k_pos[None, None] < sliding_window
+  if new_kv is not None:
+    k_new = jnp.where(q_ok[..., None, None], new_kv[0][src], 0)    # [S, Q, Hk, D]
+    v_new = jnp.where(q_ok[..., None, None], new_kv[1][src], 0)
+    keys = jnp.concatenate([keys, k_new.astype(keys.dtype)], axis=1)
+    values = jnp.concatenate([values, v_new.astype(values.dtype)], axis=1)
+    own = (cols[None, None, :] <= cols[None, :, None]) & q_ok[:, None, :]  # [S, Q, Q']
+    if sliding_window is not None:
+      own &= cols[None, :, None] - cols[None, None, :] < sliding_window
+    mask = jnp.concatenate([mask, own], axis=-1)
   rect = rect.reshape(s, max_q, hk, g, d)
   scores = jnp.einsum("sqhgd,skhd->shgqk", rect.astype(jnp.float32),
                       keys.astype(jnp.float32)) * sm_scale
@@ -115,7 +148,7 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_se
                            sm_scale: float, max_q: int, sliding_window: Optional[int] = None,
                            backend: Optional[str] = None,
                            tpu_blocks: Optional[tuple[int, int]] = None,
-                           long_seqs: Optional[int] = None) -> jax.Array:
+                           long_seqs: Optional[int] = None, new_kv=None) -> jax.Array:
   """Attention of ragged queries over paged keys/values (module docstring).
 
   Args:
@@ -133,11 +166,16 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_se
       generation (which needs a TPU to look up).
     long_seqs: static; only the first `long_seqs` sequences have more than one query (see
       `reference`; the TPU kernel needs no such hint).
+    new_kv: the step's own keys and values, not yet in the pages (`reference`); the TPU kernel
+      reads them from the pages, so it is refused there.
   Returns:
     [T, heads, head_dim].
   """
   impl = ops.resolve_backend(backend)
   if impl == "tpu":
+    if new_kv is not None:
+      raise ValueError("the TPU kernel reads the step's keys and values from the pages: write "
+                       "them first (write_kv) and pass new_kv=None")
     from jax.experimental.pallas.ops.tpu.ragged_paged_attention import (
         ragged_paged_attention as tpu_kernel)
     blocks = {} if tpu_blocks is None else dict(num_kv_pages_per_block=tpu_blocks[0],
@@ -145,4 +183,11 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_se
     return tpu_kernel(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                       sm_scale=sm_scale, sliding_window=sliding_window, **blocks)
   return reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-                   max_q=max_q, sliding_window=sliding_window, long_seqs=long_seqs)
+                   max_q=max_q, sliding_window=sliding_window, long_seqs=long_seqs,
+                   new_kv=new_kv)
+
+
+def writes_in_forward(backend: Optional[str] = None) -> bool:
+  """Whether the model writes KV pages inside its forward (the TPU kernel reads them there) or
+  returns the new keys/values for the caller to write afterwards (`new_kv`, the reference)."""
+  return ops.resolve_backend(backend) == "tpu"

@@ -45,6 +45,7 @@ import numpy as np
 from jaxadapt import generate as gen_lib
 from jaxadapt.context import Context, PagedKV, make_routing
 from jaxadapt.models.frozen import apply
+from kernels_pallas import attention as paged_attention
 from serve.pool import OutOfPages, PagedPool
 from serve.store import AdapterError, AdapterStore
 
@@ -157,16 +158,34 @@ def _bucket(n: int, minimum: int = 1) -> int:
   return gen_lib.bucket(n, minimum)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _engine_step(graphdef, sampling, params, pages, ctx, ids, positions, select, samp):
-  """One packed forward over the pool and the next token of each selected sequence."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _engine_forward(graphdef, sampling, params, pages, ctx, ids, positions, select, samp):
+  """One packed forward over the pool and the next token of each selected sequence. On the
+  reference path it only reads the pool and returns the new keys/values (`_write_kv` writes
+  them, in place); on the TPU kernel path it returns the written pool."""
   ctx = ctx.with_pages(pages)
-  logits, pages = apply(graphdef, params, "packed_logits", ids, positions, select, ctx=ctx)
+  logits, pages, new_kv = apply(graphdef, params, "packed_logits", ids, positions, select,
+                                ctx=ctx)
   temperature, top_k, top_p, seeds, counts = samp
   keys = jax.vmap(jax.random.key)(seeds)
   tokens = gen_lib.sample_tokens(logits, temperature, top_k, top_p, keys, counts, sampling)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return pages, tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+  chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+  return (pages if new_kv is None else None), new_kv, tokens, chosen
+
+
+_engine_forward_donated = jax.jit(_engine_forward.__wrapped__, static_argnums=(0, 1),
+                                  donate_argnums=(3,))
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
+def _write_kv(shape, pages, new_kv, tables, seq, pos, valid):
+  """The pool with the step's keys/values written: the only op on the donated pool, so XLA
+  updates it in place."""
+  kv_pages = pages.reshape(shape)
+  kv_pages = paged_attention.write_layers(kv_pages, new_kv[0], new_kv[1], tables, seq, pos,
+                                          valid)
+  return kv_pages.reshape(pages.shape)
 
 
 class Engine:
@@ -574,10 +593,16 @@ class Engine:
                   attention=kv)
     samp = (jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(seeds),
             jnp.asarray(counts))
-    pool.pages, out, logp = _engine_step(self.model.graphdef, sampling, self.model.params,
-                                         pool.pages, ctx, jnp.asarray(tokens[None]),
-                                         jnp.asarray(positions[None]), jnp.asarray(select),
-                                         samp)
+    args = (self.model.graphdef, sampling, self.model.params, pool.pages, ctx,
+            jnp.asarray(tokens[None]), jnp.asarray(positions[None]), jnp.asarray(select), samp)
+    if paged_attention.writes_in_forward():
+      pool.pages, _, out, logp = _engine_forward_donated(*args)
+    else:
+      _, new_kv, out, logp = _engine_forward(*args)
+      c = self.model.config
+      pool.pages = _write_kv((pool.num_pages, pool.block, 2 * c.num_key_value_heads,
+                              c.head_dim), pool.pages, new_kv, kv.tables, kv.token_seq,
+                             jnp.asarray(positions), kv.token_valid)
     out = np.asarray(out)
     produced = 0
     now = time.perf_counter()

@@ -347,22 +347,34 @@ class Attention(nnx.Module):
 
 
   def _paged(self, q, k, v, ctx, step: "_PagedStep"):
-    """Writes this layer's new keys/values into the pool's pages and attends over them; the
-    output projection reads its adapter pages from the new pool version."""
+    """Attention over the pool's KV pages: `(output, pages, new (k, v) or None)`.
+
+    On the TPU kernel path the new keys/values are written into the pages here (the kernel reads
+    them there) and the output projection reads its adapter pages from that new version. On the
+    reference path the pages are only read: the step's own keys/values are attended in flight
+    and returned, and the caller writes them into the pool afterwards in a call of its own, so
+    the pool is updated in place (a forward that both reads and writes it makes XLA copy it).
+    """
     c, kv = self.config, step.kv
-    # Every read of the old pool version (the q/k/v adapters) happens before the write, so the
-    # write can update the pool in place.
-    q, k, v, pages = jax.lax.optimization_barrier((q, k, v, step.pages))
-    page, offset = paged_attention.token_slots(step.tables, kv.token_seq, step.positions,
-                                               kv.block, kv.token_valid)
-    pages = paged_attention.write_kv(pages, k, v, page, offset)
-    out = paged_attention.ragged_paged_attention(
-        q, pages, kv.kv_lens, step.tables, kv.cu_q_lens, kv.num_seqs,
-        sm_scale=c.head_dim ** -0.5, max_q=kv.max_q, sliding_window=step.window or None,
-        long_seqs=kv.long_seqs)
-    ctx = ctx.with_pages(pages.reshape(ctx.pool.pages.shape))
+    sliding = step.window or None
+    if paged_attention.writes_in_forward():
+      q, k, v, pages = jax.lax.optimization_barrier((q, k, v, step.pages))
+      page, offset = paged_attention.token_slots(step.tables, kv.token_seq, step.positions,
+                                                 kv.block, kv.token_valid)
+      pages = paged_attention.write_kv(pages, k, v, page, offset)
+      out = paged_attention.ragged_paged_attention(
+          q, pages, kv.kv_lens, step.tables, kv.cu_q_lens, kv.num_seqs,
+          sm_scale=c.head_dim ** -0.5, max_q=kv.max_q, sliding_window=sliding)
+      ctx = ctx.with_pages(pages.reshape(ctx.pool.pages.shape))
+      new = None
+    else:
+      pages, new = step.pages, (k, v)
+      out = paged_attention.ragged_paged_attention(
+          q, pages, kv.kv_lens, step.tables, kv.cu_q_lens, kv.num_seqs,
+          sm_scale=c.head_dim ** -0.5, max_q=kv.max_q, sliding_window=sliding,
+          long_seqs=kv.long_seqs, new_kv=new)
     out = self.o_proj(out.reshape(1, q.shape[0], -1).astype(q.dtype), ctx)
-    return out, pages
+    return out, pages, new
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,11 +414,11 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, cos, sin, masks, ctx, cache=None):
     if isinstance(cache, _PagedStep):
       cache = dataclasses.replace(cache, window=self.window)
-      attn, pages = self.self_attn(self.input_layernorm(x), cos, sin, None, ctx, cache)
+      attn, pages, new = self.self_attn(self.input_layernorm(x), cos, sin, None, ctx, cache)
       ctx = ctx.with_pages(pages.reshape(ctx.pool.pages.shape))
       x = x + attn
       x = x + self.mlp(self.post_attention_layernorm(x), ctx)
-      return x, pages
+      return x, pages, new
     mask = masks[self.window]
     attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, ctx, cache)
     if cache is not None:
@@ -504,7 +516,9 @@ class LlamaForCausalLM(nnx.Module):
                       lengths=cache.lengths + s)
 
   def _paged_hidden(self, input_ids, positions, ctx):
-    """`(hidden [1, T, D], new pool pages)` of a packed forward over `PagedKV` (serving)."""
+    """`(hidden [1, T, D], pool pages, new keys/values or None)` of a packed forward over
+    `PagedKV` (serving). The new keys/values are `(k, v)` each [layers, T, kv_heads, head_dim]
+    when the pages were only read (`Attention._paged`): write them with `write_new_kv`."""
     c, kv = self.config, ctx.attention
     if input_ids.shape[0] != 1 or positions is None:
       raise ValueError(f"a PagedKV forward takes packed tokens input_ids [1, T] with their "
@@ -524,18 +538,23 @@ class LlamaForCausalLM(nnx.Module):
     cos = (jnp.cos(emb) * rope_scale).astype(x.dtype)
     sin = (jnp.sin(emb) * rope_scale).astype(x.dtype)
     pages = ctx.pool.pages.reshape(p, kv.block, 2 * c.num_key_value_heads, c.head_dim)
+    keys, values = [], []
     for i, layer in enumerate(self.model.layers):
       step = _PagedStep(pages=pages, tables=kv.tables[i], kv=kv, positions=positions[0],
                         window=0)
-      x, pages = layer(x, cos, sin, None, ctx, step)
+      x, pages, new = layer(x, cos, sin, None, ctx, step)
       ctx = ctx.with_pages(pages.reshape(p, size))
-    return self.model.norm(x), ctx.pool.pages
+      if new is not None:
+        keys.append(new[0])
+        values.append(new[1])
+    new_kv = (jnp.stack(keys), jnp.stack(values)) if keys else None
+    return self.model.norm(x), ctx.pool.pages, new_kv
 
   def packed_logits(self, input_ids, positions, select, ctx=None):
-    """The serving step: `(logits [S, vocab] at packed token indices `select [S]`, new pool
-    pages)` of a `PagedKV` forward (see `PagedKV`)."""
-    h, pages = self._paged_hidden(input_ids, positions, ctx)
-    return self.head(h[0][select][None], ctx.with_pages(pages))[0], pages
+    """The serving step: `(logits [S, vocab] at packed token indices `select [S]`, pool pages,
+    new keys/values or None)` of a `PagedKV` forward (see `_paged_hidden`)."""
+    h, pages, new_kv = self._paged_hidden(input_ids, positions, ctx)
+    return self.head(h[0][select][None], ctx.with_pages(pages))[0], pages, new_kv
 
   def head(self, h, ctx=None):
     """The language-model head: logits [..., vocab] of final hidden states [..., D]."""

@@ -66,6 +66,20 @@ def test_reference_equals_dense_attention(kv_lens, q_lens, window):
   got = jax.jit(lambda *a: pa.ragged_paged_attention(
       *a, sm_scale=D ** -0.5, max_q=16, sliding_window=window))(*args)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+  # The step's own keys in flight (not yet in the pages) give the same.
+  q, pages, kv, tables, cu, num = args
+  k_new = np.zeros((q.shape[0], HK, D), np.float32)
+  v_new = np.zeros_like(k_new)
+  wiped = np.asarray(pages).copy()
+  for i, (k, n) in enumerate(zip(kv_lens, q_lens)):
+    for j in range(n):
+      pos = k - n + j
+      pg, off = tables[i, pos // BLOCK], pos % BLOCK
+      k_new[cu[i] + j], v_new[cu[i] + j] = wiped[pg, off, 0::2], wiped[pg, off, 1::2]
+      wiped[pg, off] = 1e3  # the pages must not be read there
+  got = pa.reference(q, jnp.asarray(wiped), kv, tables, cu, num, sm_scale=D ** -0.5, max_q=16,
+                     sliding_window=window, new_kv=(jnp.asarray(k_new), jnp.asarray(v_new)))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
   # Long query runs first, single queries after: the split rectangles give the same.
   long = sum(1 for n in q_lens if n > 1)
   if all(n == 1 for n in q_lens[long:]):

@@ -167,3 +167,29 @@ def test_bad_requests_are_refused_and_others_finish(world, tmp_path):
   want = _peft_generate(multi, [good[0]], ["ad1"]) + _peft_generate(multi, [good[1]],
                                                                      ["__base__"])
   _check([out[0], out[3]], want)
+
+
+def test_a_step_updates_the_pool_in_place(world, monkeypatch):
+  """No step program copies the pool: the forward only reads it and the write is the only op
+  on the donated pool (a forward that read and wrote it made XLA copy all of it, several times
+  per step). Checked on the compiled programs' HLO."""
+  import re
+  model, _, _, dirs, _ = world
+  engine = Engine(model, adapters={"ad3": dirs["ad3"]}, num_pages=4321, prefetch=False)
+  calls = {}
+  for name in ("_engine_forward", "_write_kv"):
+    fn = getattr(engine_lib, name)
+    def spy(*args, _fn=fn, _name=name):
+      calls[_name] = args
+      return _fn(*args)
+    spy.lower = fn.lower
+    monkeypatch.setattr(engine_lib, name, spy)
+  engine.generate([Request(prompt=[1, 2, 3], adapter="ad3", max_tokens=3, eos_token_id=[]),
+                   Request(prompt=[4, 5], max_tokens=3, eos_token_id=[])])
+  assert set(calls) == {"_engine_forward", "_write_kv"}
+  for name, args in calls.items():
+    hlo = getattr(engine_lib, name).lower(*args).compile().as_text()
+    copies = re.findall(r"= f32\[4321,[^=]*\bcopy\(", hlo)
+    assert not copies, (name, copies[:3])
+  hlo = engine_lib._write_kv.lower(*calls["_write_kv"]).compile().as_text()
+  assert "input_output_alias={ {}: (0, {}, may-alias) }" in hlo  # the pool buffer is the output

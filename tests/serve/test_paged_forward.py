@@ -11,6 +11,7 @@ import jaxadapt as ja
 from _adapter_helpers import perturbed
 from jaxadapt.context import Context, PagedKV, make_routing
 from jaxadapt.models.frozen import apply
+from kernels_pallas import attention as pa
 from serve.pool import OutOfPages, PagedPool
 
 
@@ -26,8 +27,16 @@ def setup(llama_dir):
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def _step(graphdef, params, pages, ctx, ids, positions, select):
+  """The packed forward, then the new keys/values written (as the engine does)."""
   ctx = ctx.with_pages(pages)
-  return apply(graphdef, params, "packed_logits", ids, positions, select, ctx=ctx)
+  logits, pages, new_kv = apply(graphdef, params, "packed_logits", ids, positions, select,
+                                ctx=ctx)
+  if new_kv is not None:
+    kv = ctx.attention
+    shape = (pages.shape[0], kv.block, new_kv[0].shape[2] * 2, new_kv[0].shape[3])
+    pages = pa.write_layers(pages.reshape(shape), *new_kv, kv.tables, kv.token_seq,
+                            positions[0], kv.token_valid).reshape(pages.shape)
+  return logits, pages
 
 
 class _Seqs:
