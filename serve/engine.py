@@ -243,6 +243,7 @@ class Engine:
     self._prefetch_event = threading.Event()
     self._ids = itertools.count()
     self._stats = collections.Counter()
+    self._peak_pages = 0
     self._wake_event = threading.Event()
     self._loop_thread = None
     self._stop_loop = False
@@ -608,6 +609,8 @@ class Engine:
     now = time.perf_counter()
     self._stats["steps"] += 1
     self._stats["tokens_fed"] += total
+    used = pool.num_pages - 1 - pool.free_pages
+    self._peak_pages = max(self._peak_pages, used)
     for i, (seq, n) in enumerate(plan):
       seq.computed += n
       if seq.computed < len(seq.tokens):
@@ -719,5 +722,6 @@ class Engine:
     st["admission_wait_share"] = (st.get("admissions_waited", 0) / st["admissions"]
                                   if st.get("admissions") else 0.0)
     st["pool"] = self.pool.stats(kv_tokens=kv_tokens)
+    st["pool"]["peak_occupancy"] = self._peak_pages / (self.pool.num_pages - 1)
     st["store"] = self.store.stats()
     return st
