@@ -142,6 +142,7 @@ class _Seq:
   slot: int = -1                # its adapter's pool slot (-1: base)
   computed: int = 0             # tokens whose KV is in the pool
   blocks: list = dataclasses.field(default_factory=list)  # per block: L page ids
+  cached: list = dataclasses.field(default_factory=list)  # per block: its _Block if shared
   reserved: int = 0             # pages promised at admission, not yet allocated
   arrival: float = 0.0
   first_token: Optional[float] = None
@@ -152,6 +153,16 @@ class _Seq:
   @property
   def generated(self) -> int:
     return len(self.tokens) - self.prompt_len
+
+
+@dataclasses.dataclass(eq=False)
+class _Block:
+  """A full block of prompt tokens' KV in the prefix cache, shared by the requests that hold it.
+  Keyed by a hash chain over (adapter identity, the tokens of this block and every block before
+  it), so it is reused only for the same adapter and the same preceding tokens."""
+  key: int
+  pages: list    # L page ids, one per layer
+  refs: int = 0  # requests that hold it (0: idle, evictable)
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
@@ -205,6 +216,8 @@ class Engine:
     host_cache_mb: host memory for adapter weights (the store's LRU budget).
     reserve: "worst" (admit when the worst-case KV fits) or "none" (prompt only; preempt).
     prefetch: read waiting requests' adapters on a background thread.
+    prefix_cache: keep the KV of full prompt blocks for reuse by later requests with the same
+      adapter and the same leading tokens (a repeated system prompt); never across adapters.
   """
 
   def __init__(self, model, *, adapters: Optional[dict] = None,
@@ -212,7 +225,7 @@ class Engine:
                num_pages: Optional[int] = None, block: Optional[int] = None,
                max_seqs: int = 32, max_step_tokens: int = 256, max_adapters: int = 64,
                max_rank: int = 64, host_cache_mb: float = 1024, reserve: str = "worst",
-               prefetch: bool = True):
+               prefetch: bool = True, prefix_cache: bool = True):
     if reserve not in ("worst", "none"):
       raise ValueError(f"reserve must be 'worst' or 'none', got {reserve!r}")
     if max_seqs < 1 or max_step_tokens < max_seqs:
@@ -244,6 +257,9 @@ class Engine:
     self._ids = itertools.count()
     self._stats = collections.Counter()
     self._peak_pages = 0
+    self.prefix_cache = prefix_cache
+    self._prefix: collections.OrderedDict = collections.OrderedDict()  # key -> _Block
+    self._idle_blocks: collections.OrderedDict = collections.OrderedDict()  # refs == 0, LRU
     self._wake_event = threading.Event()
     self._loop_thread = None
     self._stop_loop = False
@@ -430,17 +446,54 @@ class Engine:
     seq.key, seq.slot = key, res.slot
     return True
 
-  def _make_room(self, pages: int, slots: bool = False) -> bool:
-    """Evicts idle adapters (least recently used first) until `pages` are free beyond what is
-    reserved (and a slot, with `slots`)."""
-    def ok():
-      return (self.pool.free_pages - self._reserved() >= pages
-              and (not slots or self.pool._free_slots))
-    while not ok() and self._lru:
+  def _evict_one(self, adapters: bool = True) -> bool:
+    """Frees the least recently used idle prefix block, else (with `adapters`) the least
+    recently used idle adapter; False when there is nothing idle."""
+    if self._idle_blocks:
+      key, _ = self._idle_blocks.popitem(last=False)
+      block = self._prefix.pop(key)
+      self.pool.free(block.pages, kind="kv")
+      self._stats["prefix_evictions"] += 1
+      return True
+    if adapters and self._lru:
       key, _ = self._lru.popitem(last=False)
       self.pool.unload(key)
       self._stats["adapter_evictions"] += 1
+      return True
+    return False
+
+  def _make_room(self, pages: int, slots: bool = False) -> bool:
+    """Evicts idle prefix blocks and idle adapters (least recently used first) until `pages`
+    are free beyond what is reserved (and a slot, with `slots`)."""
+    def ok():
+      return (self.pool.free_pages - self._reserved() >= pages
+              and (not slots or self.pool._free_slots))
+    while not ok():
+      if slots and not self.pool._free_slots:
+        if not self._lru:
+          break
+        key, _ = self._lru.popitem(last=False)  # a slot only an adapter can free
+        self.pool.unload(key)
+        self._stats["adapter_evictions"] += 1
+      elif not self._evict_one():
+        break
     return bool(ok())
+
+  def _idle_pages(self) -> int:
+    """Pages that eviction could free now: idle prefix blocks and idle adapters."""
+    adapters = sum(len(self.pool.resident[k].pages) for k in self._lru if k in self.pool.resident)
+    return len(self._idle_blocks) * self.pool.layers + adapters
+
+  def _cached_pages(self, seq: _Seq) -> int:
+    """KV pages of `seq`'s prefix that the cache holds (0 before its adapter is known)."""
+    if not self.prefix_cache or (seq.handle.request.adapter is not None and seq.key is None):
+      return 0
+    n = 0
+    for key in self._chain(seq, (len(seq.tokens) - 1) // self.pool.block):
+      if key not in self._prefix:
+        break
+      n += 1
+    return n * self.pool.layers
 
   def _reserved(self) -> int:
     return sum(s.reserved for s in self.running)
@@ -458,13 +511,18 @@ class Engine:
       remaining = seq.handle.request.max_tokens - seq.generated
       total = len(seq.tokens) + (remaining if self.reserve == "worst" else 1)
       need = self._kv_pages(total)
-      if not self._make_room(need):
-        break
+      room = self.pool.free_pages + self._idle_pages() - self._reserved()
+      if room < need - self._cached_pages(seq):
+        break  # not even with every idle page
       if not self._resident(seq):
         if seq.handle.done():  # its adapter failed (`_finish` took it off the queue): go on
           continue
         break
-      if self.pool.free_pages - self._reserved() < need:  # the adapter took the room
+      self._reuse_prefix(seq)  # holds its cached blocks, so making room cannot evict them
+      need -= len(seq.blocks) * self.pool.layers
+      if not self._make_room(need):
+        self._release_blocks(seq)
+        seq.computed = 0
         self._release_adapter(seq)
         break
       self.waiting.popleft()
@@ -493,23 +551,75 @@ class Engine:
     if need <= 0:
       return True
     n = need * self.pool.layers
-    while self.pool.free_pages < n and self._lru:  # idle adapters make room for running KV
-      key, _ = self._lru.popitem(last=False)
-      self.pool.unload(key)
-      self._stats["adapter_evictions"] += 1
+    while self.pool.free_pages < n and self._evict_one():  # idle blocks, then idle adapters
+      pass
     if self.pool.free_pages < n:
       return False
     pages = self.pool.alloc(n, kind="kv")
     seq.blocks += [pages[i * self.pool.layers:(i + 1) * self.pool.layers] for i in range(need)]
+    seq.cached += [None] * need
     seq.reserved = max(seq.reserved - n, 0)
     return True
+
+  def _release_blocks(self, seq: _Seq) -> None:
+    """Frees `seq`'s KV pages; shared prefix blocks lose a holder (kept, idle, when none is
+    left)."""
+    for pages, block in zip(seq.blocks, seq.cached):
+      if block is None:
+        self.pool.free(pages, kind="kv")
+      else:
+        block.refs -= 1
+        if block.refs == 0:
+          self._idle_blocks[block.key] = None
+    seq.blocks, seq.cached = [], []
+
+  def _chain(self, seq: _Seq, n_blocks: int) -> list:
+    """The prefix-cache keys of `seq`'s first `n_blocks` full blocks."""
+    b, keys, h = self.pool.block, [], hash(("prefix", seq.key))
+    for i in range(n_blocks):
+      h = hash((h, tuple(seq.tokens[i * b:(i + 1) * b])))
+      keys.append(h)
+    return keys
+
+  def _reuse_prefix(self, seq: _Seq) -> None:
+    """On admission: takes the cached blocks of `seq`'s longest cached prefix (at least one
+    prompt token is left to compute, for the logits)."""
+    if not self.prefix_cache or seq.blocks:
+      return
+    for key in self._chain(seq, (len(seq.tokens) - 1) // self.pool.block):
+      block = self._prefix.get(key)
+      if block is None:
+        break
+      if block.refs == 0:
+        self._idle_blocks.pop(key, None)
+      block.refs += 1
+      self._prefix.move_to_end(key)
+      seq.blocks.append(block.pages)
+      seq.cached.append(block)
+    seq.computed = len(seq.blocks) * self.pool.block
+    self._stats["prefix_hit_tokens"] += seq.computed
+
+  def _share_prefix(self, seq: _Seq) -> None:
+    """After a step: puts `seq`'s newly computed full prompt blocks in the cache."""
+    if not self.prefix_cache:
+      return
+    full = min(seq.computed, seq.prompt_len) // self.pool.block
+    if full == 0 or all(c is not None for c in seq.cached[:full]):
+      return
+    for i, key in enumerate(self._chain(seq, full)):
+      if seq.cached[i] is not None:
+        continue
+      if key in self._prefix:  # another request cached the same block meanwhile: keep ours
+        continue
+      block = _Block(key=key, pages=seq.blocks[i], refs=1)
+      self._prefix[key] = block
+      seq.cached[i] = block
 
   def _preempt(self, seq: _Seq) -> None:
     """Frees `seq`'s KV pages and queues it again at the front (recomputed from its tokens)."""
     self.running.remove(seq)
-    for block in seq.blocks:
-      self.pool.free(block, kind="kv")
-    seq.blocks, seq.computed, seq.reserved = [], 0, 0
+    self._release_blocks(seq)
+    seq.computed, seq.reserved = 0, 0
     self._release_adapter(seq)
     seq.preemptions += 1
     self._stats["preemptions"] += 1
@@ -613,6 +723,7 @@ class Engine:
     self._peak_pages = max(self._peak_pages, used)
     for i, (seq, n) in enumerate(plan):
       seq.computed += n
+      self._share_prefix(seq)
       if seq.computed < len(seq.tokens):
         continue  # a prefill chunk short of the prompt's end: no token yet
       token = int(out[i])
@@ -672,9 +783,8 @@ class Engine:
       self.waiting.remove(seq)
     except ValueError:
       pass
-    for block in seq.blocks:
-      self.pool.free(block, kind="kv")
-    seq.blocks, seq.reserved = [], 0
+    self._release_blocks(seq)
+    seq.reserved = 0
     self._release_adapter(seq)
     if text is None and reason != "error":
       text = self._text(seq)
@@ -723,5 +833,7 @@ class Engine:
                                   if st.get("admissions") else 0.0)
     st["pool"] = self.pool.stats(kv_tokens=kv_tokens)
     st["pool"]["peak_occupancy"] = self._peak_pages / (self.pool.num_pages - 1)
+    st["prefix_cached_blocks"] = len(self._prefix)
+    st["prefix_cached_pages"] = len(self._prefix) * self.pool.layers
     st["store"] = self.store.stats()
     return st

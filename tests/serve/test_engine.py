@@ -85,7 +85,7 @@ def test_100_adapters_in_flight_equal_peft(world):
   st = engine.stats()
   assert st["pool"]["resident_adapters"] == 100 and st["adapter_loads"] == 100
   assert st["admissions"] == 104 and st["running"] == 0
-  assert st["pool"]["kv_pages"] == 0  # every request's pages came back
+  assert st["pool"]["kv_pages"] == st["prefix_cached_pages"]  # the rest came back
   # The adapters matter: the base's tokens differ for most prompts.
   base = _peft_generate(multi.get_base_model(), prompts[:100], None)
   assert sum(b != w for b, w in zip(base, want[:100])) > 80
@@ -112,7 +112,7 @@ def test_preemption_in_a_small_pool_changes_no_output(world):
   st = engine.stats()
   assert st.get("preemptions", 0) > 0
   assert sum(c.preemptions for c in out) == st["preemptions"]
-  assert st["pool"]["kv_pages"] == 0
+  assert st["pool"]["kv_pages"] == st["prefix_cached_pages"]
 
 
 def test_streaming_sampling_and_cancellation(world):
@@ -134,7 +134,8 @@ def test_streaming_sampling_and_cancellation(world):
   other.cancel()
   engine.step()
   assert other.result().finish_reason == "cancelled"
-  assert engine.stats()["pool"]["kv_pages"] == 0
+  st = engine.stats()
+  assert st["pool"]["kv_pages"] == st["prefix_cached_pages"]
 
 
 def test_bad_requests_are_refused_and_others_finish(world, tmp_path):
@@ -193,3 +194,26 @@ def test_a_step_updates_the_pool_in_place(world, monkeypatch):
     assert not copies, (name, copies[:3])
   hlo = engine_lib._write_kv.lower(*calls["_write_kv"]).compile().as_text()
   assert "input_output_alias={ {}: (0, {}, may-alias) }" in hlo  # the pool buffer is the output
+
+
+def test_prefix_cache_reuses_a_system_prompt_per_adapter_only(world):
+  model, _, multi, dirs, _ = world
+  engine = Engine(model, adapters={"ad1": dirs["ad1"], "ad2": dirs["ad2"]}, num_pages=800)
+  block = engine.pool.block
+  rng = np.random.default_rng(7)
+  system = [int(t) for t in rng.integers(1, 97, 3 * block)]
+  prompts = [system + [int(t) for t in rng.integers(1, 97, n)] for n in (4, 6, 3, 5, 2)]
+  order = ["ad1", "ad1", "ad2", None, None]
+  hits = []
+  out = []
+  for p, a in zip(prompts, order):  # one at a time: each sees what the earlier ones cached
+    out += engine.generate([Request(prompt=p, adapter=a, max_tokens=NEW, eos_token_id=[])])
+    hits.append(engine.stats().get("prefix_hit_tokens", 0))
+  assert hits == [0, 3 * block, 3 * block, 3 * block, 6 * block]  # same adapter only
+  _check(out, [_peft_generate(multi, [p], [a or "__base__"])[0]
+               for p, a in zip(prompts, order)])
+  # A later batch of the same prompts reuses too, and gives the same tokens.
+  again = engine.generate([Request(prompt=p, adapter=a, max_tokens=NEW, eos_token_id=[])
+                           for p, a in zip(prompts, order)])
+  assert [c.tokens for c in again] == [c.tokens for c in out]
+  assert engine.stats()["prefix_hit_tokens"] > hits[-1]
