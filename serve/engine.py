@@ -513,9 +513,15 @@ class Engine:
       need = self._kv_pages(total)
       room = self.pool.free_pages + self._idle_pages() - self._reserved()
       if room < need - self._cached_pages(seq):
-        break  # not even with every idle page
+        if not self.running:
+          self._cannot_fit(seq, need)
+          continue
+        break  # not even with every idle page: wait for running requests to finish
       if not self._resident(seq):
         if seq.handle.done():  # its adapter failed (`_finish` took it off the queue): go on
+          continue
+        if not self.running:
+          self._cannot_fit(seq, need)
           continue
         break
       self._reuse_prefix(seq)  # holds its cached blocks, so making room cannot evict them
@@ -524,6 +530,9 @@ class Engine:
         self._release_blocks(seq)
         seq.computed = 0
         self._release_adapter(seq)
+        if not self.running:
+          self._cannot_fit(seq, need)
+          continue
         break
       self.waiting.popleft()
       seq.reserved = need
@@ -532,6 +541,16 @@ class Engine:
     self._prefetch_names = [s.handle.request.adapter for s in self.waiting]
     if self._prefetch_names:
       self._prefetch_event.set()
+
+  def _cannot_fit(self, seq: _Seq, kv_pages: int) -> None:
+    """Ends a request that does not fit even in the otherwise empty pool (nothing runs, every
+    idle page was evictable): its adapter's pages plus its KV exceed the pool."""
+    name = seq.handle.request.adapter
+    self._finish(seq, "error", error=(
+        f"the request needs {kv_pages} KV pages" + (f" plus adapter {name!r}'s pages" if name
+                                                    else "")
+        + f", more than the pool's {self.pool.num_pages - 1} pages hold; use a larger pool_mb "
+        f"or fewer tokens"))
 
   def _release_adapter(self, seq: _Seq) -> None:
     if seq.key is None:

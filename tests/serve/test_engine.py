@@ -217,3 +217,13 @@ def test_prefix_cache_reuses_a_system_prompt_per_adapter_only(world):
                            for p, a in zip(prompts, order)])
   assert [c.tokens for c in again] == [c.tokens for c in out]
   assert engine.stats()["prefix_hit_tokens"] > hits[-1]
+
+
+def test_an_adapter_larger_than_the_pool_fails_its_request_only(world):
+  model, _, multi, dirs, _ = world
+  engine = Engine(model, adapters={"big": dirs["ad19"], "ad0": dirs["ad0"]}, num_pages=60)
+  prompt = _prompts(4, 1)[0]
+  out = engine.generate([Request(prompt=prompt, adapter="big", max_tokens=NEW, eos_token_id=[]),
+                         Request(prompt=prompt, adapter="ad0", max_tokens=NEW, eos_token_id=[])])
+  assert out[0].finish_reason == "error" and "more than the pool" in out[0].error
+  _check(out[1:], _peft_generate(multi, [prompt], ["ad0"]))
