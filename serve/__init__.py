@@ -1,5 +1,14 @@
 """jaxadapt's S-LoRA serving engine (Sheng et al., MLSys 2024): the adapter store (`store`), the
-unified paged pool, the scheduler and the engine; the HTTP server builds on it."""
+unified paged pool (`pool`) and the engine (`engine`); the HTTP server builds on it.
+
+```python
+import jaxadapt as ja, serve
+engine = serve.Engine(ja.load_model("default"), adapters={"reverse": "default:reverse"})
+```
+"""
+from serve.engine import Completion, Engine, Handle, Request, TokenEvent
+from serve.pool import OutOfPages, PagedPool
 from serve.store import AdapterError, AdapterStore, StoredAdapter
 
-__all__ = ["AdapterError", "AdapterStore", "StoredAdapter"]
+__all__ = ["AdapterError", "AdapterStore", "Completion", "Engine", "Handle", "OutOfPages",
+           "PagedPool", "Request", "StoredAdapter", "TokenEvent"]

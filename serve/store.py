@@ -112,7 +112,7 @@ class AdapterStore:
   # -- registration ----------------------------------------------------------------------------
 
   def register(self, name: str, path: str, *, replace: bool = False) -> None:
-    """Records the PEFT dir `path` under `name`, without reading it.
+    """Records the PEFT dir `path` (or `"default:<task>"`) under `name`, without reading it.
 
     Raises:
       AdapterError: a name that is not a non-empty string without whitespace, a name already
@@ -122,7 +122,14 @@ class AdapterStore:
     if not isinstance(name, str) or not name or any(c.isspace() for c in name):
       raise AdapterError(f"an adapter name must be a non-empty string without whitespace, got "
                          f"{name!r}")
-    path = os.path.abspath(os.fspath(path))
+    path = os.fspath(path)
+    if path.startswith("default:"):  # a task adapter of the embedded default model
+      from jaxadapt import default
+      try:
+        path = default.adapter_dir(path[len("default:"):])
+      except (ValueError, FileNotFoundError) as e:
+        raise AdapterError(f"adapter {name!r}: {e}") from None
+    path = os.path.abspath(path)
     missing = [f for f in ADAPTER_FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:
       found = sorted(os.listdir(path))[:10] if os.path.isdir(path) else "no such directory"
