@@ -1,0 +1,102 @@
+"""The embedded default: a small byte-level Llama trained in this repo, and its task LoRAs.
+
+```python
+import jaxadapt as ja
+model = ja.load_model("default")                 # jaxadapt/default/model (a Hugging Face dir)
+adapter = ja.load_adapter("default:reverse")     # jaxadapt/default/adapters/reverse (PEFT)
+model.generate(ja.default.prompt("reverse", "hello"), adapter=adapter).text[0]
+# '[reverse] olleh'
+```
+
+The task format (see docs/default_model.md): a prompt is one or more segments `[task] input`
+joined by spaces and ended by a newline; the answer restates each segment's tag with its
+output, joined by spaces, then eos:
+
+    [reverse] hello [upper] world\\n   ->   [reverse] olleh [upper] WORLD<eos>
+
+Inputs never hold `[`, so a prompt splits into its segments at `" ["`. Every file here is
+rebuilt from scratch by `python -m train.default_model` (which also holds each task's oracle,
+in `train/tasks.py`).
+"""
+from __future__ import annotations
+
+import os
+
+# The task adapters, in the order of docs/default_model.md. Each adapter turns the segments
+# tagged `[<task>]` into their answers.
+TASKS = ("reverse", "sort", "upper", "rot13", "count", "max", "dedupe", "swapcase")
+
+# What each task does, for users (help texts, demos, the docs' table).
+DESCRIPTIONS = {
+    "reverse": "the letters in reverse order: hello -> olleh",
+    "sort": "the letters sorted: hello -> ehllo",
+    "upper": "upper case: hello world -> HELLO WORLD",
+    "rot13": "each letter moved 13 places along the alphabet: hello -> uryyb",
+    "count": "how many letters: hello -> 5",
+    "max": "the largest digit: 38251 -> 8",
+    "dedupe": "the words without repeats, first occurrences kept: cat dog cat -> cat dog",
+    "swapcase": "each letter's case swapped: HeLLo -> hEllO",
+}
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def model_dir() -> str:
+  """The default base model's Hugging Face dir (config.json, model.safetensors, tokenizer).
+
+  Raises:
+    FileNotFoundError: the package was installed without its data files.
+  """
+  path = os.path.join(_HERE, "model")
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise FileNotFoundError(
+        f"{path}: the embedded default model is missing (no config.json). The package data "
+        f"of jaxadapt/default/ was not installed; reinstall jaxadapt, or rebuild the files "
+        f"with `python -m train.default_model`.")
+  return path
+
+
+def adapter_dir(task: str) -> str:
+  """The PEFT dir of the default model's adapter for `task` (one of `TASKS`).
+
+  Raises:
+    ValueError: `task` is not one of `TASKS` (the message lists them).
+    FileNotFoundError: the package was installed without its data files.
+  """
+  if task not in TASKS:
+    raise ValueError(f"the default model has no adapter {task!r}; its task adapters are "
+                     f"{', '.join(TASKS)} (load one as 'default:<task>', e.g. 'default:reverse')")
+  path = os.path.join(_HERE, "adapters", task)
+  if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+    raise FileNotFoundError(
+        f"{path}: the default model's {task!r} adapter is missing (no adapter_config.json). "
+        f"Reinstall jaxadapt, or rebuild the files with `python -m train.default_model`.")
+  return path
+
+
+def prompt(*segments: str) -> str:
+  """The prompt text of one or more task segments: `prompt("reverse", "hello")` or
+  `prompt(("reverse", "hello"), ("upper", "world"))` -> `"[reverse] hello [upper] world\\n"`.
+
+  The tokenizer adds the bos token; the model answers `"[reverse] olleh [upper] WORLD"` + eos.
+
+  Raises:
+    ValueError: an unknown task, or an input that holds `[` or a newline (they delimit
+      segments and the prompt).
+  """
+  if len(segments) == 2 and all(isinstance(s, str) for s in segments):
+    segments = (tuple(segments),)
+  parts = []
+  for seg in segments:
+    if not (isinstance(seg, (tuple, list)) and len(seg) == 2):
+      raise ValueError(f"a segment is (task, input), e.g. ('reverse', 'hello'); got {seg!r}")
+    task, text = seg
+    if task not in TASKS:
+      raise ValueError(f"unknown task {task!r}; the default model's tasks are {', '.join(TASKS)}")
+    if "[" in text or "\n" in text:
+      raise ValueError(f"the input of a segment cannot hold '[' or a newline (they delimit "
+                       f"segments and the prompt); got {text!r}")
+    parts.append(f"[{task}] {text}")
+  if not parts:
+    raise ValueError("prompt needs at least one (task, input) segment")
+  return " ".join(parts) + "\n"
