@@ -671,11 +671,14 @@ class Engine:
   def _run(self, plan: list) -> int:
     pool, c = self.pool, self.model.config
     long = sum(1 for _, n in plan if n > 1)
-    s = _bucket(len(plan))
+    # Few buckets (at least 8 sequences, 16 tokens, a 16-token query run when any prefill,
+    # 4 pages per sequence), so a stream of steps compiles a handful of programs.
+    s = _bucket(len(plan), min(8, _bucket(self.max_seqs)))
     total = sum(n for _, n in plan)
-    t = _bucket(total, s)
-    max_q = _bucket(max(n for _, n in plan))
-    pps = _bucket(max(len(seq.blocks) for seq, _ in plan))
+    t = _bucket(total, max(s, 16))
+    longest = max(n for _, n in plan)
+    max_q = 1 if longest == 1 else _bucket(longest, 16)
+    pps = _bucket(max(len(seq.blocks) for seq, _ in plan), 4)
     tokens = np.zeros(t, np.int32)
     positions = np.zeros(t, np.int32)
     token_seq = np.zeros(t, np.int32)
@@ -840,6 +843,11 @@ class Engine:
           failed[name] = time.monotonic()
 
   # -- reporting -------------------------------------------------------------------------------
+
+  @staticmethod
+  def compiled_programs() -> int:
+    """Step programs compiled so far in this process (every engine shares them)."""
+    return _engine_forward._cache_size() + _engine_forward_donated._cache_size()
 
   def stats(self) -> dict:
     """Counters (steps, tokens, admissions and how many waited for a disk read, adapter loads,

@@ -320,25 +320,27 @@ def test_demo_help_and_bad_arguments(capsys):
   with pytest.raises(SystemExit) as e:
     cli.main(["demo", "--help"])
   assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: jaxadapt demo")
-  for argv, message in ((["--adapters", "1"], "--adapters must be >= 2, got 1"),
-                        (["--batch", "0"], "--batch must be >= 1, got 0"),
-                        (["--seq", "-3"], "--seq must be >= 1, got -3")):
+  for argv, message in ((["--tasks", "nope"], "--tasks must name some of reverse"),
+                        (["--tasks", ""], "--tasks must name some of"),
+                        (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0")):
     with pytest.raises(SystemExit) as e:
       cli.main(["demo", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_demo_check_fails_when_merge_is_wrong(capsys, monkeypatch):
-  """The RESULT line checks merged == unmerged too: a merge that is 1% off fails the demo."""
-  merge = ja.merge
+def test_demo_check_fails_when_the_engine_is_wrong(capsys, monkeypatch):
+  """The RESULT line compares the engine with model.generate: an engine that picks the
+  second-best token fails the demo."""
+  import jax.numpy as jnp
+  from serve import engine as engine_lib
+  real = engine_lib.gen_lib.sample_tokens
 
-  def bad_merge(model, adapter):
-    m = merge(model, adapter)
-    return m.with_params(jax.tree.map(lambda x: x * 1.01, m.params), merged=m.merged)
-  monkeypatch.setattr(ja, "merge", bad_merge)
+  def second_best(logits, *args):
+    best = real(logits, *args)
+    return jnp.argsort(logits, axis=-1)[:, -2].astype(best.dtype)
+  monkeypatch.setattr(engine_lib.gen_lib, "sample_tokens", second_best)
   with pytest.raises(SystemExit) as e:
-    cli.main(["demo", "--adapters", "2", "--batch", "2", "--seq", "4"])
+    cli.main(["demo", "--tasks", "reverse", "--max-tokens", "8"])
   assert e.value.code == 1
   out = capsys.readouterr().out
   assert out.strip().splitlines()[-1].startswith("RESULT MISMATCH"), out
-  assert "max |merged - unmerged|" in out and "both must be < 0.0001" in out

@@ -38,7 +38,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from jaxadapt.default import TASKS
+from jaxadapt.default import SOLVERS, TASKS
 
 # --- the byte-level vocabulary -----------------------------------------------------------------
 # Token ids 0..255 are the byte values; the special tokens follow. The model's embedding has
@@ -96,16 +96,6 @@ def _repeated_words(rng) -> str:
       return " ".join(words)
 
 
-def _dedupe(text: str) -> str:
-  return " ".join(dict.fromkeys(text.split(" ")))
-
-
-def _rot13(text: str) -> str:
-  return text.translate(str.maketrans(
-      LETTERS + LETTERS.upper(),
-      LETTERS[13:] + LETTERS[:13] + LETTERS.upper()[13:] + LETTERS.upper()[:13]))
-
-
 @dataclasses.dataclass(frozen=True)
 class Task:
   """A task (or a base skill): its tag, how its inputs are drawn and its oracle."""
@@ -119,15 +109,15 @@ class Task:
 
 
 # The eight task adapters' tasks. Inputs stay short (1-10 characters, 2-4 words).
-TASK_SPECS = {
-    "reverse": Task("reverse", lambda rng: _letters(rng, 3, 8), lambda s: s[::-1]),
-    "sort": Task("sort", lambda rng: _letters(rng, 3, 8), lambda s: "".join(sorted(s))),
-    "upper": Task("upper", _word_input, str.upper),
-    "rot13": Task("rot13", lambda rng: _letters(rng, 3, 8), _rot13),
-    "count": Task("count", lambda rng: _letters(rng, 1, 10), lambda s: str(len(s))),
-    "max": Task("max", _digits, max),
-    "dedupe": Task("dedupe", _repeated_words, _dedupe),
-    "swapcase": Task("swapcase", _mixed_case, str.swapcase),
+TASK_SPECS = {  # the oracles are jaxadapt.default.SOLVERS (the one definition)
+    "reverse": Task("reverse", lambda rng: _letters(rng, 3, 8), SOLVERS["reverse"]),
+    "sort": Task("sort", lambda rng: _letters(rng, 3, 8), SOLVERS["sort"]),
+    "upper": Task("upper", _word_input, SOLVERS["upper"]),
+    "rot13": Task("rot13", lambda rng: _letters(rng, 3, 8), SOLVERS["rot13"]),
+    "count": Task("count", lambda rng: _letters(rng, 1, 10), SOLVERS["count"]),
+    "max": Task("max", _digits, SOLVERS["max"]),
+    "dedupe": Task("dedupe", _repeated_words, SOLVERS["dedupe"]),
+    "swapcase": Task("swapcase", _mixed_case, SOLVERS["swapcase"]),
 }
 assert tuple(TASK_SPECS) == TASKS, "train.tasks and jaxadapt.default.TASKS must list the same tasks"
 

@@ -40,6 +40,33 @@ DESCRIPTIONS = {
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
+_LOWER = "abcdefghijklmnopqrstuvwxyz"
+_ROT13 = str.maketrans(_LOWER + _LOWER.upper(),
+                       _LOWER[13:] + _LOWER[:13] + _LOWER.upper()[13:] + _LOWER.upper()[:13])
+
+# Each task's oracle: input -> output (the one definition; train/tasks.py trains on it).
+SOLVERS = {
+    "reverse": lambda s: s[::-1],
+    "sort": lambda s: "".join(sorted(s)),
+    "upper": str.upper,
+    "rot13": lambda s: s.translate(_ROT13),
+    "count": lambda s: str(len(s)),
+    "max": max,
+    "dedupe": lambda s: " ".join(dict.fromkeys(s.split(" "))),
+    "swapcase": str.swapcase,
+}
+
+
+def answer(task: str, text: str) -> str:
+  """What `task` makes of `text` (the oracle): `answer("reverse", "hello") == "olleh"`.
+
+  Raises:
+    ValueError: an unknown task (the message lists them).
+  """
+  if task not in SOLVERS:
+    raise ValueError(f"unknown task {task!r}; the default model's tasks are {', '.join(TASKS)}")
+  return SOLVERS[task](text)
+
 
 def model_dir() -> str:
   """The default base model's Hugging Face dir (config.json, model.safetensors, tokenizer).
