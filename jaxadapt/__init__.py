@@ -10,6 +10,7 @@ merged = ja.merge(model, adapter)
 ja.save_adapter(adapter, "out_dir")
 ```
 """
+from jaxadapt import default
 from jaxadapt.adapters.lora import LoraAdapter, LoraConfig
 from jaxadapt.context import Context
 from jaxadapt.adapters.merge import merge, unmerge
@@ -30,6 +31,6 @@ def init_lora(model, config: LoraConfig, *, seed: int = 0, dtype="float32"):
   return _init(model.params, model.linear_paths, config, jax.random.key(seed), dtype=dtype)
 
 
-__all__ = ["CausalLM", "Context", "LoraAdapter", "LoraConfig", "init_lora", "load_adapter", "load_clip_text",
+__all__ = ["CausalLM", "Context", "default", "LoraAdapter", "LoraConfig", "init_lora", "load_adapter", "load_clip_text",
            "load_dit", "load_model", "load_pipeline", "load_unet", "load_vae", "merge",
            "save_adapter", "save_image_grid", "unmerge"]
