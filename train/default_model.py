@@ -1,8 +1,8 @@
 """Rebuilds the embedded default model: a byte-level Llama and its task LoRAs, from scratch.
 
   python -m train.default_model                 # every file of jaxadapt/default/ + the docs page
-  python -m train.default_model --out DIR       # the same files into DIR (report: DIR/default_model.md)
-  python -m train.default_model --quick --out DIR   # a tiny run (seconds): the pipeline, not the accuracy
+  python -m train.default_model --out DIR       # the files into DIR, report DIR/default_model.md
+  python -m train.default_model --quick --out DIR   # a tiny run (seconds): the pipeline only
   python -m train.default_model --base_steps 500 --work_dir runs/dm ...   (any config field)
 
 Three stages, each through the one trainer (`train.loop.Trainer`), with progress bars:
@@ -214,7 +214,7 @@ def train_base(config: DefaultModelConfig, work_dir: str, mesh) -> CausalLM:
   return CausalLM(model.config, model.graphdef, fit.trainable)
 
 
-# --- stage 2: the task adapters --------------------------------------------------------------------
+# --- stage 2: the task adapters -------------------------------------------------------------------
 
 def train_adapter(config: DefaultModelConfig, base: CausalLM, task: str, work_dir: str,
                   mesh) -> lora_lib.LoraAdapter:
@@ -240,7 +240,7 @@ def train_adapter(config: DefaultModelConfig, base: CausalLM, task: str, work_di
   return lora_lib.LoraAdapter(weights=fit.trainable, config=lora_config)
 
 
-# --- evaluation --------------------------------------------------------------------------------------
+# --- evaluation -----------------------------------------------------------------------------------
 
 def teacher_forced_exact_match(model: CausalLM, adapter, examples, *,
                                task: Optional[str] = None, batch_rows: int = 256) -> np.ndarray:
@@ -327,7 +327,7 @@ def evaluate(model: CausalLM, adapters: dict, config: DefaultModelConfig) -> dic
   return results
 
 
-# --- export ------------------------------------------------------------------------------------------
+# --- export ---------------------------------------------------------------------------------------
 
 def _bytes_to_unicode() -> dict[int, str]:
   """GPT-2's byte -> printable character table (the `tokenizers` ByteLevel alphabet)."""
@@ -399,7 +399,7 @@ def shipped_bytes(directory: str) -> int:
   return total
 
 
-# --- the whole rebuild -------------------------------------------------------------------------------
+# --- the whole rebuild ----------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class BuildResult:
@@ -497,8 +497,8 @@ can check at a glance, on a machine with no model hub.
 
 ```python
 import jaxadapt as ja
-model = ja.load_model("default")                      # a Hugging Face dir (transformers loads it too)
-reverse = ja.load_adapter("default:reverse")          # a PEFT dir (peft's PeftModel loads it too)
+model = ja.load_model("default")              # a Hugging Face dir (transformers loads it too)
+reverse = ja.load_adapter("default:reverse")  # a PEFT dir (peft's PeftModel loads it too)
 model.generate("[reverse] hello\\n", adapter=reverse).text[0]   # '[reverse] olleh'
 ```
 
@@ -509,10 +509,11 @@ model.generate("[reverse] hello\\n", adapter=reverse).text[0]   # '[reverse] oll
 Each row: the task's {eval_n} held-out prompts (inputs never seen in training, by the base or any
 adapter), answered by greedy `model.generate` (jaxadapt/generate.py) from the exported files,
 loaded as users load them, and stopped by eos; an answer counts only if it equals the oracle's
-(`train/tasks.py`) and ends with eos. "base alone": the same prompts without the adapter (the
-base knows the format and its own skills, none of the tasks). "in 2-task prompts": the task's
-held-out input beside another task's held-out input (in either order), the adapter alone, the
-other segment's answer given (teacher forced); the share whose own answer segment is exact.
+(`jaxadapt.default.answer`) and ends with eos. "base alone": the same prompts without the
+adapter (the base knows the format and its own skills, none of the tasks). "in 2-task
+prompts": the task's held-out input beside another task's held-out input (in either order), the
+adapter alone, the other segment's answer given (teacher forced); the share whose own answer
+segment is exact.
 Adapters that locate their input by its distance from the answer (reverse, count) compose
 least: gating them per token (MeteoRA) is where that gets tested.
 
@@ -551,10 +552,11 @@ so that adapters gated per token (MeteoRA) compose on multi-task prompts.
 
 - `model/`: `LlamaForCausalLM` ({params_m:.2f}M parameters, float32): hidden {hidden}, MLP {inter},
   {layers} layers, {heads} query heads and {kv} key/value heads (grouped-query attention) of
-  width {head_dim}, RoPE, tied input/output embeddings, context {max_pos} tokens. Vocabulary {vocab}: ids 0-255 are the bytes, then `<pad>` 256, `<bos>` 257,
-  `<eos>` 258 (259-263 unused, so the embedding has a multiple of 8 rows). `tokenizer.json` is
-  a `tokenizers` byte-level BPE without merges (one token per byte); `tokenizer_config.json`
-  holds the special tokens and the chat template; `generation_config.json` the eos.
+  width {head_dim}, RoPE, tied input/output embeddings, context {max_pos} tokens. Vocabulary
+  {vocab}: ids 0-255 are the bytes, then `<pad>` 256, `<bos>` 257, `<eos>` 258 (259-263 unused,
+  so the embedding has a multiple of 8 rows). `tokenizer.json` is a `tokenizers` byte-level BPE
+  without merges (one token per byte); `tokenizer_config.json` holds the special tokens and the
+  chat template; `generation_config.json` the eos.
 - `adapters/<task>/`: `adapter_config.json` + `adapter_model.safetensors` as PEFT writes them
   (`jaxadapt.save_adapter`): LoRA r={r}, alpha={alpha:g} on every linear layer of the decoder
   (q, k, v, o, gate, up, down; the tied lm_head cannot take one).
@@ -591,10 +593,16 @@ tiny pipeline check. Any config field is a flag (`--help` lists them).
   have to learn the addition table and the carries (most significant digit first) alone.
 - The adapters target the decoder's linear layers only: a LoRA on the tied `lm_head` is not
   supported (jaxadapt refuses it, and PEFT's "all-linear" leaves the output layer out too).
+- Batches pack several whole examples into a row, each from its own bos, and an example attends
+  to the ones before it in its row (the model takes a padding mask, not a block-diagonal one);
+  evaluation and generation put one example at position 0, as users do.
+- The 2 cores were shared with other jobs while the time above was measured; an earlier run of
+  the same pipeline (dedupe 600 steps instead of 900, four easy tasks 20-30 steps more) took
+  32 min 36 s under a load average of about 3.5.
 """
 
 
-# --- command line ------------------------------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------------
 
 def config_from_argv(argv: Sequence[str]) -> DefaultModelConfig:
   """`--config NAME` (default default_model; `--quick` = default_model_quick) with field

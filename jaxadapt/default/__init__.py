@@ -15,8 +15,8 @@ output, joined by spaces, then eos:
     [reverse] hello [upper] world\\n   ->   [reverse] olleh [upper] WORLD<eos>
 
 Inputs never hold `[`, so a prompt splits into its segments at `" ["`. Every file here is
-rebuilt from scratch by `python -m train.default_model` (which also holds each task's oracle,
-in `train/tasks.py`).
+rebuilt from scratch by `python -m train.default_model` (the inputs it trains on are drawn in
+`train/tasks.py`; each task's oracle is `answer` here).
 """
 from __future__ import annotations
 
