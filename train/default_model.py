@@ -7,7 +7,7 @@
 
 Three stages, each through the one trainer (`train.loop.Trainer`), with progress bars:
   1. pre-train the base, every parameter, on stdlib-docstring prose and the prompt format with
-     three base skills that are none of the tasks (`train.tasks.BASE_SKILLS`);
+     four base skills that are none of the tasks (`train.tasks.BASE_SKILLS`);
   2. train one LoRA per task (`jaxadapt.default.TASKS`) on the frozen base, its loss on its own
      answer segments only, some examples holding other tasks' segments as context;
   3. export (a Hugging Face dir with a byte-level tokenizer, chat template and generation config;

@@ -1,7 +1,7 @@
 """The tasks of the embedded default model: definitions, input generators, the oracle, the corpus.
 
 `python -m train.default_model` pre-trains a byte-level Llama on English prose and on the prompt
-format with three *base skills* that are none of the tasks (`copy`, `repeat`, `spell`), then
+format with four *base skills* that are none of the tasks (`copy`, `repeat`, `spell`, `inc`), then
 trains one LoRA per task (`jaxadapt.default.TASKS`) on the frozen base. Everything it trains and
 evaluates on is made here, deterministically:
 
@@ -48,7 +48,7 @@ SPECIAL_TOKENS = {"<pad>": PAD_ID, "<bos>": BOS_ID, "<eos>": EOS_ID}
 VOCAB_SIZE = 264
 IGNORE = -100  # label of a position that is not trained on (train.data.IGNORE)
 
-# --- inputs ----------------------------------------------------------------------------------------
+# --- inputs ---------------------------------------------------------------------------------------
 LETTERS = string.ascii_lowercase
 # Short words for `dedupe` (and the base skills' word inputs).
 WORDS = ("cat", "dog", "sun", "red", "big", "cup", "hat", "box", "pen", "map", "fox", "owl",
@@ -154,7 +154,7 @@ def spec(name: str) -> Task:
                    f"{', '.join(BASE_SKILLS)}")
 
 
-# --- examples ----------------------------------------------------------------------------------------
+# --- examples -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
@@ -306,7 +306,7 @@ def prose_tokens() -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(ids, np.int32), np.asarray(starts, np.int64)
 
 
-# --- batches -----------------------------------------------------------------------------------------
+# --- batches --------------------------------------------------------------------------------------
 
 def to_batch(rows: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dict:
   """Rows right-padded into `{input_ids, attention_mask, labels}` [len(rows), seq_len]; labels
