@@ -277,8 +277,10 @@ class PagedKV:
   tokens `cu_q_lens[i]:cu_q_lens[i + 1]`, the last of its `kv_lens[i]` cached tokens. The KV
   pages are pages of `Context.pool.pages` (S-LoRA Sec. 4.1: one pool for adapters and KV), each
   `[block, 2 * kv_heads, head_dim]` (keys and values interleaved, as
-  `kernels_pallas.attention`); the Llama family writes the new tokens' keys and values, attends
-  over the pages and returns the updated pool pages.
+  `kernels_pallas.attention`). The Llama family attends over the pages and the step's own keys
+  in flight, and returns those keys and values for the caller to write (the pool is then
+  updated in place by a call of its own); on the TPU kernel path it writes them first and
+  returns the updated pool pages.
 
   Attributes:
     tables: [layers, S, pages_per_seq] int32, the pages of each sequence on each layer.

@@ -235,8 +235,9 @@ def _check(name, value, ok, expected):
 
 
 def _per_row(name, value, rows, dtype, ok, expected):
-  arr = np.asarray(value, dtype=object if value is None else None)
-  vals = np.broadcast_to(np.asarray(value), (rows,)) if arr.ndim == 0 else np.asarray(value)
+  vals = np.asarray(value)
+  if vals.ndim == 0:
+    vals = np.broadcast_to(vals, (rows,))
   if vals.shape != (rows,):
     raise ValueError(f"{name} must be one value or one per prompt ({rows}); got {value!r}")
   for v in vals:

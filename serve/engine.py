@@ -23,8 +23,9 @@ handle = engine.submit(Request(prompt=ids, temperature=0.8, seed=1))
 for event in handle: ...              # streamed tokens (online use: engine.start() first)
 ```
 
-Shapes are bucketed (sequences, tokens, query run, pages per sequence to powers of two), so a
-steady stream of decode steps never recompiles.
+Shapes are bucketed (sequences, tokens, query run, pages per sequence to powers of two, with
+floors), so a repeated workload compiles nothing new (`tests/serve/test_engine.py`; the demo's
+32 requests compile 6 step programs).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import math
 import queue
 import threading
 import time
+import weakref
 from typing import Optional, Sequence, Union
 
 import jax
@@ -199,6 +201,22 @@ def _write_kv(shape, pages, new_kv, tables, seq, pos, valid):
   return kv_pages.reshape(pages.shape)
 
 
+def _prefetch_loop(ref) -> None:
+  """The prefetch thread (S-LoRA Sec. 4.2). It holds its engine only weakly and ends when the
+  engine is gone."""
+  failed = {}
+  while True:
+    engine = ref()
+    if engine is None:
+      return
+    busy = engine._prefetch_once(failed)
+    event = engine._prefetch_event
+    del engine
+    if not busy:
+      event.wait(0.05)
+      event.clear()
+
+
 class Engine:
   """S-LoRA serving over one frozen `CausalLM` (module docstring).
 
@@ -265,8 +283,8 @@ class Engine:
     self._stop_loop = False
     self._prefetch_thread = None
     if prefetch:
-      self._prefetch_thread = threading.Thread(target=self._prefetch_loop, daemon=True,
-                                               name="jaxadapt-prefetch")
+      self._prefetch_thread = threading.Thread(target=_prefetch_loop, args=(weakref.ref(self),),
+                                               daemon=True, name="jaxadapt-prefetch")
       self._prefetch_thread.start()
 
   # -- submission ------------------------------------------------------------------------------
@@ -335,7 +353,9 @@ class Engine:
       ValueError (AdapterError for an unknown adapter): a request that can never run; nothing
         is queued.
     """
-    ids, eos = self.check(request)
+    return self._queue(request, *self.check(request))
+
+  def _queue(self, request: Request, ids: list, eos: frozenset) -> Handle:
     rid = request.request_id or f"req-{next(self._ids)}"
     handle = Handle(self, request, rid)
     seq = _Seq(handle=handle, tokens=list(ids), prompt_len=len(ids), eos=eos,
@@ -349,9 +369,8 @@ class Engine:
   def generate(self, requests: Sequence[Request]) -> list:
     """Runs `requests` to completion (offline batch) and returns their `Completion`s in order.
     Every request is checked before any is queued."""
-    for r in requests:
-      self.check(r)
-    handles = [self.submit(r) for r in requests]
+    checked = [self.check(r) for r in requests]
+    handles = [self._queue(r, *c) for r, c in zip(requests, checked)]
     if self._loop_thread is None:
       while not all(h.done() for h in handles):
         self.step()
@@ -570,10 +589,9 @@ class Engine:
     if need <= 0:
       return True
     n = need * self.pool.layers
-    while self.pool.free_pages < n and self._evict_one():  # idle blocks, then idle adapters
-      pass
-    if self.pool.free_pages < n:
-      return False
+    while self.pool.free_pages < n:  # idle prefix blocks, then idle adapters, make room
+      if not self._evict_one():
+        return False
     pages = self.pool.alloc(n, kind="kv")
     seq.blocks += [pages[i * self.pool.layers:(i + 1) * self.pool.layers] for i in range(need)]
     seq.cached += [None] * need
@@ -801,10 +819,8 @@ class Engine:
       return
     if seq in self.running:
       self.running.remove(seq)
-    try:
+    if seq in self.waiting:
       self.waiting.remove(seq)
-    except ValueError:
-      pass
     self._release_blocks(seq)
     seq.reserved = 0
     self._release_adapter(seq)
@@ -823,24 +839,21 @@ class Engine:
 
   # -- prefetch (S-LoRA Sec. 4.2) --------------------------------------------------------------
 
-  def _prefetch_loop(self) -> None:
-    failed = {}  # name -> when its read failed (retried after a second; admission reports it)
-    while True:
-      with self._lock:
-        names = list(self._prefetch_names) + [s.handle.request.adapter for s in self._incoming]
-      now = time.monotonic()
-      todo = [n for n in dict.fromkeys(names) if n is not None and n in self.store
-              and not self.store.cached(n) and now - failed.get(n, -1e9) > 1.0]
-      if not todo:
-        self._prefetch_event.wait(0.05)
-        self._prefetch_event.clear()
-        continue
-      for name in todo[:4]:
-        try:
-          self.store.get(name)
-          self._stats["prefetched"] += 1
-        except AdapterError:
-          failed[name] = time.monotonic()
+  def _prefetch_once(self, failed: dict) -> bool:
+    """Reads up to 4 adapters the waiting queue needs and the host cache lacks; False when
+    there was nothing to read."""
+    with self._lock:
+      names = list(self._prefetch_names) + [s.handle.request.adapter for s in self._incoming]
+    now = time.monotonic()
+    todo = [n for n in dict.fromkeys(names) if n is not None and n in self.store
+            and not self.store.cached(n) and now - failed.get(n, -1e9) > 1.0]
+    for name in todo[:4]:
+      try:
+        self.store.get(name)
+        self._stats["prefetched"] += 1
+      except AdapterError:
+        failed[name] = time.monotonic()  # retried after a second; admission reports it
+    return bool(todo)
 
   # -- reporting -------------------------------------------------------------------------------
 

@@ -100,7 +100,6 @@ class PagedPool:
     self.resident: dict[tuple, ResidentAdapter] = {}
     self._free_slots = list(range(n - 1, -1, -1))
     self.targets: frozenset = frozenset()  # paths some resident adapter targets
-    self._waste_rows = 0  # unused rank rows in adapter pages (elements)
 
   @staticmethod
   def block_for(model, at_least: int = 16) -> int:
@@ -191,7 +190,6 @@ class PagedPool:
           self.tables[ps, side, slot, j] = page
           index.append(page)
           rows_out.append(padded[j * rpp:(j + 1) * rpp].reshape(-1))
-        self._waste_rows += (n * rpp - r) * feat
       self.scales[ps, slot] = adapter.scale(path)
       self.ranks[ps, slot] = r
     if index:
@@ -213,9 +211,9 @@ class PagedPool:
     self.ranks[:, res.slot] = 1
     self.free(res.pages, kind="adapter")
     self._free_slots.append(res.slot)
-    self._waste_rows = self._recount_waste()
 
-  def _recount_waste(self) -> int:
+  def _adapter_waste(self) -> int:
+    """Elements of adapter pages that hold no rank row (the last page of each side)."""
     waste = 0
     for ps, path in enumerate(self.paths):
       for side, feat in enumerate(self.sizes[path]):
@@ -258,7 +256,7 @@ class PagedPool:
     usable = self.num_pages - 1
     used = self._kv_pages + self._adapter_pages
     kv_waste = self._kv_pages * self.page_size - kv_tokens * self.layers * self.kv_width
-    waste = max(kv_waste, 0) + self._waste_rows
+    waste = max(kv_waste, 0) + self._adapter_waste()
     return {"pages": usable, "free": len(self._free), "kv_pages": self._kv_pages,
             "adapter_pages": self._adapter_pages, "occupancy": used / usable,
             "fragmentation": waste / (used * self.page_size) if used else 0.0,

@@ -287,6 +287,14 @@ def _yarn(config: LlamaConfig, rope: dict, inv: jax.Array) -> tuple[jax.Array, f
   return (inv / factor) * ramp + inv * (1 - ramp), scale
 
 
+def rope_cos_sin(config: LlamaConfig, positions, dtype) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin) [..., head_dim] of `positions` (scaled as the config's rope type says)."""
+  inv_freq, rope_scale = rope_frequencies(config, seq_len=jnp.max(positions) + 1)
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return (jnp.cos(emb) * rope_scale).astype(dtype), (jnp.sin(emb) * rope_scale).astype(dtype)
+
+
 def apply_rope(x, cos, sin):
   """x: [B, S, H, hd]; cos/sin: [B, S, hd]. Rotate-half convention of HF Llama."""
   half = x.shape[-1] // 2
@@ -491,12 +499,8 @@ class LlamaForCausalLM(nnx.Module):
       dist = slots[:, :, None] - jnp.arange(cache.max_len)[None, None, :]  # [B, Sq, L]
     if positions is None:
       positions = (jnp.broadcast_to(jnp.arange(s), (b, s)) if cache is None else slots)
-    inv_freq, rope_scale = rope_frequencies(c, seq_len=jnp.max(positions) + 1)
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
     x = self.model.embed_tokens(input_ids)
-    cos = (jnp.cos(emb) * rope_scale).astype(x.dtype)
-    sin = (jnp.sin(emb) * rope_scale).astype(x.dtype)
+    cos, sin = rope_cos_sin(c, positions, x.dtype)
     masks = {}
     for w in set(c.sliding_windows or (0,)):
       m = dist >= 0 if w == 0 else (dist >= 0) & (dist < w)
@@ -531,12 +535,8 @@ class LlamaForCausalLM(nnx.Module):
     if size != kv.block * kv_width:
       raise ValueError(f"pool pages of {size} elements do not hold {kv.block} tokens of K and V "
                        f"({kv.block} x {kv_width} = {kv.block * kv_width})")
-    inv_freq, rope_scale = rope_frequencies(c, seq_len=jnp.max(positions) + 1)
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
     x = self.model.embed_tokens(input_ids)
-    cos = (jnp.cos(emb) * rope_scale).astype(x.dtype)
-    sin = (jnp.sin(emb) * rope_scale).astype(x.dtype)
+    cos, sin = rope_cos_sin(c, positions, x.dtype)
     pages = ctx.pool.pages.reshape(p, kv.block, 2 * c.num_key_value_heads, c.head_dim)
     keys, values = [], []
     for i, layer in enumerate(self.model.layers):

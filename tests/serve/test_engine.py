@@ -227,3 +227,14 @@ def test_an_adapter_larger_than_the_pool_fails_its_request_only(world):
                          Request(prompt=prompt, adapter="ad0", max_tokens=NEW, eos_token_id=[])])
   assert out[0].finish_reason == "error" and "more than the pool" in out[0].error
   _check(out[1:], _peft_generate(multi, [prompt], ["ad0"]))
+
+
+def test_a_repeated_workload_compiles_nothing_new(world):
+  model, _, _, dirs, _ = world
+  reqs = [Request(prompt=p, adapter=a, max_tokens=NEW, eos_token_id=[])
+          for p, a in zip(_prompts(9, 6), ["ad3", None, "ad7", "ad3", None, "ad8"])]
+  first = Engine(model, adapters=dirs, num_pages=3000, prefix_cache=False).generate(reqs)
+  before = Engine.compiled_programs()
+  again = Engine(model, adapters=dirs, num_pages=3000, prefix_cache=False).generate(reqs)
+  assert Engine.compiled_programs() == before
+  assert [c.tokens for c in again] == [c.tokens for c in first]
