@@ -22,8 +22,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m jaxadapt.demo
 
+# Two worker processes (pytest-xdist), whole modules per worker so a module compiles once.
+JOBS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(JOBS) --dist loadfile
 
 clean:
 	rm -rf $(VENV)

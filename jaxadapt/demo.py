@@ -6,7 +6,7 @@ registered, and one stream of requests, each task's prompts under its own adapte
 prompts on the base alone, runs in one continuous-batching loop over the unified pool (adapter
 pages and KV pages in one device array). It prints each answer next to what the task defines,
 then runs every request alone through `model.generate` and checks that the engine's tokens are
-the same. The last line is
+the same. It is ok when they are and every adapter answers right. The last line is
 `RESULT ok|MISMATCH correct=<adapter answers right>/<n> base_correct=<base answers right>/<n>
 engine_vs_alone=<time of one-at-a-time generate / the engine's, both compiled>`.
 """
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
   same = sum(a == c.tokens for a, c in zip(alone, out))
   print(f"the same requests one at a time through model.generate: {t_alone:.2f} s (compiled); "
         f"{same}/{len(requests)} token-for-token equal to the engine's")
-  ok = same == len(requests)
+  ok = same == len(requests) and correct == len(rows)
   print("RESULT", "ok" if ok else "MISMATCH", f"correct={correct}/{len(rows)}",
         f"base_correct={base_correct}/{len(rows)}", f"engine_vs_alone={t_alone / t_engine:.1f}")
   if not ok:

@@ -6,9 +6,9 @@ import jaxadapt as ja, serve
 engine = serve.Engine(ja.load_model("default"), adapters={"reverse": "default:reverse"})
 ```
 """
-from serve.engine import Completion, Engine, Handle, Request, TokenEvent
+from serve.engine import Completion, Engine, Handle, Overloaded, Request, TokenEvent
 from serve.pool import OutOfPages, PagedPool
 from serve.store import AdapterError, AdapterStore, StoredAdapter
 
-__all__ = ["AdapterError", "AdapterStore", "Completion", "Engine", "Handle", "OutOfPages",
+__all__ = ["AdapterError", "AdapterStore", "Completion", "Engine", "Handle", "OutOfPages", "Overloaded",
            "PagedPool", "Request", "StoredAdapter", "TokenEvent"]

@@ -93,14 +93,26 @@ class Completion:
   first_token: Optional[float] = None   # time to first token
   finished: float = 0.0
   preemptions: int = 0
+  logprobs: list = dataclasses.field(default_factory=list)      # per new token
+  top_logprobs: list = dataclasses.field(default_factory=list)  # per new token: ((id, lp), ...)
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenEvent:
-  """One streamed token: its id and the text it completes (may be empty mid-character or while
-  a possible stop string is held back)."""
+  """One streamed token: its id, the text it completes (may be empty mid-character or while a
+  possible stop string is held back), its log-probability under the model (before sampling
+  warpers) and the `TOP_LOGPROBS` most likely tokens as ((id, logprob), ...)."""
   token: int
   text: str
+  logprob: float = 0.0
+  top_logprobs: tuple = ()
+
+
+TOP_LOGPROBS = 5  # alternatives reported per token (OpenAI's completions allow logprobs <= 5)
+
+
+class Overloaded(RuntimeError):
+  """The engine's queue is full (`max_queue`) or it is shutting down: try again later."""
 
 
 class Handle:
@@ -151,6 +163,8 @@ class _Seq:
   preemptions: int = 0
   sent_text: int = 0            # chars of text streamed so far
   error: Optional[str] = None
+  logprobs: list = dataclasses.field(default_factory=list)
+  top_logprobs: list = dataclasses.field(default_factory=list)
 
   @property
   def generated(self) -> int:
@@ -184,7 +198,8 @@ def _engine_forward(graphdef, sampling, params, pages, ctx, ids, positions, sele
   tokens = gen_lib.sample_tokens(logits, temperature, top_k, top_p, keys, counts, sampling)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-  return (pages if new_kv is None else None), new_kv, tokens, chosen
+  top = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
+  return (pages if new_kv is None else None), new_kv, tokens, (chosen, top)
 
 
 _engine_forward_donated = jax.jit(_engine_forward.__wrapped__, static_argnums=(0, 1),
@@ -236,6 +251,7 @@ class Engine:
     prefetch: read waiting requests' adapters on a background thread.
     prefix_cache: keep the KV of full prompt blocks for reuse by later requests with the same
       adapter and the same leading tokens (a repeated system prompt); never across adapters.
+    max_queue: requests waiting at most; `submit` raises `Overloaded` beyond it.
   """
 
   def __init__(self, model, *, adapters: Optional[dict] = None,
@@ -243,7 +259,7 @@ class Engine:
                num_pages: Optional[int] = None, block: Optional[int] = None,
                max_seqs: int = 32, max_step_tokens: int = 256, max_adapters: int = 64,
                max_rank: int = 64, host_cache_mb: float = 1024, reserve: str = "worst",
-               prefetch: bool = True, prefix_cache: bool = True):
+               prefetch: bool = True, prefix_cache: bool = True, max_queue: int = 4096):
     if reserve not in ("worst", "none"):
       raise ValueError(f"reserve must be 'worst' or 'none', got {reserve!r}")
     if max_seqs < 1 or max_step_tokens < max_seqs:
@@ -263,6 +279,10 @@ class Engine:
     self.pool = PagedPool(model, num_pages=num_pages, block=block, max_adapters=max_adapters,
                           max_rank=max_rank)
     self.max_seqs, self.max_step_tokens, self.reserve = max_seqs, max_step_tokens, reserve
+    self.max_queue = max_queue
+    self._closed = False
+    self._retiring: set = set()  # adapters being unloaded: no new requests; gone when unused
+    self._step_lock = threading.RLock()  # one step, or one change of adapters/stats, at a time
     self.default_eos = frozenset(gen_lib._default_eos(model))
     self._lock = threading.Lock()
     self._incoming: collections.deque = collections.deque()
@@ -338,6 +358,9 @@ class Engine:
       raise ValueError(f"stop must be a list of non-empty strings, got {request.stop!r}")
     if stops and self.model.tokenizer is None:
       raise ValueError("stop strings need the model's tokenizer, and this model has none")
+    if request.adapter in self._retiring:
+      raise AdapterError(f"adapter {request.adapter!r} is being unloaded; it takes no new "
+                         f"requests")
     if request.adapter is not None and request.adapter not in self.store:
       names = self.store.names()
       raise AdapterError(f"unknown adapter {request.adapter!r}; {len(names)} registered"
@@ -356,6 +379,10 @@ class Engine:
     return self._queue(request, *self.check(request))
 
   def _queue(self, request: Request, ids: list, eos: frozenset) -> Handle:
+    if self._closed:
+      raise Overloaded("the engine is shutting down and takes no new requests")
+    if len(self._incoming) + len(self.waiting) >= self.max_queue:
+      raise Overloaded(f"{self.max_queue} requests are waiting already (max_queue); retry later")
     rid = request.request_id or f"req-{next(self._ids)}"
     handle = Handle(self, request, rid)
     seq = _Seq(handle=handle, tokens=list(ids), prompt_len=len(ids), eos=eos,
@@ -370,6 +397,8 @@ class Engine:
     """Runs `requests` to completion (offline batch) and returns their `Completion`s in order.
     Every request is checked before any is queued."""
     checked = [self.check(r) for r in requests]
+    if len(self._incoming) + len(self.waiting) + len(requests) > self.max_queue:
+      raise Overloaded(f"{len(requests)} requests would exceed max_queue={self.max_queue}")
     handles = [self._queue(r, *c) for r, c in zip(requests, checked)]
     if self._loop_thread is None:
       while not all(h.done() for h in handles):
@@ -412,18 +441,39 @@ class Engine:
   def has_work(self) -> bool:
     return bool(self._incoming or self.waiting or self.running)
 
+  def close(self, timeout: Optional[float] = None) -> bool:
+    """Stops admitting new requests (`submit` raises `Overloaded`) and waits up to `timeout`
+    seconds (None: no limit) for those in flight to finish. Returns whether all finished."""
+    self._closed = True
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while self.has_work():
+      if self._loop_thread is None:
+        self.step()
+      elif deadline is not None and time.monotonic() > deadline:
+        return False
+      else:
+        time.sleep(0.01)
+    return True
+
   def step(self) -> int:
     """One iteration: admit, run one packed forward, emit tokens. Returns tokens produced."""
+    with self._step_lock:
+      return self._step()
+
+  def _step(self) -> int:
     with self._lock:
       while self._incoming:
         self.waiting.append(self._incoming.popleft())
     for seq in [s for s in itertools.chain(self.running, self.waiting) if s.handle.cancelled]:
       self._finish(seq, "cancelled")
+    if self._retiring:
+      self._retire()
     self._admit()
     batch = self._plan()
-    if not batch:
-      return 0
-    return self._run(batch)
+    produced = self._run(batch) if batch else 0
+    if self._retiring:
+      self._retire()
+    return produced
 
   # -- admission -------------------------------------------------------------------------------
 
@@ -755,6 +805,7 @@ class Engine:
                               c.head_dim), pool.pages, new_kv, kv.tables, kv.token_seq,
                              jnp.asarray(positions), kv.token_valid)
     out = np.asarray(out)
+    chosen, (top_lp, top_ids) = (np.asarray(x) for x in (logp[0], logp[1]))
     produced = 0
     now = time.perf_counter()
     self._stats["steps"] += 1
@@ -768,6 +819,8 @@ class Engine:
         continue  # a prefill chunk short of the prompt's end: no token yet
       token = int(out[i])
       seq.tokens.append(token)
+      seq.logprobs.append(float(chosen[i]))
+      seq.top_logprobs.append(tuple((int(a), float(b)) for a, b in zip(top_ids[i], top_lp[i])))
       produced += 1
       if seq.first_token is None:
         seq.first_token = now
@@ -809,7 +862,8 @@ class Engine:
         upto = min(upto, len(text) - 1)
       delta = text[seq.sent_text:upto]
       seq.sent_text = max(seq.sent_text, upto)
-    seq.handle._events.put(TokenEvent(token=token, text=delta))
+    seq.handle._events.put(TokenEvent(token=token, text=delta, logprob=seq.logprobs[-1],
+                                      top_logprobs=seq.top_logprobs[-1]))
     if reason is not None:
       self._finish(seq, reason, text=text)
 
@@ -832,7 +886,9 @@ class Engine:
         tokens=seq.tokens[seq.prompt_len:], text=text, finish_reason=reason, error=error,
         arrival=seq.arrival,
         first_token=None if seq.first_token is None else seq.first_token - seq.arrival,
-        finished=time.perf_counter() - seq.arrival, preemptions=seq.preemptions)
+        finished=time.perf_counter() - seq.arrival, preemptions=seq.preemptions,
+        logprobs=seq.logprobs[:len(seq.tokens) - seq.prompt_len],
+        top_logprobs=seq.top_logprobs[:len(seq.tokens) - seq.prompt_len])
     self._stats["finished_" + reason] += 1
     seq.handle._events.put(None)
     seq.handle._done.set()
@@ -855,6 +911,77 @@ class Engine:
         failed[name] = time.monotonic()  # retried after a second; admission reports it
     return bool(todo)
 
+  # -- adapters at run time (the server's load/unload) ------------------------------------------
+
+  def load_adapter(self, name: str, path: str) -> dict:
+    """Registers the PEFT dir `path` as `name` and reads and checks it now (against the base
+    and the pool's limits), so a bad adapter is refused before anything changes. Returns its
+    `adapter_info`.
+
+    Raises:
+      AdapterError: a taken name, a bad path, unreadable files, or an adapter that does not fit
+        the base or the pool (nothing is registered then).
+    """
+    with self._step_lock:
+      if name in self._retiring:
+        raise AdapterError(f"adapter {name!r} is still being unloaded; try again when its "
+                           f"requests have finished")
+      self.store.register(name, path)
+      try:
+        stored = self.store.get(name)
+        self.pool.check_adapter(name, stored.adapter)
+      except (AdapterError, ValueError) as e:
+        self.store.unregister(name)
+        raise AdapterError(str(e)) from None
+      return self.adapter_info(name)
+
+  def unload_adapter(self, name: str) -> None:
+    """Takes no new requests for `name`; those queued or running finish first, then its host
+    and pool copies are freed and the name is forgotten.
+
+    Raises:
+      AdapterError: `name` is not registered (or already being unloaded).
+    """
+    with self._step_lock:
+      if name not in self.store or name in self._retiring:
+        raise AdapterError(f"unknown adapter {name!r}" + (
+            " (already being unloaded)" if name in self._retiring else ""))
+      self._retiring.add(name)
+      self._retire()
+
+  def _retire(self) -> None:
+    """Forgets the retiring adapters that no request uses any more."""
+    with self._lock:
+      busy = {s.handle.request.adapter
+              for s in itertools.chain(self._incoming, self.waiting, self.running)}
+    for name in sorted(self._retiring - busy):
+      key = self._name_key.pop(name, None)
+      if key is not None and key in self._lru:
+        self._lru.pop(key)
+        self.pool.unload(key)
+      self.store.unregister(name)
+      self._retiring.discard(name)
+
+  def adapter_info(self, name: str) -> dict:
+    """The store's `info(name)` with `residency` "device" when its pages are in the pool (else
+    "host" or "disk") and `state` "serving" or "unloading"."""
+    info = self.store.info(name)
+    key = self._name_key.get(name)
+    if key is not None and key in self.pool.resident and self.store.unchanged(name, key[1]):
+      info["residency"] = "device"
+    info["state"] = "unloading" if name in self._retiring else "serving"
+    return info
+
+  def lora_state(self) -> dict:
+    """Adapters of the running and the waiting requests (sorted names) and the most the pool
+    serves at once: what an inference gateway routes on."""
+    with self._lock:
+      waiting = list(self.waiting) + list(self._incoming)
+      running = list(self.running)
+    names = lambda seqs: sorted({s.handle.request.adapter for s in seqs} - {None})
+    return {"running": names(running), "waiting": names(waiting),
+            "max_lora": self.pool.max_adapters}
+
   # -- reporting -------------------------------------------------------------------------------
 
   @staticmethod
@@ -866,6 +993,10 @@ class Engine:
     """Counters (steps, tokens, admissions and how many waited for a disk read, adapter loads,
     hits and evictions, preemptions, finishes by reason), the pool's occupancy and
     fragmentation, and the store's cache."""
+    with self._step_lock:
+      return self._stats_now()
+
+  def _stats_now(self) -> dict:
     st = dict(self._stats)
     kv_tokens = sum(s.computed for s in self.running)
     st["running"], st["waiting"] = len(self.running), len(self.waiting) + len(self._incoming)

@@ -13,7 +13,21 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                                    "--xla_backend_optimization_level=0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import gc  # noqa: E402
+
 import pytest  # noqa: E402
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops jax's compiled programs after each test module. Every XLA:CPU executable holds
+  memory mappings, and one process running the whole suite reached the kernel's limit
+  (vm.max_map_count, 65530) and crashed in the compiler; tests share programs within a module,
+  rarely across modules."""
+  yield
+  import jax
+  jax.clear_caches()
+  gc.collect()
+
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)

@@ -331,6 +331,9 @@ def test_demo_help_and_bad_arguments(capsys):
 def test_demo_check_fails_when_the_engine_is_wrong(capsys, monkeypatch):
   """The RESULT line compares the engine with model.generate: an engine that picks the
   second-best token fails the demo."""
+  import types
+
+  import jax
   import jax.numpy as jnp
   from serve import engine as engine_lib
   real = engine_lib.gen_lib.sample_tokens
@@ -338,9 +341,13 @@ def test_demo_check_fails_when_the_engine_is_wrong(capsys, monkeypatch):
   def second_best(logits, *args):
     best = real(logits, *args)
     return jnp.argsort(logits, axis=-1)[:, -2].astype(best.dtype)
-  monkeypatch.setattr(engine_lib.gen_lib, "sample_tokens", second_best)
+  # Only the engine's sampler (model.generate keeps the real one), traced anew.
+  wrong = types.SimpleNamespace(**{**vars(engine_lib.gen_lib), "sample_tokens": second_best})
+  monkeypatch.setattr(engine_lib, "gen_lib", wrong)
+  jax.clear_caches()
   with pytest.raises(SystemExit) as e:
     cli.main(["demo", "--tasks", "reverse", "--max-tokens", "8"])
+  jax.clear_caches()
   assert e.value.code == 1
   out = capsys.readouterr().out
   assert out.strip().splitlines()[-1].startswith("RESULT MISMATCH"), out

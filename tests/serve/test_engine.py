@@ -238,3 +238,62 @@ def test_a_repeated_workload_compiles_nothing_new(world):
   again = Engine(model, adapters=dirs, num_pages=3000, prefix_cache=False).generate(reqs)
   assert Engine.compiled_programs() == before
   assert [c.tokens for c in again] == [c.tokens for c in first]
+
+
+def test_adapters_load_and_unload_while_requests_run(world, tmp_path):
+  """`load_adapter` reads and checks before registering (a bad dir changes nothing);
+  `unload_adapter` refuses new requests for the name but lets those in flight finish, then
+  frees the name; residency moves disk -> host -> device."""
+  model, hf, multi, dirs, dora_dir = world
+  engine = Engine(model, adapters={"ad3": dirs["ad3"]}, num_pages=2000, max_queue=2)
+  assert engine.adapter_info("ad3")["residency"] == "disk"
+  with pytest.raises(ValueError, match="DoRA"):
+    engine.load_adapter("dora", dora_dir)
+  assert "dora" not in engine.store
+  info = engine.load_adapter("ad7", dirs["ad7"])
+  assert info["residency"] == "host" and info["rank"] == 16 and info["state"] == "serving"
+  with pytest.raises(ValueError, match="already registered"):
+    engine.load_adapter("ad7", dirs["ad8"])
+  prompts = _prompts(4, 2)
+  running = engine.submit(Request(prompt=prompts[0], adapter="ad7", max_tokens=NEW,
+                                  eos_token_id=[]))
+  engine.step()
+  assert engine.adapter_info("ad7")["residency"] == "device"
+  assert engine.lora_state() == {"running": ["ad7"], "waiting": [], "max_lora": 64}
+  queued = engine.submit(Request(prompt=prompts[1], adapter="ad7", max_tokens=NEW,
+                                 eos_token_id=[]))
+  engine.unload_adapter("ad7")
+  assert engine.adapter_info("ad7")["state"] == "unloading"
+  with pytest.raises(ValueError, match="being unloaded"):
+    engine.submit(Request(prompt=prompts[1], adapter="ad7"))
+  with pytest.raises(ValueError, match="still being unloaded"):
+    engine.load_adapter("ad7", dirs["ad7"])
+  engine.submit(Request(prompt=prompts[1], max_tokens=1))
+  with pytest.raises(engine_lib.Overloaded, match="max_queue"):
+    engine.submit(Request(prompt=prompts[1], max_tokens=1))  # 2 waiting
+  assert engine.close()
+  _check([running.result(), queued.result()], _peft_generate(multi, prompts, ["ad7", "ad7"]))
+  assert "ad7" not in engine.store and engine.pool.stats()["resident_adapters"] == 0
+  with pytest.raises(engine_lib.Overloaded, match="shutting down"):
+    engine.submit(Request(prompt=prompts[1]))
+
+
+def test_logprobs_are_the_models_log_softmax(world):
+  """Each token's logprob and its 5 best alternatives equal transformers' log-softmax of the
+  logits at that position (teacher-forced on the generated tokens)."""
+  model, hf, _, _, _ = world
+  prompt = _prompts(5, 1)[0]
+  engine = Engine(model, num_pages=2000)
+  handle = engine.submit(Request(prompt=prompt, max_tokens=4, eos_token_id=[]))
+  while not handle.done():
+    engine.step()
+  events, done = list(handle), handle.result()
+  with torch.no_grad():
+    logits = hf(torch.tensor([prompt + done.tokens])).logits[0].float()
+  ref = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].numpy()
+  np.testing.assert_allclose(done.logprobs, ref[np.arange(4), done.tokens], atol=1e-4)
+  assert [e.logprob for e in events] == done.logprobs
+  for row, top in zip(ref, done.top_logprobs):
+    want = np.argsort(-row)[:5]
+    assert [t for t, _ in top] == list(want)
+    np.testing.assert_allclose([lp for _, lp in top], row[want], atol=1e-4)
