@@ -3,6 +3,9 @@
   jaxadapt demo [ARGS]          the embedded-default main job (`make demo`)
   jaxadapt generate --model M [--adapter NAME=DIR] [--use NAME] PROMPT...
                                 text generation (jaxadapt generate --help)
+  jaxadapt serve [--model M] [--adapter NAME=DIR] [--adapter-dir DIR] [--api-key KEY] ...
+                                the OpenAI-compatible server over the S-LoRA engine
+                                (serve/api.py; jaxadapt serve --help)
   jaxadapt train lora [ARGS]    LoRA fine-tuning (train/lora.py)
   jaxadapt train pretrain [ARGS]  full-parameter training of a small base (train/pretrain.py)
   jaxadapt info DIR             what jaxadapt reads from a dir: a Hugging Face model (Llama,
@@ -118,6 +121,9 @@ def main(argv=None) -> int:
   if cmd == "generate":
     from jaxadapt import generate_cli
     return generate_cli.run(rest)
+  if cmd == "serve":
+    from serve import api
+    return api.main(rest)
   if cmd == "train":
     if rest and rest[0] in ("-h", "--help"):
       print("usage: jaxadapt train {lora,pretrain} [ARGS]   (jaxadapt train lora --help lists "
