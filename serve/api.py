@@ -537,6 +537,9 @@ class _Server:
       stored = self.engine.store.get(name)
       self.engine.pool.check_adapter(name, stored.adapter)
     except (AdapterError, ValueError) as e:
+      if name not in self.engine.store:  # unloaded since adapter_of looked
+        raise APIError(404, f"The model `{name}` does not exist (unloaded just now).",
+                       param="model", code="model_not_found") from None
       raise APIError(422, f"adapter `{name}` cannot be served: {e}", param="model",
                      code="adapter_incompatible") from None
 
@@ -629,10 +632,15 @@ class _Server:
   def submit(self, requests: list) -> list:
     """Queues every request (all or none), or raises 429/503 with a retry hint."""
     from serve.engine import Overloaded
+    from serve.store import AdapterError
     handles = []
     try:
       for r in requests:
         handles.append(self.engine.submit(r))
+    except AdapterError as e:  # its adapter was unloaded since the request was checked
+      for h in handles:
+        h.cancel()
+      raise APIError(404, str(e), param="model", code="model_not_found") from None
     except Overloaded as e:
       for h in handles:
         h.cancel()
@@ -841,22 +849,24 @@ def make_app(engine, *, model_name: str = "default", api_key: Optional[str] = No
   return app
 
 
+def _too_large() -> APIError:
+  return APIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB",
+                  code="request_too_large")
+
+
 def _fastapi_options(fastapi_cls) -> dict:
-  """JSON without a Content-Type header (curl -d) and a body size limit, where this FastAPI
-  has the options."""
+  """JSON without a Content-Type header (curl -d), where this FastAPI has the option."""
   import inspect
   params = inspect.signature(fastapi_cls.__init__).parameters
   out = {}
   if "strict_content_type" in params:
     out["strict_content_type"] = False
-  if "max_body_size" in params:
-    out["max_body_size"] = MAX_BODY_BYTES
   return out
 
 
 class _Guard:
-  """ASGI middleware: the API key (every route but /health), request counting by route, and a
-  last JSON 500 for anything that escaped the handlers."""
+  """ASGI middleware: the API key (every route but /health), the body size limit (413), request
+  counting by route, and a last JSON 500 for anything that escaped the handlers."""
 
   ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
             "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/docs", "/openapi.json")
@@ -885,8 +895,23 @@ class _Guard:
             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))(scope, receive,
                                                                               tracked)
         return
-      await self.app(scope, receive, tracked)
+      size = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), b"0")
+      if (int(size) if size.isdigit() else 0) > MAX_BODY_BYTES:
+        await _error_response(_too_large())(scope, receive, tracked)
+        return
+      read = [0]
+
+      async def limited():  # a body without Content-Length (chunked) is counted as it comes
+        message = await receive()
+        read[0] += len(message.get("body", b""))
+        if read[0] > MAX_BODY_BYTES:
+          raise _too_large()
+        return message
+
+      await self.app(scope, limited, tracked)
     except Exception as e:  # noqa: BLE001 -- a request can never crash the server
+      if status["started"] or "body_limit" in type(e).__module__:
+        raise  # the response is under way, or Starlette's body-size limit signalling itself
       log.exception("unhandled error on %s", path)
       if not status["started"]:
         await _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}",
