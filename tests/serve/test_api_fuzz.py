@@ -7,7 +7,6 @@ output they have alone.
 
 The model is a tiny random Llama (2 layers, a 64-token context) carrying the default model's byte
 tokenizer and chat template, so generation and compiling cost little."""
-import copy
 import shutil
 import threading
 import time
@@ -15,12 +14,11 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 import jaxadapt as ja
-from jaxadapt import default
 from serve import api
 from serve.engine import Engine, Request
+from _api_helpers import save_lora, tiny_model_with_tokenizer
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -29,19 +27,12 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 @pytest.fixture(scope="module")
 def fuzz(tmp_path_factory, hf_model_maker):
-  from peft import LoraConfig, get_peft_model
   root = tmp_path_factory.mktemp("fuzz")
   base = root / "base"
-  hf = hf_model_maker("llama", str(base), seed=5, vocab_size=264, max_position_embeddings=64,
-                      bos_token_id=257, eos_token_id=258, pad_token_id=256)
-  for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-    shutil.copy(f"{default.model_dir()}/{name}", base / name)
+  hf = tiny_model_with_tokenizer(base, hf_model_maker)
   allowed = root / "allowed"
   for i in range(2):
-    torch.manual_seed(i)
-    peft = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                        init_lora_weights=False))
-    peft.save_pretrained(str(allowed / f"a{i}"))
+    save_lora(hf, allowed / f"a{i}", seed=i)
   (root / "outside").mkdir()
   shutil.copytree(allowed / "a1", root / "outside" / "a1")
   (allowed / "out").symlink_to(root / "outside" / "a1")
