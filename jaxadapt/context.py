@@ -305,9 +305,35 @@ class PagedKV:
   long_seqs: Optional[int] = None
 
 
+# -- Tensor parallelism -----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TensorParallel:
+  """A forward running inside `shard_map` over the mesh axis `axis` (S-LoRA Sec. 6): the base
+  Megatron-sharded (`column` paths split their output, `row` paths their input), each device
+  seeing its local shards. The hook adds the collectives: a row-parallel projection's partial
+  output is all-reduced over `axis`; a LoRA on a column path all-gathers its `[T, r]`
+  intermediate, one on a row path all-reduces it and joins the base's all-reduce. Pool pages
+  hold each device's part of an adapter (`serve.tp`).
+
+  Attributes:
+    axis: the mesh axis name.
+    size: devices along it.
+    column: paths whose kernel is split on its output.
+    row: paths whose kernel is split on its input.
+  """
+  axis: str
+  size: int
+  column: frozenset = frozenset()
+  row: frozenset = frozenset()
+
+  def kind(self, path: Optional[str]) -> Optional[str]:
+    return "column" if path in self.column else "row" if path in self.row else None
+
+
 # -- The context ------------------------------------------------------------------------------
 
-@_pytree()
+@_pytree(meta=("tp",))
 class Context:
   """Everything one forward needs besides the frozen params (module docstring)."""
   weights: Optional[Mapping[str, Any]] = None     # path -> SingleLoRA | Stack | PoolView
@@ -317,6 +343,7 @@ class Context:
   inserts: Optional[Mapping[str, Any]] = None     # insertion point -> jax.tree_util.Partial
   insert_inputs: Optional[Mapping[str, Any]] = None
   attention: Any = None                           # KVCache (generation), paged KV (serving)
+  tp: Optional[TensorParallel] = None             # inside shard_map: the tensor-parallel plan
 
   def prepare(self, rows: Optional[int] = None) -> "Context":
     """The context with its routing's plan built (once per forward, inside the trace)."""

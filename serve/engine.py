@@ -252,6 +252,8 @@ class Engine:
     prefix_cache: keep the KV of full prompt blocks for reuse by later requests with the same
       adapter and the same leading tokens (a repeated system prompt); never across adapters.
     max_queue: requests waiting at most; `submit` raises `Overloaded` beyond it.
+    tensor_parallel: devices to shard the base, the adapters and the KV pool over (S-LoRA
+      Sec. 6, `serve.tp`); the pool's size (pool_mb / num_pages) is its total over them.
   """
 
   def __init__(self, model, *, adapters: Optional[dict] = None,
@@ -259,7 +261,8 @@ class Engine:
                num_pages: Optional[int] = None, block: Optional[int] = None,
                max_seqs: int = 32, max_step_tokens: int = 256, max_adapters: int = 64,
                max_rank: int = 64, host_cache_mb: float = 1024, reserve: str = "worst",
-               prefetch: bool = True, prefix_cache: bool = True, max_queue: int = 4096):
+               prefetch: bool = True, prefix_cache: bool = True, max_queue: int = 4096,
+               tensor_parallel: int = 1):
     if reserve not in ("worst", "none"):
       raise ValueError(f"reserve must be 'worst' or 'none', got {reserve!r}")
     if max_seqs < 1 or max_step_tokens < max_seqs:
@@ -271,13 +274,19 @@ class Engine:
       self.store.register(name, path)
     if adapter_dir is not None:
       self.store.register_tree(adapter_dir)
-    block = block or PagedPool.block_for(model, 16)
+    self.tp_plan = None
+    if tensor_parallel != 1:
+      from serve import tp as tp_lib
+      self.tp_plan = tp_lib.plan(model, tensor_parallel)
+    tp = None if self.tp_plan is None else self.tp_plan.tp
+    block = block or PagedPool.block_for(model, 16, tp)
     if num_pages is None:
       c = model.config
       page_bytes = block * 2 * c.num_key_value_heads * c.head_dim * np.dtype(model.dtype).itemsize
       num_pages = int((pool_mb if pool_mb is not None else 256) * 2 ** 20 // page_bytes)
     self.pool = PagedPool(model, num_pages=num_pages, block=block, max_adapters=max_adapters,
-                          max_rank=max_rank)
+                          max_rank=max_rank, tp=tp,
+                          sharding=None if self.tp_plan is None else self.tp_plan.pool_sharding)
     self.max_seqs, self.max_step_tokens, self.reserve = max_seqs, max_step_tokens, reserve
     self.max_queue = max_queue
     self._closed = False
@@ -794,16 +803,26 @@ class Engine:
                   attention=kv)
     samp = (jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(seeds),
             jnp.asarray(counts))
-    args = (self.model.graphdef, sampling, self.model.params, pool.pages, ctx,
-            jnp.asarray(tokens[None]), jnp.asarray(positions[None]), jnp.asarray(select), samp)
-    if paged_attention.writes_in_forward():
-      pool.pages, _, out, logp = _engine_forward_donated(*args)
+    arrays = (pool.pages, ctx, jnp.asarray(tokens[None]), jnp.asarray(positions[None]),
+              jnp.asarray(select), samp)
+    c = self.model.config
+    if self.tp_plan is None:
+      forward, donated, write = _engine_forward, _engine_forward_donated, _write_kv
+      static, params = self.model.graphdef, self.model.params
+      kv_heads = c.num_key_value_heads
     else:
-      _, new_kv, out, logp = _engine_forward(*args)
-      c = self.model.config
-      pool.pages = _write_kv((pool.num_pages, pool.block, 2 * c.num_key_value_heads,
-                              c.head_dim), pool.pages, new_kv, kv.tables, kv.token_seq,
-                             jnp.asarray(positions), kv.token_valid)
+      from serve import tp as tp_lib
+      forward, donated = tp_lib.forward, tp_lib.forward_donated
+      write = functools.partial(tp_lib.write_kv, self.tp_plan)
+      static, params = self.tp_plan, self.tp_plan.params
+      kv_heads = c.num_key_value_heads // self.tp_plan.tp.size
+    if paged_attention.writes_in_forward():
+      pool.pages, _, out, logp = donated(static, sampling, params, *arrays)
+    else:
+      _, new_kv, out, logp = forward(static, sampling, params, *arrays)
+      pool.pages = write((pool.num_pages, pool.block, 2 * kv_heads, c.head_dim), pool.pages,
+                         new_kv, kv.tables, kv.token_seq, jnp.asarray(positions),
+                         kv.token_valid)
     out = np.asarray(out)
     chosen, (top_lp, top_ids) = (np.asarray(x) for x in (logp[0], logp[1]))
     produced = 0
@@ -987,7 +1006,9 @@ class Engine:
   @staticmethod
   def compiled_programs() -> int:
     """Step programs compiled so far in this process (every engine shares them)."""
-    return _engine_forward._cache_size() + _engine_forward_donated._cache_size()
+    from serve import tp as tp_lib
+    return (_engine_forward._cache_size() + _engine_forward_donated._cache_size()
+            + tp_lib.forward._cache_size() + tp_lib.forward_donated._cache_size())
 
   def stats(self) -> dict:
     """Counters (steps, tokens, admissions and how many waited for a disk read, adapter loads,

@@ -30,6 +30,20 @@ from jaxadapt.adapters.lora import kernel_at
 from jaxadapt.context import AdapterPool, PoolView
 
 
+def _page_divisors(model, tp=None) -> list:
+  """[(path, d)]: a page's size must be a multiple of each d, so that it holds whole rank rows
+  of every adapter side (and, under tensor parallelism, each device's part of them)."""
+  out = []
+  n = 1 if tp is None else tp.size
+  for p in model.linear_paths:
+    if p == "lm_head":
+      continue
+    din, dout = kernel_at(model.params, p).shape
+    kind = None if tp is None else tp.kind(p)
+    out += [(p, din * n if kind == "column" else din), (p, dout)]
+  return out
+
+
 class OutOfPages(RuntimeError):
   """The pool has fewer free pages than an allocation asked for."""
 
@@ -65,9 +79,11 @@ class PagedPool:
   """
 
   def __init__(self, model, *, num_pages: int, block: int, max_adapters: int = 64,
-               max_rank: int = 64, dtype=None):
+               max_rank: int = 64, dtype=None, tp=None, sharding=None):
     c = model.config
     self.model = model
+    self.tp = tp  # a jaxadapt.context.TensorParallel: pages hold each device's part (serve.tp)
+    self.tp_size = 1 if tp is None else tp.size
     self.block = int(block)
     self.kv_width = 2 * c.num_key_value_heads * c.head_dim
     self.page_size = self.block * self.kv_width
@@ -81,11 +97,12 @@ class PagedPool:
     # Every linear layer but the head can hold adapter pages.
     self.paths = [p for p in model.linear_paths if p != "lm_head"]
     self.sizes = {p: kernel_at(model.params, p).shape for p in self.paths}
-    bad = [(p, d) for p, dims in self.sizes.items() for d in dims if self.page_size % d]
+    bad = [(p, d) for p, d in _page_divisors(model, tp) if self.page_size % d]
     if bad:
       raise ValueError(f"a page of {self.block} KV tokens ({self.page_size} elements) cannot "
-                       f"hold rank rows of {bad[0][0]} (size {bad[0][1]}); use block="
-                       f"{self.block_for(model, self.block)}")
+                       f"hold rank rows of {bad[0][0]} (a multiple of {bad[0][1]} needed"
+                       f"{' with tensor parallelism ' + str(self.tp_size) if tp else ''}); use "
+                       f"block={self.block_for(model, self.block, tp)}")
     self.slot_of = {p: i for i, p in enumerate(self.paths)}
     self.max_pages_per_side = max(-(-self.max_rank // (self.page_size // d))
                                   for dims in self.sizes.values() for d in dims)
@@ -93,7 +110,7 @@ class PagedPool:
     self.tables = np.zeros((lp, 2, n, self.max_pages_per_side), np.int32)
     self.scales = np.zeros((lp, n), np.float32)
     self.ranks = np.ones((lp, n), np.int32)
-    self.pages = jnp.zeros((self.num_pages, self.page_size), self.dtype)
+    self.pages = jnp.zeros((self.num_pages, self.page_size), self.dtype, device=sharding)
     self._free = list(range(self.num_pages - 1, 0, -1))  # a stack; page 0 is scratch
     self._kv_pages = 0
     self._adapter_pages = 0
@@ -102,15 +119,14 @@ class PagedPool:
     self.targets: frozenset = frozenset()  # paths some resident adapter targets
 
   @staticmethod
-  def block_for(model, at_least: int = 16) -> int:
-    """The smallest block >= `at_least` whose page holds rank rows of every linear layer."""
+  def block_for(model, at_least: int = 16, tp=None) -> int:
+    """The smallest block >= `at_least` whose page holds rank rows of every linear layer (each
+    device's part of them under tensor parallelism `tp`)."""
     c = model.config
     kv_width = 2 * c.num_key_value_heads * c.head_dim
     need = 1
-    for p in model.linear_paths:
-      if p != "lm_head":
-        for d in kernel_at(model.params, p).shape:
-          need = math.lcm(need, d)
+    for _, d in _page_divisors(model, tp):
+      need = math.lcm(need, d)
     step = need // math.gcd(need, kv_width)  # blocks that make block * kv_width a multiple
     return -(-at_least // step) * step
 
@@ -185,11 +201,15 @@ class PagedPool:
         n = -(-r // rpp)
         padded = np.zeros((n * rpp, feat), np.float32)
         padded[:r] = mat
+        split_features = self._split(path, side) == "features"
         for j in range(n):
           page = next(it)
           self.tables[ps, side, slot, j] = page
           index.append(page)
-          rows_out.append(padded[j * rpp:(j + 1) * rpp].reshape(-1))
+          rows = padded[j * rpp:(j + 1) * rpp]
+          if split_features:  # device s holds every row's s-th slice of the features
+            rows = rows.reshape(rpp, self.tp_size, -1).transpose(1, 0, 2)
+          rows_out.append(rows.reshape(-1))
       self.scales[ps, slot] = adapter.scale(path)
       self.ranks[ps, slot] = r
     if index:
@@ -199,6 +219,23 @@ class PagedPool:
     res = ResidentAdapter(key=key, slot=slot, pages=pages, nbytes=nbytes)
     self.resident[key] = res
     return res
+
+  def _split(self, path: str, side: int) -> Optional[str]:
+    """How a page of `path`'s A (side 0) or B (1) divides among the devices: "rows" (each
+    device a contiguous run of the page's rank rows: A of a column-parallel layer, split along
+    the rank), "features" (each device a slice of every row, as its base kernel: B, and A of a
+    row-parallel layer), or None without tensor parallelism."""
+    kind = None if self.tp is None else self.tp.kind(path)
+    if kind is None:
+      return None
+    return "rows" if kind == "column" and side == 0 else "features"
+
+  def _local(self, path: str) -> tuple[int, int]:
+    """(in, out) of `path` as one device's pool view sees them."""
+    din, dout = self.sizes[path]
+    n = self.tp_size
+    return (din if self._split(path, 0) != "features" else din // n,
+            dout if self._split(path, 1) != "features" else dout // n)
 
   def unload(self, key: tuple) -> None:
     """Frees an adapter's pages and slot (its users must be 0)."""
@@ -237,7 +274,8 @@ class PagedPool:
     for path in self.paths:
       if path in self.targets:
         din, dout = self.sizes[path]
-        out[path] = PoolView(slot=self.slot_of[path], din=din, dout=dout,
+        local_in, local_out = self._local(path)
+        out[path] = PoolView(slot=self.slot_of[path], din=local_in, dout=local_out,
                              pages_a=-(-self.max_rank // (self.page_size // din)),
                              pages_b=-(-self.max_rank // (self.page_size // dout)))
     return out

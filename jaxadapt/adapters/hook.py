@@ -83,6 +83,49 @@ def _per_token(x, base, view: Stack, routing: Routing):
   return out.reshape(base.shape)
 
 
+def _tp_column(x, base, view: Stack, routing: Routing, tp):
+  """A mixed-batch LoRA on a column-parallel projection inside shard_map (S-LoRA Sec. 6): each
+  device holds its part of the adapters' A split along the rank (`serve.tp`: row i of pool page
+  j on device s is rank row `j * size * rows + s * rows + i`) and B split on the output like the
+  base. The local shrink gives `[T, r / size]`; one all-gather gives every device the whole
+  `[T, r]`, which expands into this device's output columns."""
+  x2, y2 = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
+  ids = routing.ids
+  grouping = routing.grouping_for(x2.shape[0])
+  a, b = _cast(view.a, x.dtype), _cast(view.b, x.dtype)
+  rows, pages = a.pool.shape[1], a.table.shape[1]
+  per_page = tp.size * rows  # rank rows one page holds over all devices
+  local_ranks = -(-view.ranks // per_page) * rows  # this device's rows of the pages in use
+  h = kernels_pallas.lora_shrink(x2, a, ids, ranks=local_ranks, grouping=grouping)
+  h = jax.lax.all_gather(h, tp.axis, axis=1, tiled=True)  # [T, size * pages * rows]
+  h = h.reshape(-1, tp.size, pages, rows).transpose(0, 2, 1, 3).reshape(h.shape[0], -1)
+  h = _fit_rank(h, _rank_slots(b, "b"))
+  out = kernels_pallas.lora_expand(y2, h, b, ids, view.scale, ranks=view.ranks,
+                                   grouping=grouping)
+  return out.reshape(base.shape)
+
+
+def _tp_row(x, base, view: Optional[Stack], routing: Optional[Routing], tp):
+  """A row-parallel projection inside shard_map (S-LoRA Sec. 6): x, the base kernel and the
+  adapters' A are split on the input, so `x A` is a partial sum: one all-reduce of the small
+  `[T, r]`, then B (split on the output) gives this device's columns of the LoRA output, which
+  join the base's partial output in the base's own all-reduce (one collective for both)."""
+  if view is None:
+    return jax.lax.psum(base, tp.axis)
+  x2, y2 = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
+  ids = routing.ids
+  grouping = routing.grouping_for(x2.shape[0])
+  a, b = _cast(view.a, x.dtype), _cast(view.b, x.dtype)
+  h = kernels_pallas.lora_shrink(x2, a, ids, ranks=view.ranks, grouping=grouping)
+  h = _fit_rank(jax.lax.psum(h, tp.axis), _rank_slots(b, "b"))
+  width = b.pool.shape[2]  # this device's output columns
+  lo = kernels_pallas.lora_expand(jnp.zeros((y2.shape[0], width), y2.dtype), h, b, ids,
+                                  view.scale, ranks=view.ranks, grouping=grouping)
+  at = jax.lax.axis_index(tp.axis) * width
+  y2 = y2 + jax.lax.dynamic_update_slice(jnp.zeros_like(y2), lo, (0, at))
+  return jax.lax.psum(y2, tp.axis).reshape(base.shape)
+
+
 def _rank_slots(w, side: str) -> int:
   """R of one side: a dense A [N, D, R] or B [N, R, O], or PagedWeights' pages x rows."""
   if isinstance(w, kernels_pallas.PagedWeights):
@@ -178,7 +221,21 @@ def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
   else:
     raise TypeError(f"the projection context must be a jaxadapt Context, a SingleLoRA or None; "
                     f"got {type(ctx).__name__}")
-  if view is None:
+  tp = ctx.tp if isinstance(ctx, Context) else None
+  kind = None if tp is None else tp.kind(path)
+  if kind is not None and view is not None and not (
+      isinstance(view, Stack) and router is None and routing is not None
+      and routing.layout == "token" and isinstance(view.a, kernels_pallas.PagedWeights)
+      and view.dora_scale is None):
+    raise ValueError(f"under tensor parallelism ({path}, {kind}-parallel) the hook serves "
+                     f"pooled LoRA adapters with per-token routing (the S-LoRA engine); got "
+                     f"{type(view).__name__}" + (f" with {routing.layout} routing"
+                                                 if routing is not None else ""))
+  if kind == "row":
+    out = _tp_row(x, base, view, routing, tp)
+  elif kind == "column" and view is not None:
+    out = _tp_column(x, base, view, routing, tp)
+  elif view is None:
     out = base
   elif isinstance(view, SingleLoRA):
     out = _single(x, kernel, base, view)
