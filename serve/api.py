@@ -629,14 +629,24 @@ class _Server:
         out.append(r)
     return out
 
-  def submit(self, requests: list) -> list:
-    """Queues every request (all or none), or raises 429/503 with a retry hint."""
+  async def submit(self, requests: list) -> list:
+    """Queues every request (all or none), or raises 429/503 with a retry hint. Several (n
+    choices, a batch of prompts) are queued between two engine steps, on a worker thread, so
+    they are admitted together and prefill in one step."""
+    if len(requests) == 1:
+      return self._submit(requests, contextlib.nullcontext())
+    # The engine has no batch submit: its step lock keeps a step from starting in between.
+    lock = getattr(self.engine, "_step_lock", None) or contextlib.nullcontext()
+    return await asyncio.to_thread(self._submit, requests, lock)
+
+  def _submit(self, requests: list, lock) -> list:
     from serve.engine import Overloaded
     from serve.store import AdapterError
     handles = []
     try:
-      for r in requests:
-        handles.append(self.engine.submit(r))
+      with lock:
+        for r in requests:
+          handles.append(self.engine.submit(r))
     except AdapterError as e:  # its adapter was unloaded since the request was checked
       for h in handles:
         h.cancel()
@@ -1031,7 +1041,7 @@ async def _completions(srv: _Server, body: CompletionRequest, request):
     echoes = [p if isinstance(p, str) else tok.decode(p, skip_special_tokens=True)
               for p in prompts]
   model = body.model or srv.model_name
-  handles = srv.submit(reqs)
+  handles = await srv.submit(reqs)
   k = body.logprobs
   as_ids = bool(body.return_tokens_as_token_ids)
   n = body.n
@@ -1185,7 +1195,7 @@ async def _chat(srv: _Server, body: ChatCompletionRequest, request):
   if adapter is not None:
     await asyncio.to_thread(srv.check_adapter, adapter)
   model = body.model or srv.model_name
-  handles = srv.submit(reqs)
+  handles = await srv.submit(reqs)
   k = (body.top_logprobs or 0) if body.logprobs else None
   if body.stream:
     return _stream_chat(srv, handles, rid, model, k,
