@@ -51,7 +51,7 @@ def _requests(n, seed=0):
   return names, prompts
 
 
-def _peft(multi, prompts, names):
+def _peft(multi, prompts, names, new=NEW):
   width = max(map(len, prompts))
   ids = np.zeros((len(prompts), width), np.int64)
   mask = np.zeros_like(ids)
@@ -59,29 +59,38 @@ def _peft(multi, prompts, names):
     ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
   with torch.no_grad():
     out = multi.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                         max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0,
+                         max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
                          eos_token_id=None, adapter_names=[n or "__base__" for n in names])
   return [list(map(int, r)) for r in out[:, width:].numpy()]
 
 
 def test_eight_devices_equal_peft(world):
-  """Mixed adapters (ranks 4-64, attention and MLP targets) and base rows, prefill chunks and
-  decodes in one step: the same tokens as transformers + PEFT (which one device equals too:
-  tests/serve/test_engine.py)."""
+  """Mixed adapters (ranks 4-64, attention and MLP targets) and base rows sharing a system
+  prompt, in a pool so small that requests are preempted, with prefix-cache hits, prefill
+  chunks and decodes in one step: the same tokens as transformers + PEFT (which one device
+  equals too: tests/serve/test_engine.py)."""
   model, multi, dirs = world
-  names, prompts = _requests(7)
-  requests = [Request(prompt=p, adapter=n, max_tokens=NEW, eos_token_id=[])
+  names, prompts = _requests(8)
+  system = list(range(40, 58))  # 18 tokens: one full block of 16 per request is shared
+  prompts = [system + p[:8] for p in prompts]
+  # 10 new tokens take a request past 32 tokens: a third block, after admission.
+  requests = [Request(prompt=p, adapter=n, max_tokens=10, eos_token_id=[])
               for p, n in zip(prompts, names)]
-  engine = Engine(model, adapters=dirs, num_pages=400, max_seqs=8, max_step_tokens=48,
-                  prefix_cache=False, tensor_parallel=8)
+  from serve.pool import PagedPool
+  probe = Engine(model, adapters=dirs, num_pages=2, tensor_parallel=8, prefetch=False)
+  adapter_pages = sum(probe.pool.adapter_pages_needed(ja.load_adapter(d)) for d in dirs.values())
+  engine = Engine(model, adapters=dirs, num_pages=1 + adapter_pages + 14, max_seqs=4,
+                  max_step_tokens=48, reserve="none", tensor_parallel=8)
+  assert isinstance(engine.pool, PagedPool) and engine.pool.block == 16
   assert engine.pool.pages.sharding.spec == jax.sharding.PartitionSpec(None, "model")
   shard = engine.pool.pages.addressable_shards[0].data.shape
-  assert shard == (400, engine.pool.page_size // 8)
+  assert shard == (engine.pool.num_pages, engine.pool.page_size // 8)
   q = engine.tp_plan.params["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
   assert q.addressable_shards[0].data.shape == (64, 8)  # its 2 heads of 4
   out = engine.generate(requests)
-  assert [c.tokens for c in out] == _peft(multi, prompts, names)
-  assert engine.stats()["steps"] > NEW  # a prompt was cut into chunks
+  assert [c.tokens for c in out] == _peft(multi, prompts, names, new=10)
+  st = engine.stats()
+  assert st.get("preemptions", 0) > 0 and st.get("prefix_hit_tokens", 0) > 0, st
 
 
 def test_collectives_per_layer_follow_s_lora(world):
