@@ -23,34 +23,36 @@ from _api_helpers import save_lora, tiny_model_with_tokenizer
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ERROR_KEYS = {"message", "type", "param", "code"}
+NEW = 24  # tokens of every well-formed request
 
 
 @pytest.fixture(scope="module")
 def fuzz(tmp_path_factory, hf_model_maker):
+  """The server over the tiny model with 6 adapters in a pool too small for 8 requests at once
+  (admission on the prompt alone: requests are preempted and recomputed under load), and each
+  adapter's answer run alone before the server starts."""
   root = tmp_path_factory.mktemp("fuzz")
   base = root / "base"
   hf = tiny_model_with_tokenizer(base, hf_model_maker)
   allowed = root / "allowed"
-  for i in range(2):
-    save_lora(hf, allowed / f"a{i}", seed=i)
+  names = [f"a{i}" for i in range(6)]
+  for i, name in enumerate(names):
+    save_lora(hf, allowed / name, seed=i)
   (root / "outside").mkdir()
   shutil.copytree(allowed / "a1", root / "outside" / "a1")
   (allowed / "out").symlink_to(root / "outside" / "a1")
   model = ja.load_model(str(base))
-  engine = Engine(model, adapters={"a0": str(allowed / "a0")}, pool_mb=2, max_seqs=8,
-                  max_step_tokens=32)
+  # 48 usable pages: 2 adapters (8 pages each) and the KV of ~4 requests of 40 tokens.
+  engine = Engine(model, adapters={n: str(allowed / n) for n in names}, num_pages=49,
+                  reserve="none", max_seqs=8, max_step_tokens=32, max_adapters=8)
+  prompts = {None: "hello\n", **{n: f"[reverse] load{i}\n" for i, n in enumerate(names)}}
+  want = {n: engine.generate([Request(prompt=p, adapter=n, max_tokens=NEW,
+                                      eos_token_id=[])])[0].text for n, p in prompts.items()}
   app = api.make_app(engine, model_name="tiny", api_key=KEY, allowed_dirs=[str(allowed)])
   server = api.BackgroundServer(app)
-  client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-  prompts = {"a0": "[reverse] fuzz\n", "a1": "[upper] fuzz\n", None: "hello\n"}
-  want = {name: engine.generate([Request(prompt=p, adapter=name, max_tokens=12,
-                                         eos_token_id=[])])[0].text
-          for name, p in prompts.items() if name != "a1"}
-  ref = Engine(model, adapters={"a1": str(allowed / "a1")}, pool_mb=1, prefetch=False)
-  want["a1"] = ref.generate([Request(prompt=prompts["a1"], adapter="a1", max_tokens=12,
-                                     eos_token_id=[])])[0].text
+  client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
   yield dict(app=app, engine=engine, url=server.url, client=client, prompts=prompts, want=want,
-             allowed=allowed)
+             allowed=allowed, names=names)
   server.stop()
 
 
@@ -70,7 +72,7 @@ class _Traffic:
       name = names[i % 2]  # a failure propagates: the thread dies and check() says so
       i += 1
       r = self.fuzz["client"].completions.create(
-          model=name or "tiny", prompt=self.fuzz["prompts"][name], max_tokens=12,
+          model=name or "tiny", prompt=self.fuzz["prompts"][name], max_tokens=NEW,
           temperature=0, extra_body={"ignore_eos": True})
       if r.choices[0].text != self.fuzz["want"][name]:
         self.bad.append((name, r.choices[0].text))
@@ -172,7 +174,8 @@ def test_hostile_requests(fuzz):
     allowed = fuzz["allowed"]
     for path in ("../outside/a1", "out", str(allowed / "out"), "a0/../../outside/a1", "/",
                  "/etc/passwd", "a0\x00", "~", "default:nope", "", "a" * 5000):
-      _check(_post(fuzz, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path}), seen)
+      _check(_post(fuzz, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path}),
+             seen)
     assert "x" not in fuzz["engine"].store
     for name in ("nope", "tiny", "", "a0 b"):
       _check(_post(fuzz, "/v1/unload_lora_adapter", {"lora_name": name}), seen)
@@ -186,7 +189,7 @@ def test_concurrent_load_unload_of_one_name_while_it_generates(fuzz):
   """Threads load, unload and generate with the same name at once: every answer is a 200 with
   the adapter's own output, or a 4xx saying why (not loaded, being unloaded, loaded already)."""
   seen, outputs, lock = {}, [], threading.Lock()
-  stop = time.monotonic() + 8
+  stop = time.monotonic() + 5
 
   def loader():
     while time.monotonic() < stop:
@@ -200,7 +203,7 @@ def test_concurrent_load_unload_of_one_name_while_it_generates(fuzz):
   def user():
     while time.monotonic() < stop:
       resp = _post(fuzz, "/v1/completions", {"model": "hot", "prompt": fuzz["prompts"]["a1"],
-                                              "max_tokens": 12, "temperature": 0,
+                                              "max_tokens": NEW, "temperature": 0,
                                               "ignore_eos": True})
       with lock:
         _check(resp, seen)
@@ -237,7 +240,39 @@ def test_disconnects_mid_stream_cancel_and_leave_the_server_whole(fuzz):
   assert engine.stats().get("finished_cancelled", 0) == before + 6
   assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
   r = fuzz["client"].completions.create(model="a0", prompt=fuzz["prompts"]["a0"],
-                                        max_tokens=12, temperature=0,
+                                        max_tokens=NEW, temperature=0,
                                         extra_body={"ignore_eos": True})
   assert r.choices[0].text == fuzz["want"]["a0"]
   assert httpx.get(fuzz["url"] + "/health").status_code == 200
+
+
+def test_concurrent_streams_over_every_adapter_preempt_and_lose_nothing(fuzz):
+  """32 streaming clients at once over the 6 adapters and the base, in a pool that holds about
+  4 of them: requests are preempted and recomputed, and every stream still ends with the answer
+  its request gives alone."""
+  engine, client = fuzz["engine"], fuzz["client"]
+  before = engine.stats().get("preemptions", 0)
+  names = [None] + fuzz["names"]
+  got, lock = [], threading.Lock()
+
+  def stream(i):
+    name = names[i % len(names)]
+    text, reason = "", None
+    for ch in client.completions.create(model=name or "tiny", prompt=fuzz["prompts"][name],
+                                        max_tokens=NEW, temperature=0, stream=True,
+                                        extra_body={"ignore_eos": True}):
+      text += ch.choices[0].text
+      reason = ch.choices[0].finish_reason or reason
+    with lock:
+      got.append((name, text, reason))
+
+  threads = [threading.Thread(target=stream, args=(i,)) for i in range(32)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(120)
+  assert len(got) == 32
+  assert [(n, t, r) for n, t, r in got if t != fuzz["want"][n] or r != "length"] == []
+  st = engine.stats()
+  assert st.get("preemptions", 0) > before, st
+  assert st["running"] == 0 and st["waiting"] == 0
