@@ -600,9 +600,14 @@ class _Server:
     return dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                 stop=stop, eos_token_id=[] if req.ignore_eos else None)
 
-  def requests(self, prompts: list, req: _Sampling, adapter: Optional[str], max_tokens,
+  def requests(self, prompts: list, req: _Sampling, adapter: Optional[str], max_tokens: int,
                rid: str) -> list:
-    """The engine requests of every (prompt, choice), each checked, or an APIError."""
+    """The engine requests of every (prompt, choice), prompt by prompt, each checked.
+
+    Raises:
+      APIError: 400 for a request the engine refuses (the engine's message), 404 for an adapter
+        unloaded meanwhile.
+    """
     from serve.engine import Request
     from serve.store import AdapterError
     kwargs = self.sampling(req)
@@ -610,15 +615,14 @@ class _Server:
       raise APIError(400, f"{len(prompts)} prompts x n={req.n} = {len(prompts) * req.n} "
                           f"choices; at most {MAX_CHOICES} per request", param="n")
     out = []
-    for i, prompt in enumerate(prompts):
+    for prompt in prompts:
       for j in range(req.n):
         seed = req.seed
         if seed is None and kwargs["temperature"] > 0:
           seed = secrets.randbits(32)  # each choice its own draws
         elif seed is not None:
           seed = (seed + j) % 2 ** 32
-        limit = max_tokens(prompt) if callable(max_tokens) else max_tokens
-        r = Request(prompt=prompt, adapter=adapter, max_tokens=limit, seed=seed,
+        r = Request(prompt=prompt, adapter=adapter, max_tokens=max_tokens, seed=seed,
                     request_id=f"{rid}-{len(out)}", **kwargs)
         try:
           self.engine.check(r)
