@@ -749,13 +749,15 @@ class Engine:
     pool, c = self.pool, self.model.config
     long = sum(1 for _, n in plan if n > 1)
     # Few buckets (at least 8 sequences, 16 tokens, a 16-token query run when any prefill,
-    # 4 pages per sequence), so a stream of steps compiles a handful of programs.
+    # pages for 64 tokens per sequence), so a stream of steps compiles a handful of programs.
+    # The page floor is in tokens: attention reads every page of the bucket, and a model whose
+    # MLP size has a large odd factor has large blocks (bench.serving's: 172 tokens).
     s = _bucket(len(plan), min(8, _bucket(self.max_seqs)))
     total = sum(n for _, n in plan)
     t = _bucket(total, max(s, 16))
     longest = max(n for _, n in plan)
     max_q = 1 if longest == 1 else _bucket(longest, 16)
-    pps = _bucket(max(len(seq.blocks) for seq, _ in plan), 4)
+    pps = _bucket(max(len(seq.blocks) for seq, _ in plan), -(-64 // pool.block))
     tokens = np.zeros(t, np.int32)
     positions = np.zeros(t, np.int32)
     token_seq = np.zeros(t, np.int32)

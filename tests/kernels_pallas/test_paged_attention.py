@@ -77,15 +77,18 @@ def test_reference_equals_dense_attention(kv_lens, q_lens, window):
       pg, off = tables[i, pos // BLOCK], pos % BLOCK
       k_new[cu[i] + j], v_new[cu[i] + j] = wiped[pg, off, 0::2], wiped[pg, off, 1::2]
       wiped[pg, off] = 1e3  # the pages must not be read there
-  got = pa.reference(q, jnp.asarray(wiped), kv, tables, cu, num, sm_scale=D ** -0.5, max_q=16,
-                     sliding_window=window, new_kv=(jnp.asarray(k_new), jnp.asarray(v_new)))
-  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+  new_kv = (jnp.asarray(k_new), jnp.asarray(v_new))
+  for bound in (16, max_q):  # max_q = 1 (decode only) takes the decode path
+    got = pa.reference(q, jnp.asarray(wiped), kv, tables, cu, num, sm_scale=D ** -0.5,
+                       max_q=bound, sliding_window=window, new_kv=new_kv)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
   # Long query runs first, single queries after: the split rectangles give the same.
   long = sum(1 for n in q_lens if n > 1)
   if all(n == 1 for n in q_lens[long:]):
-    got = pa.reference(*args, sm_scale=D ** -0.5, max_q=16, sliding_window=window,
-                       long_seqs=long)
-    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+    for pages_now, kv_now in ((pages, None), (jnp.asarray(wiped), new_kv)):
+      got = pa.reference(q, pages_now, kv, tables, cu, num, sm_scale=D ** -0.5, max_q=16,
+                         sliding_window=window, long_seqs=long, new_kv=kv_now)
+      np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
 
 def test_write_kv_places_tokens_and_interleaves_heads():
