@@ -271,13 +271,19 @@ class PagedPool:
   def views(self) -> dict:
     """`{path: PoolView}` for the paths some resident adapter targets (static geometry)."""
     out = {}
+    slots = [res.slot for res in self.resident.values()]
     for path in self.paths:
       if path in self.targets:
         din, dout = self.sizes[path]
         local_in, local_out = self._local(path)
-        out[path] = PoolView(slot=self.slot_of[path], din=local_in, dout=local_out,
-                             pages_a=-(-self.max_rank // (self.page_size // din)),
-                             pages_b=-(-self.max_rank // (self.page_size // dout)))
+        ps = self.slot_of[path]
+        live = [int(self.ranks[ps, n]) for n in slots if self.scales[ps, n]] or [1]
+        # Pages for the largest resident rank (a power of two >= 8, so few programs), not for
+        # max_rank: every page of the view is read for every token.
+        bound = min(self.max_rank, max(8, 1 << (max(live) - 1).bit_length()))
+        out[path] = PoolView(slot=ps, din=local_in, dout=local_out,
+                             pages_a=-(-bound // (self.page_size // din)),
+                             pages_b=-(-bound // (self.page_size // dout)))
     return out
 
   def stats(self, kv_tokens: int = 0) -> dict:
