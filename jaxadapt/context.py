@@ -60,7 +60,7 @@ class SingleLoRA:
   dropout: float = 0.0
 
 
-@_pytree()
+@_pytree(meta=("rank_bound",))
 class Stack:
   """N adapters on one projection, indexed by the context's routing.
 
@@ -74,13 +74,14 @@ class Stack:
   scale: jax.Array                  # [N]
   ranks: Optional[jax.Array] = None       # [N] int32, or None (all r_max)
   dora_scale: Optional[jax.Array] = None  # [N, out]
+  rank_bound: int = 0                     # static: every live rank <= it (0: unknown)
 
   @property
   def num_adapters(self) -> int:
     return self.scale.shape[0]
 
 
-@_pytree(meta=("slot", "din", "dout", "pages_a", "pages_b"))
+@_pytree(meta=("slot", "din", "dout", "pages_a", "pages_b", "rank"))
 class PoolView:
   """A path's adapters in the context's unified pool (`Context.pool`): static geometry only.
 
@@ -95,6 +96,7 @@ class PoolView:
   dout: int
   pages_a: int
   pages_b: int
+  rank: int = 0  # a bound on every live rank on this path (0: unknown)
 
 
 @_pytree()
@@ -132,7 +134,7 @@ class AdapterPool:
     """The path's `Stack` (paged sides, its row of scales and ranks) for the hook."""
     dora = None if self.dora_scale is None else self.dora_scale[view.slot, :, :view.dout]
     return Stack(a=self.side(view, "a"), b=self.side(view, "b"), scale=self.scales[view.slot],
-                 ranks=self.ranks[view.slot], dora_scale=dora)
+                 ranks=self.ranks[view.slot], dora_scale=dora, rank_bound=view.rank)
 
 
 # -- Routing ----------------------------------------------------------------------------------

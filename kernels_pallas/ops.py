@@ -494,3 +494,21 @@ def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
                       ranks=ranks, grouping=grouping)
   return out.astype(y.dtype)
 
+
+
+def lora_rows(y: jax.Array, x: jax.Array, a: PagedWeights, b: PagedWeights, ids: jax.Array,
+              scales: jax.Array, *, ranks: jax.Array, rank: int) -> jax.Array:
+  """`lora_expand(y, lora_shrink(x, a, ids, ranks), b, ids, scales, ranks)` for rows whose
+  adapters' ranks are all <= `rank` (static), reading only those rank rows of each row's pool
+  pages (`xla.rows_lora`; every backend, it is plain jnp and differentiable).
+
+  References:
+    S-LoRA (Sheng et al., 2023), Sec. 5.1 (MBGMV: the decode batch, one adapter per token).
+  """
+  if not (isinstance(a, PagedWeights) and isinstance(b, PagedWeights)):
+    raise TypeError("lora_rows reads adapters from pool pages: a and b must be PagedWeights")
+  if rank < 1 or rank > min(a.max_rank, b.max_rank):
+    raise ValueError(f"lora_rows: rank must be in [1, {min(a.max_rank, b.max_rank)}] (the "
+                     f"pages' rank slots), got {rank}")
+  reference._validate("lora_rows", x, a, ids, ranks, side="a")  # pylint: disable=protected-access
+  return xla.rows_lora(y, x, a, b, ids, scales, jnp.asarray(ranks, jnp.int32), rank)

@@ -185,3 +185,36 @@ def batched_lora(y: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, ids: ja
   d = jnp.einsum("bsr,bro->bso", h, bw)
   d = jnp.where(valid[:, None, None], d, 0)
   return (y.astype(jnp.float32) + d).astype(y.dtype)
+
+
+def paged_rows(w, ids: jax.Array, rank: int) -> jax.Array:
+  """[T, rank, F]: rank rows 0..rank-1 of each row's adapter, read row by row from its pages
+  (`w` a PagedWeights, pool [P, page_rows, F]); not a page more than the rank needs."""
+  page_rows = w.pool.shape[1]
+  j = jnp.arange(rank, dtype=jnp.int32)
+  pages = jnp.clip(w.table[ids][:, j // page_rows], 0, w.pool.shape[0] - 1)   # [T, rank]
+  flat = w.pool.reshape(-1, w.pool.shape[2])                                    # a bitcast
+  return flat[pages * page_rows + j % page_rows]
+
+
+def rows_lora(y: jax.Array, x: jax.Array, a, b, ids: jax.Array, scales: jax.Array,
+              ranks: jax.Array, rank: int) -> jax.Array:
+  """`y + scale * (x A) B` per row with each row's adapter read rank row by rank row from pool
+  pages (S-LoRA's BGMV for decode: a few tokens, each its own adapter). For T rows it reads
+  T x rank x (D + O) weights, where the visit loop reads whole pages per visit; the better of
+  the two when T is small and the adapters many (bench in docs/benchmarks.md).
+
+  Args:
+    y: [T, O]; x: [T, D]; a, b: PagedWeights of A^T rows [.., D] and B rows [.., O]; ids: [T]
+    (< 0 or >= N: no adapter); scales, ranks: [N]; rank: a static bound on every live rank.
+  """
+  n = scales.shape[0]
+  valid = (ids >= 0) & (ids < n)
+  safe = jnp.where(valid, ids, 0)
+  live = valid[:, None] & (jnp.arange(rank)[None, :] < ranks[safe][:, None])   # [T, rank]
+  aw = jnp.where(live[..., None], paged_rows(a, safe, rank), 0)                 # [T, rank, D]
+  h = jnp.einsum("td,trd->tr", x, aw.astype(x.dtype), preferred_element_type=jnp.float32)
+  h = h * jnp.where(valid, scales[safe], 0).astype(jnp.float32)[:, None]
+  bw = jnp.where(live[..., None], paged_rows(b, safe, rank), 0)                 # [T, rank, O]
+  d = jnp.einsum("tr,tro->to", h, bw.astype(jnp.float32))
+  return (y.astype(jnp.float32) + jnp.where(valid[:, None], d, 0)).astype(y.dtype)

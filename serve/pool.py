@@ -283,7 +283,7 @@ class PagedPool:
         bound = min(self.max_rank, max(8, 1 << (max(live) - 1).bit_length()))
         out[path] = PoolView(slot=ps, din=local_in, dout=local_out,
                              pages_a=-(-bound // (self.page_size // din)),
-                             pages_b=-(-bound // (self.page_size // dout)))
+                             pages_b=-(-bound // (self.page_size // dout)), rank=bound)
     return out
 
   def stats(self, kv_tokens: int = 0) -> dict:

@@ -64,6 +64,13 @@ def _per_sequence(x, base, view: Stack, routing: Routing):
   return out.reshape(base.shape)
 
 
+# Up to this many tokens, pooled adapters are read rank row by rank row per token
+# (`kernels_pallas.lora_rows`); past it, by the visit loop over grouped tokens. Measured on
+# bench.serving's shapes (32 decode tokens, 32 adapters of rank 8, D=O=512): 0.10 ms against
+# 0.73 ms for the loop, and 0.07 against 0.09 with one adapter.
+ROWS_MAX_TOKENS = 64
+
+
 def _per_token(x, base, view: Stack, routing: Routing):
   """Mixed LoRA with one adapter id per token (S-LoRA's BGMV layout, Sec. 5.1)."""
   x2, y2 = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
@@ -71,6 +78,12 @@ def _per_token(x, base, view: Stack, routing: Routing):
   if ids.shape[0] != x2.shape[0]:
     raise ValueError(f"token routing has {ids.shape[0]} ids for x of shape {x.shape}: expected "
                      f"one per token ({x2.shape[0]})")
+  if (view.rank_bound and x2.shape[0] <= ROWS_MAX_TOKENS and view.dora_scale is None
+      and isinstance(view.a, kernels_pallas.PagedWeights)
+      and isinstance(view.b, kernels_pallas.PagedWeights)):
+    out = kernels_pallas.lora_rows(y2, x2, _cast(view.a, x.dtype), _cast(view.b, x.dtype), ids,
+                                   view.scale, ranks=view.ranks, rank=view.rank_bound)
+    return out.reshape(base.shape)
   grouping = routing.grouping_for(x2.shape[0])
   a, b = _cast(view.a, x.dtype), _cast(view.b, x.dtype)
   h = kernels_pallas.lora_shrink(x2, a, ids, ranks=view.ranks, grouping=grouping)

@@ -359,3 +359,38 @@ def _check_hook():
       delta = alone(int(topk[t, j]), x2[t:t + 1], False)[0] - base[t]
       want = want.at[t].add(gates[t, j] * delta)
   _close(run(x2, kernel, bias, ctx, "p"), want)
+
+
+def test_lora_rows_equals_shrink_then_expand_and_ignores_rows_past_the_rank():
+  """`lora_rows` (the decode BGMV reading rank rows, not pages) equals the reference
+  shrink-then-expand over pool pages in random order; ranks below the bound, rows without an
+  adapter, and NaN in every pool row past a rank change nothing."""
+  from kernels_pallas import reference as ref
+  rng = np.random.default_rng(3)
+  t, d, o, rows, n, p = 12, 16, 24, 3, 5, 40
+  ranks = np.array([2, 5, 6, 1, 4], np.int32)
+  table = rng.permutation(np.arange(1, p))[:n * 2].reshape(n, 2).astype(np.int32)
+  pool_a = np.full((p, rows, d), np.nan, np.float32)
+  pool_b = np.full((p, rows, o), np.nan, np.float32)
+  for i, r in enumerate(ranks):
+    for j in range(r):
+      pool_a[table[i, j // rows], j % rows] = rng.normal(size=d)
+      pool_b[table[i, j // rows], j % rows] = rng.normal(size=o)
+  a = kp.PagedWeights(jnp.asarray(pool_a), jnp.asarray(table))
+  b = kp.PagedWeights(jnp.asarray(pool_b), jnp.asarray(table))
+  x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(t, o)), jnp.float32)
+  ids = jnp.asarray([0, 1, 2, 3, 4, -1, 2, 2, 0, 7, 1, 4], jnp.int32)
+  scales = jnp.asarray(rng.uniform(0.5, 2, n), jnp.float32)
+  got = jax.jit(lambda y, x, ids: kp.lora_rows(y, x, a, b, ids, scales,
+                                               ranks=jnp.asarray(ranks), rank=6))(y, x, ids)
+  safe = jnp.where(ids < n, ids, -1)  # under jit an id >= N means no adapter
+  want = ref.lora_expand(y, ref.lora_shrink(x, a, safe, ranks=jnp.asarray(ranks)), b, safe,
+                         scales, ranks=jnp.asarray(ranks))
+  assert np.isfinite(np.asarray(got)).all()
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got)[[5, 9]], np.asarray(y)[[5, 9]])  # no adapter
+  with pytest.raises(ValueError, match="rank must be in"):
+    kp.lora_rows(y, x, a, b, safe, scales, ranks=jnp.asarray(ranks), rank=7)
+  with pytest.raises(ValueError, match="ids must be < N=5"):
+    kp.lora_rows(y, x, a, b, ids, scales, ranks=jnp.asarray(ranks), rank=6)
