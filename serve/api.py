@@ -923,6 +923,10 @@ class _Guard:
         return message
 
       await self.app(scope, limited, tracked)
+    except asyncio.CancelledError:  # the client went away before its answer
+      if not status["started"]:
+        status["code"] = 499
+      raise
     except Exception as e:  # noqa: BLE001 -- a request can never crash the server
       if status["started"] or "body_limit" in type(e).__module__:
         raise  # the response is under way, or Starlette's body-size limit signalling itself
@@ -999,15 +1003,19 @@ async def _collect(srv: _Server, handles: list, request) -> list:
   for i, h in enumerate(handles):
     _pump(loop, queue, i, h)
   done = [None] * len(handles)
+  getter = None
   try:
     pending = len(handles)
     while pending:
-      try:
-        i, item = await asyncio.wait_for(queue.get(), timeout=0.5)
-      except asyncio.TimeoutError:
+      # One get kept across timeouts (wait_for could drop an item that lands as it times out).
+      getter = getter or asyncio.ensure_future(queue.get())
+      ready, _ = await asyncio.wait({getter}, timeout=0.5)
+      if not ready:
         if await request.is_disconnected():
-          raise asyncio.CancelledError("client disconnected") from None
+          raise asyncio.CancelledError("client disconnected")
         continue
+      i, item = getter.result()
+      getter = None
       if isinstance(item, BaseException):
         raise item
       if hasattr(item, "finish_reason"):
@@ -1016,6 +1024,8 @@ async def _collect(srv: _Server, handles: list, request) -> list:
         pending -= 1
     return done
   finally:
+    if getter is not None:
+      getter.cancel()
     for h in handles:
       if not h.done():
         h.cancel()
@@ -1313,12 +1323,16 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--max-seqs", type=int, default=32, help="requests in a batch at most")
   p.add_argument("--max-queue", type=int, default=4096,
                  help="requests waiting at most (beyond: 429 with Retry-After)")
+  p.add_argument("--reserve", choices=("worst", "none"), default="worst",
+                 help="admit a request when the KV of its worst-case length fits (worst), or on "
+                      "its prompt alone and preempt when the pool runs out (none, as vLLM)")
   p.add_argument("--host", default="127.0.0.1")
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--api-key", default=None,
                  help="require 'Authorization: Bearer KEY' (default: $JAXADAPT_API_KEY)")
   p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                 help="devices per replica (only 1 so far: the engine's TP is issue #10)")
+                 help="devices one replica shards the model over (S-LoRA Sec. 6), where the "
+                      "engine has tensor parallelism")
   p.add_argument("--chat-template", default=None, metavar="FILE",
                  help="a Jinja chat template file, instead of the tokenizer's")
   p.add_argument("--dtype", default="float32")
@@ -1336,9 +1350,13 @@ def build(args) -> tuple:
   """
   import jaxadapt as ja
   from serve.engine import Engine
+  import inspect
+  tp = {}
   if args.tensor_parallel != 1:
-    raise ValueError(f"--tensor-parallel {args.tensor_parallel}: the engine serves on one "
-                     f"device so far (tensor-parallel serving is issue #10); use 1")
+    if "tensor_parallel" not in inspect.signature(Engine).parameters:
+      raise ValueError(f"--tensor-parallel {args.tensor_parallel}: this engine serves on one "
+                       f"device (tensor-parallel serving is issue #10); use 1")
+    tp["tensor_parallel"] = args.tensor_parallel
   adapters = {}
   for item in args.adapter:
     name, sep, path = item.partition("=")
@@ -1364,7 +1382,7 @@ def build(args) -> tuple:
       template = f.read()
   model = ja.load_model(args.model, dtype=args.dtype)
   engine = Engine(model, adapters=adapters, pool_mb=args.pool_mb, max_seqs=args.max_seqs,
-                  max_queue=args.max_queue)
+                  max_queue=args.max_queue, reserve=args.reserve, **tp)
   return engine, dict(model_name=name,
                       api_key=args.api_key or os.environ.get("JAXADAPT_API_KEY") or None,
                       allowed_dirs=list(args.adapter_dir) + list(args.allowed_adapter_dir),

@@ -24,8 +24,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_cli_flags_are_checked():
-  bad = (["--tensor-parallel", "2"], "issue #10"), (["--adapter", "noequals"], "NAME=DIR")
+def test_cli_flags_are_checked(tmp_path):
+  bad = ((["--adapter", "noequals"], "NAME=DIR"),
+         (["--adapter", "a=default:reverse", "--adapter", "a=default:upper"], "given twice"),
+         (["--adapter-dir", str(tmp_path / "none")], "expected a directory"),
+         (["--adapter-dir", str(tmp_path)], "no PEFT adapter dir"),
+         (["--adapter", "default=default:reverse"], "--served-model-name"))
   for argv, match in bad:
     args = api._parser().parse_args(argv)
     with pytest.raises(ValueError, match=match):
