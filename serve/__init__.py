@@ -10,5 +10,5 @@ from serve.engine import Completion, Engine, Handle, Overloaded, Request, TokenE
 from serve.pool import OutOfPages, PagedPool
 from serve.store import AdapterError, AdapterStore, StoredAdapter
 
-__all__ = ["AdapterError", "AdapterStore", "Completion", "Engine", "Handle", "OutOfPages", "Overloaded",
-           "PagedPool", "Request", "StoredAdapter", "TokenEvent"]
+__all__ = ["AdapterError", "AdapterStore", "Completion", "Engine", "Handle", "OutOfPages",
+           "Overloaded", "PagedPool", "Request", "StoredAdapter", "TokenEvent"]

@@ -10,11 +10,12 @@ Paper: "S-LoRA: Serving Thousands of Concurrent LoRA Adapters" (Sheng et al., ML
   * Sec. 5 heterogeneous batching: one packed forward per step (prefill chunks first, then one
     token per decoding request), every projection's LoRA read straight from the pool pages
     through `kernels_pallas` in the per-token layout; base-only requests in the same batch.
-  * Admission (as S-LoRA's scheduler): a request is admitted when the pool can hold its
-    adapter and the KV pages of its worst-case length (`reserve="worst"`; `reserve="none"`
-    admits on the prompt alone, as vLLM does, and relies on preemption). When a step cannot get
-    the pages it needs, the most recently admitted request is preempted: its pages are freed and
-    it is recomputed later from its tokens so far (nothing is lost).
+  * Admission, preemption and the prefix cache (`serve.scheduler`, as S-LoRA's scheduler): a
+    request is admitted when the pool can hold its adapter and the KV pages of its worst-case
+    length (`reserve="worst"`; `reserve="none"` admits on the prompt alone, as vLLM does, and
+    relies on preemption). When a step cannot get the pages it needs, the most recently
+    admitted request is preempted: its pages are freed and it is recomputed later from its
+    tokens so far (nothing is lost).
 
 ```python
 engine = Engine(model, adapters={"sql": "adapters/sql"}, pool_mb=256)
@@ -48,7 +49,8 @@ from jaxadapt import generate as gen_lib
 from jaxadapt.context import Context, PagedKV, make_routing
 from jaxadapt.models.frozen import apply
 from kernels_pallas import attention as paged_attention
-from serve.pool import OutOfPages, PagedPool
+from serve.pool import PagedPool
+from serve.scheduler import Scheduler, _Seq
 from serve.store import AdapterError, AdapterStore
 
 
@@ -144,41 +146,6 @@ class Handle:
     if not self._done.wait(timeout):
       raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
     return self.completion
-
-
-@dataclasses.dataclass(eq=False)
-class _Seq:
-  handle: Handle
-  tokens: list                  # prompt + generated ids
-  prompt_len: int
-  eos: frozenset
-  key: Optional[tuple] = None   # (adapter name, digest) once its adapter is read
-  slot: int = -1                # its adapter's pool slot (-1: base)
-  computed: int = 0             # tokens whose KV is in the pool
-  blocks: list = dataclasses.field(default_factory=list)  # per block: L page ids
-  cached: list = dataclasses.field(default_factory=list)  # per block: its _Block if shared
-  reserved: int = 0             # pages promised at admission, not yet allocated
-  arrival: float = 0.0
-  first_token: Optional[float] = None
-  preemptions: int = 0
-  sent_text: int = 0            # chars of text streamed so far
-  error: Optional[str] = None
-  logprobs: list = dataclasses.field(default_factory=list)
-  top_logprobs: list = dataclasses.field(default_factory=list)
-
-  @property
-  def generated(self) -> int:
-    return len(self.tokens) - self.prompt_len
-
-
-@dataclasses.dataclass(eq=False)
-class _Block:
-  """A full block of prompt tokens' KV in the prefix cache, shared by the requests that hold it.
-  Keyed by a hash chain over (adapter identity, the tokens of this block and every block before
-  it), so it is reused only for the same adapter and the same preceding tokens."""
-  key: int
-  pages: list    # L page ids, one per layer
-  refs: int = 0  # requests that hold it (0: idle, evictable)
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
@@ -295,18 +262,15 @@ class Engine:
     self.default_eos = frozenset(gen_lib._default_eos(model))
     self._lock = threading.Lock()
     self._incoming: collections.deque = collections.deque()
-    self.waiting: collections.deque = collections.deque()
-    self.running: list = []
-    self._lru: collections.OrderedDict = collections.OrderedDict()  # resident keys, idle order
-    self._name_key: dict = {}  # adapter name -> the key (name, digest) last made resident
     self._prefetch_names: list = []  # adapters of the waiting queue, for the prefetch thread
     self._prefetch_event = threading.Event()
     self._ids = itertools.count()
     self._stats = collections.Counter()
     self._peak_pages = 0
     self.prefix_cache = prefix_cache
-    self._prefix: collections.OrderedDict = collections.OrderedDict()  # key -> _Block
-    self._idle_blocks: collections.OrderedDict = collections.OrderedDict()  # refs == 0, LRU
+    self.scheduler = Scheduler(self.pool, self.store, self._finish, self._stats,
+                               max_seqs=max_seqs, max_step_tokens=max_step_tokens,
+                               reserve=reserve, prefix_cache=prefix_cache)
     self._wake_event = threading.Event()
     self._loop_thread = None
     self._stop_loop = False
@@ -445,7 +409,7 @@ class Engine:
       except Exception as e:  # a bug must not kill the server: fail the running requests
         for seq in list(self.running) + list(self.waiting):
           self._finish(seq, "error", error=f"engine error: {type(e).__name__}: {e}")
-        self.running, self.waiting = [], collections.deque()
+        self.scheduler.running, self.scheduler.waiting = [], collections.deque()
 
   def has_work(self) -> bool:
     return bool(self._incoming or self.waiting or self.running)
@@ -477,273 +441,25 @@ class Engine:
       self._finish(seq, "cancelled")
     if self._retiring:
       self._retire()
-    self._admit()
-    batch = self._plan()
+    self.scheduler.admit()
+    self._prefetch_names = [s.handle.request.adapter for s in self.waiting]
+    if self._prefetch_names:
+      self._prefetch_event.set()
+    batch = self.scheduler.plan()
     produced = self._run(batch) if batch else 0
     if self._retiring:
       self._retire()
     return produced
 
-  # -- admission -------------------------------------------------------------------------------
+  # -- scheduling (serve/scheduler.py) -------------------------------------------------------
 
-  def _resident(self, seq: _Seq) -> bool:
-    """Puts `seq`'s adapter in the pool (reading it if needed); False if it does not fit now.
-    A bad adapter finishes `seq` with an error and returns False."""
-    name = seq.handle.request.adapter
-    if name is None:
-      return True
-    key = self._name_key.get(name)
-    if key in self.pool.resident and self.store.unchanged(name, key[1]):
-      self._stats["adapter_hits"] += 1  # on the device already (and its files unchanged)
-    else:
-      try:
-        if not self.store.cached(name):
-          self._stats["admissions_waited"] += 1  # a disk read now: prefetch did not get to it
-        stored = self.store.get(name)
-        self.pool.check_adapter(name, stored.adapter)
-      except (AdapterError, ValueError) as e:
-        self._finish(seq, "error", error=str(e))
-        return False
-      key = stored.key
-      if key not in self.pool.resident:
-        need = self.pool.adapter_pages_needed(stored.adapter)
-        if not self._make_room(need, slots=True):
-          return False
-        self.pool.load(key, stored.adapter, stored.nbytes)
-        self._stats["adapter_loads"] += 1
-      else:
-        self._stats["adapter_hits"] += 1
-      old = self._name_key.get(name)
-      if old is not None and old != key and old in self._lru:  # a stale version, idle: free it
-        self._lru.pop(old)
-        self.pool.unload(old)
-      self._name_key[name] = key
-    res = self.pool.resident[key]
-    res.users += 1
-    self._lru.pop(key, None)
-    seq.key, seq.slot = key, res.slot
-    return True
+  @property
+  def waiting(self) -> collections.deque:
+    return self.scheduler.waiting
 
-  def _evict_one(self, adapters: bool = True) -> bool:
-    """Frees the least recently used idle prefix block, else (with `adapters`) the least
-    recently used idle adapter; False when there is nothing idle."""
-    if self._idle_blocks:
-      key, _ = self._idle_blocks.popitem(last=False)
-      block = self._prefix.pop(key)
-      self.pool.free(block.pages, kind="kv")
-      self._stats["prefix_evictions"] += 1
-      return True
-    if adapters and self._lru:
-      key, _ = self._lru.popitem(last=False)
-      self.pool.unload(key)
-      self._stats["adapter_evictions"] += 1
-      return True
-    return False
-
-  def _make_room(self, pages: int, slots: bool = False) -> bool:
-    """Evicts idle prefix blocks and idle adapters (least recently used first) until `pages`
-    are free beyond what is reserved (and a slot, with `slots`)."""
-    def ok():
-      return (self.pool.free_pages - self._reserved() >= pages
-              and (not slots or self.pool._free_slots))
-    while not ok():
-      if slots and not self.pool._free_slots:
-        if not self._lru:
-          break
-        key, _ = self._lru.popitem(last=False)  # a slot only an adapter can free
-        self.pool.unload(key)
-        self._stats["adapter_evictions"] += 1
-      elif not self._evict_one():
-        break
-    return bool(ok())
-
-  def _idle_pages(self) -> int:
-    """Pages that eviction could free now: idle prefix blocks and idle adapters."""
-    adapters = sum(len(self.pool.resident[k].pages) for k in self._lru if k in self.pool.resident)
-    return len(self._idle_blocks) * self.pool.layers + adapters
-
-  def _cached_pages(self, seq: _Seq) -> int:
-    """KV pages of `seq`'s prefix that the cache holds (0 before its adapter is known)."""
-    if not self.prefix_cache or (seq.handle.request.adapter is not None and seq.key is None):
-      return 0
-    n = 0
-    for key in self._chain(seq, (len(seq.tokens) - 1) // self.pool.block):
-      if key not in self._prefix:
-        break
-      n += 1
-    return n * self.pool.layers
-
-  def _reserved(self) -> int:
-    return sum(s.reserved for s in self.running)
-
-  def _kv_pages(self, tokens: int) -> int:
-    return -(-tokens // self.pool.block) * self.pool.layers
-
-  def _admit(self) -> None:
-    while self.waiting and len(self.running) < self.max_seqs:
-      seq = self.waiting[0]
-      if seq.handle.cancelled:
-        self.waiting.popleft()
-        self._finish(seq, "cancelled")
-        continue
-      remaining = seq.handle.request.max_tokens - seq.generated
-      total = len(seq.tokens) + (remaining if self.reserve == "worst" else 1)
-      need = self._kv_pages(total)
-      room = self.pool.free_pages + self._idle_pages() - self._reserved()
-      if room < need - self._cached_pages(seq):
-        if not self.running:
-          self._cannot_fit(seq, need)
-          continue
-        break  # not even with every idle page: wait for running requests to finish
-      if not self._resident(seq):
-        if seq.handle.done():  # its adapter failed (`_finish` took it off the queue): go on
-          continue
-        if not self.running:
-          self._cannot_fit(seq, need)
-          continue
-        break
-      self._reuse_prefix(seq)  # holds its cached blocks, so making room cannot evict them
-      need -= len(seq.blocks) * self.pool.layers
-      if not self._make_room(need):
-        self._release_blocks(seq)
-        seq.computed = 0
-        self._release_adapter(seq)
-        if not self.running:
-          self._cannot_fit(seq, need)
-          continue
-        break
-      self.waiting.popleft()
-      seq.reserved = need
-      self.running.append(seq)
-      self._stats["admissions"] += 1
-    self._prefetch_names = [s.handle.request.adapter for s in self.waiting]
-    if self._prefetch_names:
-      self._prefetch_event.set()
-
-  def _cannot_fit(self, seq: _Seq, kv_pages: int) -> None:
-    """Ends a request that does not fit even in the otherwise empty pool (nothing runs, every
-    idle page was evictable): its adapter's pages plus its KV exceed the pool."""
-    name = seq.handle.request.adapter
-    self._finish(seq, "error", error=(
-        f"the request needs {kv_pages} KV pages" + (f" plus adapter {name!r}'s pages" if name
-                                                    else "")
-        + f", more than the pool's {self.pool.num_pages - 1} pages hold; use a larger pool_mb "
-        f"or fewer tokens"))
-
-  def _release_adapter(self, seq: _Seq) -> None:
-    if seq.key is None:
-      return
-    res = self.pool.resident.get(seq.key)
-    if res is not None:
-      res.users -= 1
-      if res.users == 0:
-        self._lru[seq.key] = None
-    seq.key, seq.slot = None, -1
-
-  # -- one forward -----------------------------------------------------------------------------
-
-  def _grow(self, seq: _Seq, upto: int) -> bool:
-    """Allocates KV pages so `seq` can hold `upto` tokens; False if the pool is out."""
-    need = -(-upto // self.pool.block) - len(seq.blocks)
-    if need <= 0:
-      return True
-    n = need * self.pool.layers
-    while self.pool.free_pages < n:  # idle prefix blocks, then idle adapters, make room
-      if not self._evict_one():
-        return False
-    pages = self.pool.alloc(n, kind="kv")
-    seq.blocks += [pages[i * self.pool.layers:(i + 1) * self.pool.layers] for i in range(need)]
-    seq.cached += [None] * need
-    seq.reserved = max(seq.reserved - n, 0)
-    return True
-
-  def _release_blocks(self, seq: _Seq) -> None:
-    """Frees `seq`'s KV pages; shared prefix blocks lose a holder (kept, idle, when none is
-    left)."""
-    for pages, block in zip(seq.blocks, seq.cached):
-      if block is None:
-        self.pool.free(pages, kind="kv")
-      else:
-        block.refs -= 1
-        if block.refs == 0:
-          self._idle_blocks[block.key] = None
-    seq.blocks, seq.cached = [], []
-
-  def _chain(self, seq: _Seq, n_blocks: int) -> list:
-    """The prefix-cache keys of `seq`'s first `n_blocks` full blocks."""
-    b, keys, h = self.pool.block, [], hash(("prefix", seq.key))
-    for i in range(n_blocks):
-      h = hash((h, tuple(seq.tokens[i * b:(i + 1) * b])))
-      keys.append(h)
-    return keys
-
-  def _reuse_prefix(self, seq: _Seq) -> None:
-    """On admission: takes the cached blocks of `seq`'s longest cached prefix (at least one
-    prompt token is left to compute, for the logits)."""
-    if not self.prefix_cache or seq.blocks:
-      return
-    for key in self._chain(seq, (len(seq.tokens) - 1) // self.pool.block):
-      block = self._prefix.get(key)
-      if block is None:
-        break
-      if block.refs == 0:
-        self._idle_blocks.pop(key, None)
-      block.refs += 1
-      self._prefix.move_to_end(key)
-      seq.blocks.append(block.pages)
-      seq.cached.append(block)
-    seq.computed = len(seq.blocks) * self.pool.block
-    self._stats["prefix_hit_tokens"] += seq.computed
-
-  def _share_prefix(self, seq: _Seq) -> None:
-    """After a step: puts `seq`'s newly computed full prompt blocks in the cache."""
-    if not self.prefix_cache:
-      return
-    full = min(seq.computed, seq.prompt_len) // self.pool.block
-    if full == 0 or all(c is not None for c in seq.cached[:full]):
-      return
-    for i, key in enumerate(self._chain(seq, full)):
-      if seq.cached[i] is not None:
-        continue
-      if key in self._prefix:  # another request cached the same block meanwhile: keep ours
-        continue
-      block = _Block(key=key, pages=seq.blocks[i], refs=1)
-      self._prefix[key] = block
-      seq.cached[i] = block
-
-  def _preempt(self, seq: _Seq) -> None:
-    """Frees `seq`'s KV pages and queues it again at the front (recomputed from its tokens)."""
-    self.running.remove(seq)
-    self._release_blocks(seq)
-    seq.computed, seq.reserved = 0, 0
-    self._release_adapter(seq)
-    seq.preemptions += 1
-    self._stats["preemptions"] += 1
-    self.waiting.appendleft(seq)
-
-  def _plan(self) -> list:
-    """[(seq, number of its tokens to feed)] for this step: prefill chunks first, then decodes;
-    preempts the newest requests when the pool cannot hold the step's KV."""
-    while True:
-      budget = self.max_step_tokens
-      plan = []
-      prefill = [s for s in self.running if len(s.tokens) - s.computed > 1]
-      decode = [s for s in self.running if len(s.tokens) - s.computed == 1]
-      budget -= len(decode)
-      for s in prefill:
-        n = min(len(s.tokens) - s.computed, budget)
-        if n <= 0:
-          break
-        plan.append((s, n))
-        budget -= n
-      plan += [(s, 1) for s in decode]
-      failed = next((s for s, n in plan if not self._grow(s, s.computed + n)), None)
-      if failed is None:
-        return plan
-      victim = max(self.running, key=lambda s: s.arrival)  # the newest admitted
-      self._preempt(victim)
-      if not self.running:
-        return []
+  @property
+  def running(self) -> list:
+    return self.scheduler.running
 
   def _run(self, plan: list) -> int:
     pool, c = self.pool, self.model.config
@@ -835,7 +551,7 @@ class Engine:
     self._peak_pages = max(self._peak_pages, used)
     for i, (seq, n) in enumerate(plan):
       seq.computed += n
-      self._share_prefix(seq)
+      self.scheduler.share_prefix(seq)
       if seq.computed < len(seq.tokens):
         continue  # a prefill chunk short of the prompt's end: no token yet
       token = int(out[i])
@@ -892,13 +608,7 @@ class Engine:
               error: Optional[str] = None) -> None:
     if seq.handle.done():
       return
-    if seq in self.running:
-      self.running.remove(seq)
-    if seq in self.waiting:
-      self.waiting.remove(seq)
-    self._release_blocks(seq)
-    seq.reserved = 0
-    self._release_adapter(seq)
+    self.scheduler.release(seq)
     if text is None and reason != "error":
       text = self._text(seq)
     r = seq.handle.request
@@ -976,10 +686,7 @@ class Engine:
       busy = {s.handle.request.adapter
               for s in itertools.chain(self._incoming, self.waiting, self.running)}
     for name in sorted(self._retiring - busy):
-      key = self._name_key.pop(name, None)
-      if key is not None and key in self._lru:
-        self._lru.pop(key)
-        self.pool.unload(key)
+      self.scheduler.forget(name)
       self.store.unregister(name)
       self._retiring.discard(name)
 
@@ -987,8 +694,8 @@ class Engine:
     """The store's `info(name)` with `residency` "device" when its pages are in the pool (else
     "host" or "disk") and `state` "serving" or "unloading"."""
     info = self.store.info(name)
-    key = self._name_key.get(name)
-    if key is not None and key in self.pool.resident and self.store.unchanged(name, key[1]):
+    key = self.scheduler.resident_key(name)
+    if key is not None and self.store.unchanged(name, key[1]):
       info["residency"] = "device"
     info["state"] = "unloading" if name in self._retiring else "serving"
     return info
@@ -1027,7 +734,7 @@ class Engine:
                                   if st.get("admissions") else 0.0)
     st["pool"] = self.pool.stats(kv_tokens=kv_tokens)
     st["pool"]["peak_occupancy"] = self._peak_pages / (self.pool.num_pages - 1)
-    st["prefix_cached_blocks"] = len(self._prefix)
-    st["prefix_cached_pages"] = len(self._prefix) * self.pool.layers
+    st["prefix_cached_blocks"] = self.scheduler.prefix_blocks()
+    st["prefix_cached_pages"] = self.scheduler.prefix_blocks() * self.pool.layers
     st["store"] = self.store.stats()
     return st
