@@ -996,39 +996,57 @@ def _finite(x: float) -> float:
   return float(x) if math.isfinite(x) else -9999.0  # JSON has no -inf
 
 
-async def _collect(srv: _Server, handles: list, request) -> list:
-  """Awaits every handle's Completion (cancelling all if the client goes away)."""
+class _ClientGone(Exception):
+  """The client closed its connection before its answer was complete."""
+
+
+async def _events(srv: _Server, handles: list, request):
+  """Yields (index, TokenEvent | Completion) as the engine makes them. Every half second (and
+  at most that often between events) it asks whether the client is still there, and raises
+  `_ClientGone` when not; every handle not finished is cancelled when the consumer stops."""
   loop = asyncio.get_running_loop()
   queue: asyncio.Queue = asyncio.Queue()
   for i, h in enumerate(handles):
     _pump(loop, queue, i, h)
-  done = [None] * len(handles)
-  getter = None
+  getter, checked = None, loop.time()
   try:
     pending = len(handles)
     while pending:
       # One get kept across timeouts (wait_for could drop an item that lands as it times out).
       getter = getter or asyncio.ensure_future(queue.get())
       ready, _ = await asyncio.wait({getter}, timeout=0.5)
-      if not ready:
+      if loop.time() - checked >= 0.5:
+        checked = loop.time()
         if await request.is_disconnected():
-          raise asyncio.CancelledError("client disconnected")
+          raise _ClientGone()
+      if not ready:
         continue
       i, item = getter.result()
       getter = None
       if isinstance(item, BaseException):
         raise item
       if hasattr(item, "finish_reason"):
-        done[i] = item
         await srv.finished(item)
         pending -= 1
-    return done
+      yield i, item
   finally:
     if getter is not None:
       getter.cancel()
     for h in handles:
       if not h.done():
         h.cancel()
+
+
+async def _collect(srv: _Server, handles: list, request) -> list:
+  """Every handle's Completion, in order (all cancelled if the client goes away)."""
+  done = [None] * len(handles)
+  try:
+    async for i, item in _events(srv, handles, request):
+      if hasattr(item, "finish_reason"):
+        done[i] = item
+  except _ClientGone:
+    raise asyncio.CancelledError("the client went away") from None
+  return done
 
 
 async def _completions(srv: _Server, body: CompletionRequest, request):
@@ -1088,29 +1106,6 @@ def _streaming(gen_factory):
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _events(srv: _Server, handles: list):
-  """Yields (index, TokenEvent | Completion) as the engine makes them; cancels every handle
-  when the consumer stops (a client that went away)."""
-  loop = asyncio.get_running_loop()
-  queue: asyncio.Queue = asyncio.Queue()
-  for i, h in enumerate(handles):
-    _pump(loop, queue, i, h)
-  try:
-    pending = len(handles)
-    while pending:
-      i, item = await queue.get()
-      if isinstance(item, BaseException):
-        raise item
-      if hasattr(item, "finish_reason"):
-        await srv.finished(item)
-        pending -= 1
-      yield i, item
-  finally:
-    for h in handles:
-      if not h.done():
-        h.cancel()
-
-
 def _stream_completions(srv, handles, request, rid, model, n, echoes, k, as_ids,
                         include_usage):
   created = int(time.time())
@@ -1130,7 +1125,7 @@ def _stream_completions(srv, handles, request, rid, model, n, echoes, k, as_ids,
         if echoes[idx // n]:
           yield chunk([{"index": idx, "text": echoes[idx // n], "logprobs": None,
                         "finish_reason": None}])
-      async for idx, item in _events(srv, handles):
+      async for idx, item in _events(srv, handles, request):
         if hasattr(item, "finish_reason"):
           if item.finish_reason == "error":
             yield _sse(_completion_error(item).body())
@@ -1151,6 +1146,8 @@ def _stream_completions(srv, handles, request, rid, model, n, echoes, k, as_ids,
         if include_usage:
           prompt_tokens = sum(c.prompt_tokens for i, c in done if i % n == 0)
           yield chunk([], _usage(prompt_tokens, sum(len(c.tokens) for _, c in done)))
+    except _ClientGone:
+      return  # nobody to tell; its requests are cancelled
     except Exception as e:  # noqa: BLE001 -- the stream has begun: report in-band
       log.exception("stream %s failed", rid)
       yield _sse(APIError(500, f"internal error: {type(e).__name__}: {e}").body())
@@ -1212,7 +1209,7 @@ async def _chat(srv: _Server, body: ChatCompletionRequest, request):
   handles = await srv.submit(reqs)
   k = (body.top_logprobs or 0) if body.logprobs else None
   if body.stream:
-    return _stream_chat(srv, handles, rid, model, k,
+    return _stream_chat(srv, handles, request, rid, model, k,
                         include_usage=bool(body.stream_options and
                                            body.stream_options.include_usage))
   done = await _collect(srv, handles, request)
@@ -1228,7 +1225,7 @@ async def _chat(srv: _Server, body: ChatCompletionRequest, request):
           "usage": _usage(done[0].prompt_tokens, sum(len(c.tokens) for c in done))}
 
 
-def _stream_chat(srv, handles, rid, model, k, include_usage):
+def _stream_chat(srv, handles, request, rid, model, k, include_usage):
   created = int(time.time())
 
   def chunk(choices, usage=None):
@@ -1244,7 +1241,7 @@ def _stream_chat(srv, handles, rid, model, k, include_usage):
       for idx in range(len(handles)):
         yield chunk([{"index": idx, "delta": {"role": "assistant", "content": ""},
                       "logprobs": None, "finish_reason": None}])
-      async for idx, item in _events(srv, handles):
+      async for idx, item in _events(srv, handles, request):
         if hasattr(item, "finish_reason"):
           if item.finish_reason == "error":
             yield _sse(_completion_error(item).body())
@@ -1263,6 +1260,8 @@ def _stream_chat(srv, handles, rid, model, k, include_usage):
         if include_usage:
           yield chunk([], _usage(done[0].prompt_tokens if done else 0,
                                  sum(len(c.tokens) for c in done)))
+    except _ClientGone:
+      return  # nobody to tell; its requests are cancelled
     except Exception as e:  # noqa: BLE001 -- the stream has begun: report in-band
       log.exception("stream %s failed", rid)
       yield _sse(APIError(500, f"internal error: {type(e).__name__}: {e}").body())
