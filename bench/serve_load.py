@@ -9,9 +9,10 @@ task adapters (each name is its own adapter to the engine: its own pages and slo
 `--clients` threads streams completions through the `openai` client, one after another for
 `--seconds`: a random adapter, `default.prompt(task, input)` with a random input of the task's
 kind, greedy, up to 24 tokens. The same load runs `--warmup` seconds first, unmeasured (the
-engine compiles its step programs for the batch shapes it meets). A request is lost when its stream raises or ends without a finish_reason. Printed:
-requests, lost, requests/s, tokens/s, p50/p99 latency and time to first token, the share of
-answers equal to the task's oracle, and the server's preemptions and adapter loads (/metrics).
+engine compiles its step programs for the batch shapes it meets). A request is lost when its
+stream raises or ends without a finish_reason. Printed: requests, lost, requests/s, tokens/s,
+p50/p99 latency and time to first token, the share of answers equal to the task's oracle, and
+the server's preemptions and adapter loads (/metrics; counted over both phases).
 The last line is `RESULT ok|LOST rps=<x> p50=<s> p99=<s> lost=<n> preemptions=<n>`.
 """
 from __future__ import annotations

@@ -544,6 +544,8 @@ class _Server:
                      code="adapter_incompatible") from None
 
   def model_card(self, name: Optional[str]) -> dict:
+    """The /v1/models entry of the base (None) or of adapter `name`: its parent, rank, targets
+    (from the weights once read, from adapter_config.json before), residency and state."""
     card = {"object": "model", "created": self.created, "owned_by": "jaxadapt",
             "max_model_len": self.context}
     if name is None:
@@ -566,6 +568,8 @@ class _Server:
   # -- building engine requests -----------------------------------------------------------------
 
   def token_text(self, token: int, as_id: bool) -> str:
+    """A token as logprobs show it: its text, or `token_id:<id>` (vLLM's
+    return_tokens_as_token_ids, and always for a model without a tokenizer)."""
     if as_id or self.tokenizer is None:
       return f"token_id:{token}"
     text = self._token_text.get(token)
@@ -669,6 +673,7 @@ class _Server:
 
 
 def _mtime(path: str) -> int:
+  """The file's mtime in ns (-1 when it is gone): the cache key of a PEFT config's summary."""
   try:
     return os.stat(path).st_mtime_ns
   except OSError:
@@ -676,6 +681,7 @@ def _mtime(path: str) -> int:
 
 
 def _param_of(message: str) -> Optional[str]:
+  """The request field an engine `check()` message is about (its first field name), if any."""
   for name in ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "prompt"):
     if message.startswith(name) or f" {name}" in message:
       return name
@@ -691,11 +697,13 @@ def _completion_error(c) -> APIError:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+  """OpenAI's usage object."""
   return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
           "total_tokens": prompt_tokens + completion_tokens}
 
 
 def _sse(obj) -> str:
+  """One server-sent event as OpenAI streams it: `data: <json>` and a blank line."""
   return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
 
 
@@ -950,7 +958,7 @@ class _Guard:
 # -- completions and chat -----------------------------------------------------------------------
 
 
-def _prompts(srv: _Server, prompt) -> list:
+def _prompts(prompt) -> list:
   """The request's prompts: texts or token-id lists (an empty list is a 400)."""
   if isinstance(prompt, str):
     return [prompt]
@@ -982,6 +990,7 @@ def _logprobs_completion(srv: _Server, tokens, logprobs, tops, k: int, as_ids: b
 
 
 def _logprobs_chat(srv: _Server, tokens, logprobs, tops, k: int) -> dict:
+  """OpenAI's chat logprobs object (`content`: per token its text, bytes and k alternatives)."""
   content = []
   for tok, lp, top in zip(tokens, logprobs, tops):
     text = srv.token_text(tok, False)
@@ -993,6 +1002,7 @@ def _logprobs_chat(srv: _Server, tokens, logprobs, tops, k: int) -> dict:
 
 
 def _finite(x: float) -> float:
+  """A log-probability JSON can carry (-inf, a token the model rules out, becomes -9999)."""
   return float(x) if math.isfinite(x) else -9999.0  # JSON has no -inf
 
 
@@ -1060,7 +1070,7 @@ async def _completions(srv: _Server, body: CompletionRequest, request):
     raise APIError(400, "echo with logprobs needs the prompt's logprobs, which jaxadapt does "
                         "not compute; use one of them", param="echo")
   adapter = srv.adapter_of(body.model)
-  prompts = _prompts(srv, body.prompt)
+  prompts = _prompts(body.prompt)
   rid = f"cmpl-{uuid.uuid4().hex}"
   reqs = srv.requests(prompts, body, adapter, body.max_tokens, rid)
   if adapter is not None:
@@ -1101,6 +1111,7 @@ async def _completions(srv: _Server, body: CompletionRequest, request):
 
 
 def _streaming(gen_factory):
+  """An SSE response over the async generator `gen_factory()` makes (no proxy buffering)."""
   from fastapi.responses import StreamingResponse
   return StreamingResponse(gen_factory(), media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -1157,7 +1168,12 @@ def _stream_completions(srv, handles, request, rid, model, n, echoes, k, as_ids,
 
 
 def _chat_prompt(srv: _Server, body: ChatCompletionRequest) -> list:
-  """The prompt token ids of the conversation, through the chat template."""
+  """The prompt token ids of the conversation, through the chat template.
+
+  Raises:
+    APIError: 400 when the model has no tokenizer or template, or the template refuses the
+      messages (its own message, e.g. a role it does not know).
+  """
   tok = srv.tokenizer
   template = srv.chat_template or (getattr(tok, "chat_template", None) if tok else None)
   if tok is None or not template:
