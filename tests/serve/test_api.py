@@ -451,3 +451,48 @@ def test_overload_and_shutdown_answer_429_and_503(world):
     assert resp.headers["retry-after"] == "1"
     engine.close()
     _error(http.post("/v1/completions", json=body), 503, "shutting down")
+
+
+def test_echo_and_chat_logprobs(world):
+  client, engine = world["client"], world["engine"]
+  prompt = default.prompt("reverse", "abc")
+  r = client.completions.create(model="reverse", prompt=prompt, max_tokens=16, temperature=0,
+                                echo=True)
+  assert r.choices[0].text == prompt + "[reverse] cba"
+  messages = [{"role": "user", "content": "[upper] abc"}]
+  r = client.chat.completions.create(model="upper", messages=messages, temperature=0,
+                                     logprobs=True, top_logprobs=2)
+  ref = engine.generate([Request(prompt=world["model"].tokenizer.apply_chat_template(
+      messages, tokenize=True, add_generation_prompt=True, return_dict=False), adapter="upper",
+      max_tokens=64)])[0]
+  content = r.choices[0].logprobs.content
+  assert [c.logprob for c in content] == pytest.approx(ref.logprobs, abs=1e-5)
+  assert all(len(c.top_logprobs) == 2 for c in content)
+  assert "".join(c.token for c in content[:-1]) == r.choices[0].message.content  # then eos
+
+
+def test_models_without_a_tokenizer_or_a_chat_template(world, llama_dir, tmp_path):
+  """Text prompts need a tokenizer and chat needs a template: each a 400 that says which is
+  missing; `chat_template=` (--chat-template) supplies one (the request then reaches the
+  engine's queue, full here: 429)."""
+  from fastapi.testclient import TestClient
+  chat = {"messages": [{"role": "user", "content": "[upper] abc"}]}
+  bare = Engine(ja.load_model(llama_dir[0]), pool_mb=2, prefetch=False, max_queue=0)
+  with TestClient(api.make_app(bare, model_name="bare", start_engine=False)) as http:
+    _error(http.post("/v1/chat/completions", json=chat), 400, "no tokenizer")
+    _error(http.post("/v1/completions", json={"prompt": "hi"}), 400, "tokenizer")
+    _error(http.post("/v1/completions", json={"prompt": [1, 2], "stop": ["x"]}), 400,
+           "tokenizer")
+    _error(http.post("/v1/completions", json={"prompt": [1, 2]}), 429, "max_queue")
+  plain = tmp_path / "plain"
+  shutil.copytree(default.model_dir(), plain)
+  cfg = json.load(open(plain / "tokenizer_config.json"))
+  template = cfg.pop("chat_template")
+  json.dump(cfg, open(plain / "tokenizer_config.json", "w"))
+  model = ja.load_model(str(plain))
+  engine = Engine(model, pool_mb=2, prefetch=False, max_queue=0)
+  with TestClient(api.make_app(engine, start_engine=False)) as http:
+    _error(http.post("/v1/chat/completions", json=chat), 400, "no chat template")
+  engine = Engine(model, pool_mb=2, prefetch=False, max_queue=0)  # the app closed the first
+  with TestClient(api.make_app(engine, start_engine=False, chat_template=template)) as http:
+    _error(http.post("/v1/chat/completions", json=chat), 429, "max_queue")
