@@ -496,3 +496,17 @@ def test_models_without_a_tokenizer_or_a_chat_template(world, llama_dir, tmp_pat
   engine = Engine(model, pool_mb=2, prefetch=False, max_queue=0)  # the app closed the first
   with TestClient(api.make_app(engine, start_engine=False, chat_template=template)) as http:
     _error(http.post("/v1/chat/completions", json=chat), 429, "max_queue")
+
+
+def test_a_lazily_registered_adapter_that_does_not_fit_is_a_422(world):
+  """An adapter registered without being read (as --adapter-dir does) and made for another
+  base: the request is refused with the reason before anything is queued."""
+  engine = world["engine"]
+  engine.store.register("lazy-foreign", str(world["allowed"] / "foreign"))
+  try:
+    err = _error(_raw(world, "/v1/completions", {"model": "lazy-foreign", "prompt": "x"}), 422,
+                 "does not fit the base")
+    assert err["code"] == "adapter_incompatible" and err["param"] == "model"
+    assert engine.stats()["waiting"] == 0
+  finally:
+    engine.store.unregister("lazy-foreign")
