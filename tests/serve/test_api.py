@@ -66,6 +66,18 @@ def peft_model():
   return multi.eval()
 
 
+@pytest.fixture
+def slow_steps(world, monkeypatch):
+  """Engine steps 0.05 s apart: what a test must observe mid-request lasts seconds, not ms."""
+  step = world["engine"].step
+
+  def slow_step():
+    time.sleep(0.05)
+    return step()
+
+  monkeypatch.setattr(world["engine"], "step", slow_step)
+
+
 def _auth(**headers):
   return {"Authorization": f"Bearer {KEY}", **headers}
 
@@ -318,7 +330,7 @@ def test_load_confined_to_the_allowed_dirs(world):
   assert engine.store.names() == before
 
 
-def test_load_and_unload_while_generating(world):
+def test_load_and_unload_while_generating(world, slow_steps):
   """A loaded copy of `reverse` answers as `reverse`; unloading it while a long stream runs
   lets that stream finish, refuses new requests at once (404) and then forgets the name."""
   client, engine = world["client"], world["engine"]
@@ -363,18 +375,11 @@ def _metrics(world):
   return {f.name: f for f in text_string_to_metric_families(resp.text)}
 
 
-def test_metrics_carry_the_gateway_protocol(world, monkeypatch):
+def test_metrics_carry_the_gateway_protocol(world, slow_steps):
   """While 8 long `upper` requests fill the batch (max_seqs=8) and a `sort` request waits,
   lora_requests_info names `upper` running and `sort` waiting; the queue and running gauges
   agree; afterwards the request counters and latency histograms count what was served."""
-  client, engine = world["client"], world["engine"]
-  step = engine.step
-
-  def slow_step():  # steps 0.05 s apart: the window to observe lasts seconds, not a few ms
-    time.sleep(0.05)
-    return step()
-
-  monkeypatch.setattr(engine, "step", slow_step)
+  client = world["client"]
   before = _metrics(world)
   done_before = sum(s.value for s in before["vllm:request_success"].samples
                     if s.name.endswith("_total"))
@@ -421,12 +426,12 @@ def test_metrics_carry_the_gateway_protocol(world, monkeypatch):
   assert after["vllm:num_requests_running"].samples[0].value == 0
 
 
-def test_client_disconnect_cancels_the_request(world):
+def test_client_disconnect_cancels_the_request(world, slow_steps):
   engine = world["engine"]
   before = engine.stats().get("finished_cancelled", 0)
   with httpx.stream("POST", world["url"] + "/v1/completions", headers=_auth(), timeout=60,
                     json={"model": "upper", "prompt": default.prompt("upper", "bye"),
-                          "max_tokens": 200, "temperature": 0, "stream": True,
+                          "max_tokens": 48, "temperature": 0, "stream": True,
                           "ignore_eos": True}) as resp:
     lines = resp.iter_lines()
     assert next(lines).startswith("data: ")
