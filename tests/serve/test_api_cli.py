@@ -1,6 +1,7 @@
 """`jaxadapt serve` as a process: `--adapter-dir` registers every PEFT dir below it and nothing a
-symlink reaches outside it, `JAXADAPT_API_KEY` guards the routes, and SIGTERM stops admitting,
-lets the stream in flight finish and exits 0."""
+symlink reaches outside it, `JAXADAPT_API_KEY` guards the routes, `--tensor-parallel 2` serves the
+same tokens as one device, and SIGTERM stops admitting, lets the stream in flight finish and
+exits 0."""
 import json
 import os
 import signal
@@ -37,6 +38,8 @@ def test_cli_flags_are_checked(tmp_path):
 
 
 def test_sigterm_finishes_the_stream_in_flight_and_exits_0(tmp_path, hf_model_maker):
+  """The server on 2 devices (tensor parallel; the tests' 8 simulated CPU devices): its greedy
+  tokens equal one device's engine; SIGTERM lets the stream in flight finish, then exits 0."""
   hf = tiny_model_with_tokenizer(tmp_path / "base", hf_model_maker)
   adapters, outside = tmp_path / "adapters", tmp_path / "outside"
   save_lora(hf, adapters / "a0", seed=0)
@@ -48,7 +51,8 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(tmp_path, hf_model_ma
   proc = subprocess.Popen(
       [sys.executable, "-m", "jaxadapt.cli", "serve", "--model", str(tmp_path / "base"),
        "--served-model-name", "tiny", "--adapter-dir", str(adapters), "--port", str(port),
-       "--pool-mb", "2", "--max-seqs", "4", "--log-level", "warning"],
+       "--pool-mb", "2", "--max-seqs", "4", "--tensor-parallel", "2",
+       "--log-level", "warning"],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer k"}
   try:
@@ -65,6 +69,16 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(tmp_path, hf_model_ma
     assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
     models = httpx.get(url + "/v1/models", headers=auth, timeout=10).json()["data"]
     assert sorted(m["id"] for m in models) == ["a0", "team/a1", "tiny"]  # not link/secret
+    r = httpx.post(url + "/v1/completions", headers=auth, timeout=120,
+                   json={"model": "a0", "prompt": "hello\n", "max_tokens": 8, "temperature": 0,
+                         "ignore_eos": True, "logprobs": 0, "return_tokens_as_token_ids": True})
+    got = [int(t.split(":")[1]) for t in r.json()["choices"][0]["logprobs"]["tokens"]]
+    import jaxadapt as ja
+    from serve.engine import Engine, Request
+    one = Engine(ja.load_model(str(tmp_path / "base")), adapters={"a0": str(adapters / "a0")},
+                 pool_mb=2, prefetch=False)
+    assert got == one.generate([Request(prompt="hello\n", adapter="a0", max_tokens=8,
+                                        eos_token_id=[])])[0].tokens
     body = {"model": "team/a1", "prompt": "hello\n", "max_tokens": 40, "temperature": 0,
             "stream": True, "ignore_eos": True}
     with httpx.stream("POST", url + "/v1/completions", headers=auth, json=body,
