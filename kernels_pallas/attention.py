@@ -94,6 +94,13 @@ def reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_sca
                     sm_scale, max_q, sliding_window, new_kv)
 
 
+def _gather_pages(kv_pages, page_indices):
+  """kv_pages[page_indices] as a clamped take: XLA's CPU gather runs ~3x faster in "clip" mode
+  than in indexing's default (measured on bench.serving's pages); every index is in range."""
+  flat = jnp.take(kv_pages, page_indices.reshape(-1), axis=0, mode="clip")
+  return flat.reshape(page_indices.shape + kv_pages.shape[1:])
+
+
 def _decode(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale, sliding_window,
             new_kv=None):
   """`_rectangle` with at most one query per sequence (decode rows), without the rectangle:
@@ -107,7 +114,7 @@ def _decode(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale, s
   q_ok = (jnp.arange(s) < num_seqs) & (cu_q_lens[1:] > cu_q_lens[:-1])
   src = jnp.clip(cu_q_lens[:-1], 0, t - 1)
   qs = q[src].astype(jnp.float32).reshape(s, hk, g, d)
-  kv = kv_pages[page_indices].reshape(s, -1, hk, 2, d)
+  kv = _gather_pages(kv_pages, page_indices).reshape(s, -1, hk, 2, d)
   keys, values = kv[..., 0, :], kv[..., 1, :]                     # [S, K, Hk, D]
   start = kv_lens - q_ok.astype(kv_lens.dtype)                     # cached before this step
   k_pos = jnp.arange(keys.shape[1])
@@ -149,7 +156,7 @@ def _rectangle(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale
   src = jnp.clip(cu_q_lens[:-1, None] + cols[None], 0, t - 1)      # [S, max_q]
   q_ok = cols[None] < q_lens[:, None]
   rect = jnp.where(q_ok[..., None, None], q[src], 0)              # [S, Q, Hq, D]
-  kv = kv_pages[page_indices]                                      # [S, n, block, 2Hk, D]
+  kv = _gather_pages(kv_pages, page_indices)                       # [S, n, block, 2Hk, D]
   kv = kv.reshape(s, -1, hk, 2, d)
   keys, values = kv[..., 0, :], kv[..., 1, :]                     # [S, K, Hk, D]
   start = kv_lens - q_lens                                         # cached before this step

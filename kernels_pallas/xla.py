@@ -30,7 +30,7 @@ def adapter_matrix(w: jax.Array, table, aid: jax.Array, rank_axis: int):
   if table is None:
     return lax.dynamic_index_in_dim(w, aid, 0, keepdims=False), rank_axis - 1
   pages = jnp.clip(table[aid], 0, w.shape[0] - 1)  # [max_pages]
-  rows = w[pages]  # [max_pages, page_rows, F]
+  rows = jnp.take(w, pages, axis=0, mode="clip")  # [max_pages, page_rows, F]
   return rows.reshape(-1, w.shape[2]), 0
 
 
@@ -194,7 +194,7 @@ def paged_rows(w, ids: jax.Array, rank: int) -> jax.Array:
   j = jnp.arange(rank, dtype=jnp.int32)
   pages = jnp.clip(w.table[ids][:, j // page_rows], 0, w.pool.shape[0] - 1)   # [T, rank]
   flat = w.pool.reshape(-1, w.pool.shape[2])                                    # a bitcast
-  return flat[pages * page_rows + j % page_rows]
+  return jnp.take(flat, pages * page_rows + j % page_rows, axis=0, mode="clip")
 
 
 def rows_lora(y: jax.Array, x: jax.Array, a, b, ids: jax.Array, scales: jax.Array,
