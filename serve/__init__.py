@@ -8,7 +8,9 @@ engine = serve.Engine(ja.load_model("default"), adapters={"reverse": "default:re
 """
 from serve.engine import Completion, Engine, Handle, Overloaded, Request, TokenEvent
 from serve.pool import OutOfPages, PagedPool
-from serve.store import AdapterError, AdapterStore, StoredAdapter
+from serve.store import (AdapterBusy, AdapterError, AdapterExists, AdapterStore, StoredAdapter,
+                         UnknownAdapter)
 
-__all__ = ["AdapterError", "AdapterStore", "Completion", "Engine", "Handle", "OutOfPages",
-           "Overloaded", "PagedPool", "Request", "StoredAdapter", "TokenEvent"]
+__all__ = ["AdapterBusy", "AdapterError", "AdapterExists", "AdapterStore", "Completion", "Engine",
+           "Handle", "OutOfPages", "Overloaded", "PagedPool", "Request", "StoredAdapter",
+           "TokenEvent", "UnknownAdapter"]

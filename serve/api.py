@@ -355,8 +355,7 @@ class _EngineCollector:
     yield gauge("vllm:num_requests_waiting", "Requests waiting to be admitted.", st["waiting"])
     usage = pool.get("occupancy", 0.0)
     if pool.get("pages"):  # idle prefix blocks and idle adapters are evictable: free for routing
-      with contextlib.suppress(Exception):
-        usage = max(usage - e._idle_pages() / pool["pages"], 0.0)
+      usage = max(usage - pool.get("evictable_pages", 0) / pool["pages"], 0.0)
     yield gauge("vllm:kv_cache_usage_perc", "Used share of the unified pool: KV and adapter "
                 "pages in use, evictable ones not counted (1 = full).", usage)
     yield gauge("vllm:gpu_cache_usage_perc", "Same as vllm:kv_cache_usage_perc (the name older "
@@ -642,34 +641,21 @@ class _Server:
     choices, a batch of prompts) are queued between two engine steps, on a worker thread, so
     they are admitted together and prefill in one step."""
     if len(requests) == 1:
-      return self._submit(requests, contextlib.nullcontext())
-    # The engine has no batch submit: its step lock keeps a step from starting in between.
-    lock = getattr(self.engine, "_step_lock", None) or contextlib.nullcontext()
-    return await asyncio.to_thread(self._submit, requests, lock)
+      return self._submit(requests)
+    # Between two engine steps (a worker thread: it may wait for the step in progress).
+    return await asyncio.to_thread(self._submit, requests)
 
-  def _submit(self, requests: list, lock) -> list:
+  def _submit(self, requests: list) -> list:
     from serve.engine import Overloaded
     from serve.store import AdapterError
-    handles = []
     try:
-      with lock:
-        for r in requests:
-          handles.append(self.engine.submit(r))
+      return self.engine.submit_many(requests)  # all or none
     except AdapterError as e:  # its adapter was unloaded since the request was checked
-      for h in handles:
-        h.cancel()
       raise APIError(404, str(e), param="model", code="model_not_found") from None
     except Overloaded as e:
-      for h in handles:
-        h.cancel()
-      status = 503 if (self.closing or "shutting down" in str(e)) else 429
+      status = 503 if (self.closing or self.engine.closed) else 429
       raise APIError(status, str(e), code="overloaded" if status == 429 else "shutting_down",
                      headers={"Retry-After": "1"}) from None
-    except BaseException:
-      for h in handles:
-        h.cancel()
-      raise
-    return handles
 
 
 def _mtime(path: str) -> int:
@@ -781,8 +767,7 @@ def make_app(engine, *, model_name: str = "default", api_key: Optional[str] = No
   async def health():
     """200 while the server takes requests; 503 while it shuts down or its engine loop is
     dead."""
-    thread = getattr(engine, "_loop_thread", None)
-    if srv.closing or (start_engine and (thread is None or not thread.is_alive())):
+    if srv.closing or (start_engine and not engine.loop_alive):
       raise APIError(503, "the server is shutting down" if srv.closing else
                      "the engine loop is not running", code="unavailable")
     return {"status": "ok"}
@@ -827,7 +812,7 @@ def make_app(engine, *, model_name: str = "default", api_key: Optional[str] = No
   async def load_lora_adapter(body: LoadLoraAdapterRequest):
     """Registers a PEFT dir under a name (as vLLM): read and checked before anything changes;
     the path must lie inside the allowed dirs."""
-    from serve.store import AdapterError
+    from serve.store import AdapterBusy, AdapterError, AdapterExists
     name = body.lora_name
     if name == model_name or any(c.isspace() for c in name):
       raise APIError(400, f"lora_name {name!r} " + (
@@ -847,11 +832,10 @@ def make_app(engine, *, model_name: str = "default", api_key: Optional[str] = No
       path = confine(path, srv.allowed_dirs)
     try:
       await asyncio.to_thread(engine.load_adapter, name, path)
+    except (AdapterExists, AdapterBusy) as e:
+      raise APIError(400, str(e), param="lora_name", code="adapter_exists") from None
     except AdapterError as e:
-      msg = str(e)
-      if "already registered" in msg or "being unloaded" in msg:
-        raise APIError(400, msg, param="lora_name", code="adapter_exists") from None
-      raise APIError(422, msg, param="lora_path", code="adapter_incompatible") from None
+      raise APIError(422, str(e), param="lora_path", code="adapter_incompatible") from None
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
   @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)

@@ -51,7 +51,7 @@ from jaxadapt.models.frozen import apply
 from kernels_pallas import attention as paged_attention
 from serve.pool import PagedPool
 from serve.scheduler import Scheduler, _Seq
-from serve.store import AdapterError, AdapterStore
+from serve.store import AdapterBusy, AdapterError, AdapterExists, AdapterStore, UnknownAdapter
 
 
 @dataclasses.dataclass
@@ -319,7 +319,7 @@ class Engine:
     t, k, p = request.temperature, request.top_k, request.top_p
     if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
       raise ValueError(f"temperature must be a float >= 0, got {t!r}")
-    if not (isinstance(k, (int, np.integer)) and k >= 0):
+    if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 0):
       raise ValueError(f"top_k must be an int >= 0, got {k!r}")
     if not (isinstance(p, (int, float)) and 0 < p <= 1):
       raise ValueError(f"top_p must be in (0, 1], got {p!r}")
@@ -332,11 +332,11 @@ class Engine:
     if stops and self.model.tokenizer is None:
       raise ValueError("stop strings need the model's tokenizer, and this model has none")
     if request.adapter in self._retiring:
-      raise AdapterError(f"adapter {request.adapter!r} is being unloaded; it takes no new "
-                         f"requests")
+      raise AdapterBusy(f"adapter {request.adapter!r} is being unloaded; it takes no new "
+                        f"requests")
     if request.adapter is not None and request.adapter not in self.store:
       names = self.store.names()
-      raise AdapterError(f"unknown adapter {request.adapter!r}; {len(names)} registered"
+      raise UnknownAdapter(f"unknown adapter {request.adapter!r}; {len(names)} registered"
                          f"{' (e.g. ' + ', '.join(names[:5]) + ')' if names else ''}")
     eos = (self.default_eos if request.eos_token_id is None
            else frozenset(int(e) for e in np.atleast_1d(request.eos_token_id)))
@@ -350,6 +350,19 @@ class Engine:
         is queued.
     """
     return self._queue(request, *self.check(request))
+
+  def submit_many(self, requests: Sequence[Request]) -> list:
+    """Queues every request or none (each checked first; `Overloaded` when the queue cannot take
+    them all), between two steps, so they are admitted together (a request's n choices, a batch
+    of prompts). Returns their `Handle`s in order."""
+    checked = [self.check(r) for r in requests]
+    with self._step_lock:
+      if self._closed:
+        raise Overloaded("the engine is shutting down and takes no new requests")
+      if len(self._incoming) + len(self.waiting) + len(requests) > self.max_queue:
+        raise Overloaded(f"{len(requests)} requests would exceed max_queue={self.max_queue}; "
+                         f"retry later")
+      return [self._queue(r, *c) for r, c in zip(requests, checked)]
 
   def _queue(self, request: Request, ids: list, eos: frozenset) -> Handle:
     if self._closed:
@@ -369,10 +382,7 @@ class Engine:
   def generate(self, requests: Sequence[Request]) -> list:
     """Runs `requests` to completion (offline batch) and returns their `Completion`s in order.
     Every request is checked before any is queued."""
-    checked = [self.check(r) for r in requests]
-    if len(self._incoming) + len(self.waiting) + len(requests) > self.max_queue:
-      raise Overloaded(f"{len(requests)} requests would exceed max_queue={self.max_queue}")
-    handles = [self._queue(r, *c) for r, c in zip(requests, checked)]
+    handles = self.submit_many(requests)
     if self._loop_thread is None:
       while not all(h.done() for h in handles):
         self.step()
@@ -410,6 +420,16 @@ class Engine:
         for seq in list(self.running) + list(self.waiting):
           self._finish(seq, "error", error=f"engine error: {type(e).__name__}: {e}")
         self.scheduler.running, self.scheduler.waiting = [], collections.deque()
+
+  @property
+  def closed(self) -> bool:
+    """Whether `close()` was called (no new requests)."""
+    return self._closed
+
+  @property
+  def loop_alive(self) -> bool:
+    """Whether the background step loop (`start()`) is running."""
+    return self._loop_thread is not None and self._loop_thread.is_alive()
 
   def has_work(self) -> bool:
     return bool(self._incoming or self.waiting or self.running)
@@ -503,7 +523,9 @@ class Engine:
       cu[i + 1] = at
       select[i] = at - 1
       r = seq.handle.request
-      temp[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
+      # top_k >= vocab keeps every token, as 0 does (and fits int32 whatever was asked).
+      temp[i], top_p[i] = r.temperature, r.top_p
+      top_k[i] = 0 if r.top_k >= self.model.config.vocab_size else r.top_k
       seeds[i] = 0 if r.seed is None else r.seed
       counts[i] = seq.generated
     cu[len(plan) + 1:] = at
@@ -653,18 +675,22 @@ class Engine:
       AdapterError: a taken name, a bad path, unreadable files, or an adapter that does not fit
         the base or the pool (nothing is registered then).
     """
-    with self._step_lock:
+    def loadable():
       if name in self._retiring:
-        raise AdapterError(f"adapter {name!r} is still being unloaded; try again when its "
-                           f"requests have finished")
-      self.store.register(name, path)
-      try:
-        stored = self.store.get(name)
-        self.pool.check_adapter(name, stored.adapter)
-      except (AdapterError, ValueError) as e:
-        self.store.unregister(name)
-        raise AdapterError(str(e)) from None
+        raise AdapterBusy(f"adapter {name!r} is still being unloaded; try again when its "
+                          f"requests have finished")
+      if name in self.store:
+        raise AdapterExists(f"adapter {name!r} is already registered (from "
+                            f"{self.store.path(name)}); unload it first")
+    with self._step_lock:
+      loadable()
+    # Read and checked on this thread while steps go on; the name appears only once it fits.
+    self.store.register_read(name, path,
+                             check=lambda adapter: self.pool.check_adapter(name, adapter))
+    try:
       return self.adapter_info(name)
+    except UnknownAdapter:  # unloaded again meanwhile (another thread)
+      return {"name": name, "path": path, "residency": "disk", "state": "unloaded"}
 
   def unload_adapter(self, name: str) -> None:
     """Takes no new requests for `name`; those queued or running finish first, then its host
@@ -674,9 +700,10 @@ class Engine:
       AdapterError: `name` is not registered (or already being unloaded).
     """
     with self._step_lock:
-      if name not in self.store or name in self._retiring:
-        raise AdapterError(f"unknown adapter {name!r}" + (
-            " (already being unloaded)" if name in self._retiring else ""))
+      if name in self._retiring:
+        raise AdapterBusy(f"adapter {name!r} is already being unloaded")
+      if name not in self.store:
+        raise UnknownAdapter(f"unknown adapter {name!r}")
       self._retiring.add(name)
       self._retire()
 
@@ -734,6 +761,8 @@ class Engine:
                                   if st.get("admissions") else 0.0)
     st["pool"] = self.pool.stats(kv_tokens=kv_tokens)
     st["pool"]["peak_occupancy"] = self._peak_pages / (self.pool.num_pages - 1)
+    st["pool"]["evictable_pages"] = self.scheduler._idle_pages()  # idle prefix blocks, adapters
+    st["loop_alive"] = self.loop_alive
     st["prefix_cached_blocks"] = self.scheduler.prefix_blocks()
     st["prefix_cached_pages"] = self.scheduler.prefix_blocks() * self.pool.layers
     st["store"] = self.store.stats()

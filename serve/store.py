@@ -37,6 +37,18 @@ class AdapterError(ValueError):
   """An adapter that cannot be registered or used (unknown, unreadable, or not for this base)."""
 
 
+class UnknownAdapter(AdapterError):
+  """No adapter is registered under the name."""
+
+
+class AdapterExists(AdapterError):
+  """The name is registered already."""
+
+
+class AdapterBusy(AdapterError):
+  """The adapter is being unloaded: it takes no new requests and cannot be loaded again yet."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StoredAdapter:
   """An adapter read into host memory.
@@ -119,6 +131,19 @@ class AdapterStore:
         registered (unless `replace`), or a path that is not a PEFT dir (adapter_config.json and
         adapter_model.safetensors).
     """
+    path = self._resolve(name, path)
+    with self._lock:
+      old = self._entries.get(name)
+      if old is not None and not replace:
+        raise AdapterExists(f"adapter {name!r} is already registered (from {old.path}); "
+                            f"unregister it first or pass replace=True")
+      if old is not None:
+        self._drop(name)
+      self._entries[name] = _Entry(path=path)
+
+  @staticmethod
+  def _resolve(name: str, path: str) -> str:
+    """The absolute PEFT dir of `path` (or of "default:<task>"), checked to hold the files."""
     if not isinstance(name, str) or not name or any(c.isspace() for c in name):
       raise AdapterError(f"an adapter name must be a non-empty string without whitespace, got "
                          f"{name!r}")
@@ -135,14 +160,44 @@ class AdapterStore:
       found = sorted(os.listdir(path))[:10] if os.path.isdir(path) else "no such directory"
       raise AdapterError(f"adapter {name!r}: {path} is not a PEFT adapter dir (missing "
                          f"{', '.join(missing)}; found {found})")
+    return path
+
+  def register_read(self, name: str, path: str, check=None) -> StoredAdapter:
+    """Reads `path` (a PEFT dir or "default:<task>"), checks it against the base (and with
+    `check(adapter)`, which raises ValueError), and only then registers it as `name`, its read
+    copy in the host cache: nothing is visible under `name` unless it reads and fits.
+
+    Raises:
+      AdapterExists: `name` is taken (checked before the read and again after it).
+      AdapterError: a bad name or path, unreadable files, or an adapter that does not fit.
+    """
+    path = self._resolve(name, path)
     with self._lock:
-      old = self._entries.get(name)
-      if old is not None and not replace:
-        raise AdapterError(f"adapter {name!r} is already registered (from {old.path}); "
-                           f"unregister it first or pass replace=True")
-      if old is not None:
-        self._drop(name)
-      self._entries[name] = _Entry(path=path)
+      if name in self._entries:
+        raise AdapterExists(f"adapter {name!r} is already registered (from "
+                            f"{self._entries[name].path})")
+    try:
+      stored, stamp = self._read(name, path)
+    except AdapterError:
+      raise
+    except Exception as e:  # unreadable or corrupt files
+      raise AdapterError(f"adapter {name!r} ({path}): {e}") from e
+    if check is not None:
+      try:
+        check(stored.adapter)
+      except ValueError as e:
+        raise AdapterError(str(e)) from None
+    with self._lock:
+      if name in self._entries:
+        raise AdapterExists(f"adapter {name!r} was registered meanwhile (from "
+                            f"{self._entries[name].path})")
+      entry = self._entries[name] = _Entry(path=path, stamp=stamp, digest=stored.digest)
+      if stored.nbytes <= self.host_budget_bytes:
+        entry.stored = stored
+        self._lru[name] = None
+        self._cached_bytes += stored.nbytes
+        self._evict()
+    return stored
 
   def register_tree(self, root: str) -> list[str]:
     """Registers every PEFT dir below `root` (names: paths relative to it, '/'-separated).
@@ -172,8 +227,8 @@ class AdapterStore:
     with self._lock:
       taken = sorted(n for n in found if n in self._entries)
       if taken:
-        raise AdapterError(f"{root}: adapter names {taken[:5]} are already registered; none of "
-                           f"its {len(found)} adapters was registered")
+        raise AdapterExists(f"{root}: adapter names {taken[:5]} are already registered; none of "
+                            f"its {len(found)} adapters was registered")
       for name, path in found.items():
         self._entries[name] = _Entry(path=path)
     return sorted(found)
@@ -296,7 +351,7 @@ class AdapterStore:
     entry = self._entries.get(name)
     if entry is None:
       known = sorted(self._entries)
-      raise AdapterError(f"unknown adapter {name!r}; {len(known)} registered"
+      raise UnknownAdapter(f"unknown adapter {name!r}; {len(known)} registered"
                          f"{' (e.g. ' + ', '.join(known[:5]) + ')' if known else ''}")
     return entry
 
