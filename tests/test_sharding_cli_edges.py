@@ -322,15 +322,20 @@ def test_demo_help_and_bad_arguments(capsys):
   assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: jaxadapt demo")
   for argv, message in ((["--tasks", "nope"], "--tasks must name some of reverse"),
                         (["--tasks", ""], "--tasks must name some of"),
-                        (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0")):
+                        (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+                        (["--requests", "0"], "--requests must be >= 1, got 0"),
+                        (["--adapters", "7"], "--adapters must be >= 8 (the task adapters), got 7"),
+                        (["--rate", "0"], "--rate must be > 0, got 0.0")):
     with pytest.raises(SystemExit) as e:
       cli.main(["demo", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_demo_check_fails_when_the_engine_is_wrong(capsys, monkeypatch):
-  """The RESULT line compares the engine with model.generate: an engine that picks the
-  second-best token fails the demo."""
+def test_demo_check_fails_when_the_engine_is_wrong(monkeypatch, tmp_path):
+  """The RESULT line checks the served answers against the task: an engine that picks the
+  second-best token makes the demo print RESULT MISMATCH and exit 1."""
+  import contextlib
+  import io
   import types
 
   import jax
@@ -341,13 +346,16 @@ def test_demo_check_fails_when_the_engine_is_wrong(capsys, monkeypatch):
   def second_best(logits, *args):
     best = real(logits, *args)
     return jnp.argsort(logits, axis=-1)[:, -2].astype(best.dtype)
-  # Only the engine's sampler (model.generate keeps the real one), traced anew.
+  # Only the engine's sampler, traced anew.
   wrong = types.SimpleNamespace(**{**vars(engine_lib.gen_lib), "sample_tokens": second_best})
   monkeypatch.setattr(engine_lib, "gen_lib", wrong)
   jax.clear_caches()
-  with pytest.raises(SystemExit) as e:
-    cli.main(["demo", "--tasks", "reverse", "--max-tokens", "8"])
+  # Not capsys: uvicorn's logging keeps the streams it was started with, past the fixture's end.
+  with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()) as buf:
+    cli.main(["demo", "--tasks", "reverse", "--max-tokens", "8", "--requests", "4",
+              "--adapters", "10", "--rate", "20", "--out", str(tmp_path)])
   jax.clear_caches()
   assert e.value.code == 1
-  out = capsys.readouterr().out
+  out = buf.getvalue()
   assert out.strip().splitlines()[-1].startswith("RESULT MISMATCH"), out
+  assert "correct=0/2" in out.strip().splitlines()[-1], out
