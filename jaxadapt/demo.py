@@ -261,6 +261,7 @@ def main(argv=None) -> None:
   served = len({d.adapter for d in done})
   hits, loads = st.get("adapter_hits", 0), st.get("adapter_loads", 0)
   store = st["store"]
+  host_hits = store["hits"] / max(store["hits"] + store["loads"], 1)
   rows = [
       ("requests", f"{len(done)} (+ {len(checked)} checked)"),
       ("requests/s", f"{len(done) / wall:.2f}"),
@@ -270,15 +271,14 @@ def main(argv=None) -> None:
       ("pool occupancy (peak)", f"{st['pool']['peak_occupancy']:.2f} of {st['pool']['pages']} "
                                 f"pages"),
       ("adapter cache hit rate", f"{hits / max(hits + loads, 1):.2f} in the pool ({loads} "
-                                 f"loads), {store['hits'] / max(store['hits'] + store['loads'], 1):.2f}"
-                                 f" in host memory"),
+                                 f"loads), {host_hits:.2f} in host memory"),
       ("preemptions", f"{st.get('preemptions', 0)}"),
       ("engine steps", f"{st.get('steps', 0)} ({late} step programs compiled during the "
                        f"trace)"),
   ]
   print(f"\n{'':24s}{'trace of ' + str(len(done)) + ' requests in ' + format(wall, '.1f') + ' s'}")
   for key, value in rows:
-    print(f"  {key:22s}{value}")
+    print(f"  {key:24s}{value}")
 
   correct = 0
   print(f"\n{'adapter':9s} {'prompt':26s} {'answer':28s} right?")
