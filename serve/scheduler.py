@@ -206,12 +206,41 @@ class Scheduler:
   def _kv_pages(self, tokens: int) -> int:
     return -(-tokens // self.pool.block) * self.pool.layers
 
+  def _on_disk(self, seq: _Seq) -> bool:
+    """Whether `seq`'s adapter is neither in the pool nor in host memory (a disk read)."""
+    name = seq.handle.request.adapter
+    if name is None or name not in self.store:
+      return False
+    key = self._name_key.get(name)
+    if key in self.pool.resident:
+      return False
+    try:
+      return not self.store.cached(name)
+    except AdapterError:  # unregistered meanwhile: admission reports it
+      return False
+
   def admit(self) -> None:
+    """Moves waiting requests into the running batch while the pool and `max_seqs` allow, in
+    arrival order; a request whose adapter is still on disk is passed over while others run
+    (the prefetch thread reads it meanwhile: S-LoRA Sec. 4.2), so the step loop does not wait
+    for a disk read unless there is nothing else to run."""
+    deferred = []
+    try:
+      self._admit(deferred)
+    finally:
+      self.waiting.extendleft(reversed(deferred))  # back at the front, in order
+    if deferred:
+      self._stats["admission_deferrals"] += len(deferred)
+
+  def _admit(self, deferred: list) -> None:
     while self.waiting and len(self.running) < self.max_seqs:
       seq = self.waiting[0]
       if seq.handle.cancelled:
         self.waiting.popleft()
         self.finish(seq, "cancelled")
+        continue
+      if self.running and len(deferred) < self.max_seqs and self._on_disk(seq):
+        deferred.append(self.waiting.popleft())
         continue
       remaining = seq.handle.request.max_tokens - seq.generated
       total = len(seq.tokens) + (remaining if self.reserve == "worst" else 1)

@@ -297,3 +297,26 @@ def test_logprobs_are_the_models_log_softmax(world):
     want = np.argsort(-row)[:5]
     assert [t for t, _ in top] == list(want)
     np.testing.assert_allclose([lp for _, lp in top], row[want], atol=1e-4)
+
+
+def test_a_request_whose_adapter_is_on_disk_lets_later_ones_in(world):
+  """While others run, a request whose adapter is still on disk is passed over (the prefetch
+  thread reads it; here there is none, so it is read once nothing else runs) and the requests
+  behind it are admitted; every output still equals PEFT's."""
+  model, _, multi, dirs, _ = world
+  engine = Engine(model, adapters={"ad9": dirs["ad9"]}, num_pages=2000, prefetch=False)
+  prompts = _prompts(6, 3)
+  first = engine.submit(Request(prompt=prompts[0], max_tokens=NEW, eos_token_id=[]))
+  engine.step()
+  on_disk = engine.submit(Request(prompt=prompts[1], adapter="ad9", max_tokens=NEW,
+                                  eos_token_id=[]))
+  behind = engine.submit(Request(prompt=prompts[2], max_tokens=NEW, eos_token_id=[]))
+  engine.step()
+  assert [s.handle for s in engine.running] == [first, behind]
+  assert [s.handle for s in engine.waiting] == [on_disk]
+  while engine.has_work():
+    engine.step()
+  st = engine.stats()
+  assert st["admission_deferrals"] >= 1 and st["admissions_waited"] == 1
+  _check([h.result() for h in (first, on_disk, behind)],
+         _peft_generate(multi, prompts, ["__base__", "ad9", "__base__"]))
