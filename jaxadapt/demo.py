@@ -224,11 +224,13 @@ def main(argv=None) -> None:
     # Compiles the step programs on a throwaway engine (they are shared), so the trace measures
     # serving, not XLA: a short trace of the same shape, run offline.
     start = time.perf_counter()
-    warm = trace_requests(names, 48, args.seed + 7, args.rate)
-    Engine(model, **options).generate(
-        [Request(prompt=q, adapter=a, max_tokens=n, eos_token_id=[]) for _, a, q, n in warm]
-        + [Request(prompt=default.prompt(t, x), adapter=t, max_tokens=args.max_tokens)
-           for t, x in checked])
+    warm = [Request(prompt=q, adapter=a, max_tokens=n, eos_token_id=[])
+            for _, a, q, n in trace_requests(names, 48, args.seed + 7, args.rate)]
+    throwaway = Engine(model, **options)
+    for k in (1, 2, 3):  # a few requests at once: the steps with 1, 2 or 4 prefill rows
+      throwaway.generate(warm[:k])
+    throwaway.generate(warm + [Request(prompt=default.prompt(t, x), adapter=t,
+                                       max_tokens=args.max_tokens) for t, x in checked])
     print(f"compiled {Engine.compiled_programs()} step programs in "
           f"{time.perf_counter() - start:.1f} s; serving {len(adapters)} adapters "
           f"({len(default.TASKS)} task adapters + {len(adapters) - len(default.TASKS)} generated "
