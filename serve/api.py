@@ -1282,8 +1282,10 @@ class BackgroundServer:
 
   def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
     import uvicorn
+    # log_config=None: the process's logging stays as it is (uvicorn's default config would
+    # bind handlers to the sys.stderr of this moment: pytest's capture, a notebook's stream).
     self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                lifespan="on"))
+                                                lifespan="on", log_config=None))
     self.thread = threading.Thread(target=self.server.run, daemon=True,
                                    name="jaxadapt-uvicorn")
     self.thread.start()
