@@ -362,6 +362,8 @@ class Engine:
       if len(self._incoming) + len(self.waiting) + len(requests) > self.max_queue:
         raise Overloaded(f"{len(requests)} requests would exceed max_queue={self.max_queue}; "
                          f"retry later")
+      for r in requests:  # unloaded since `check`? (unloading takes the step lock too)
+        self._servable(r.adapter)
       return [self._queue(r, *c) for r, c in zip(requests, checked)]
 
   def _queue(self, request: Request, ids: list, eos: frozenset) -> Handle:
@@ -373,7 +375,8 @@ class Engine:
     handle = Handle(self, request, rid)
     seq = _Seq(handle=handle, tokens=list(ids), prompt_len=len(ids), eos=eos,
                arrival=time.perf_counter())
-    with self._lock:
+    with self._lock:  # `_retire` forgets adapters under this lock: checked and queued at once
+      self._servable(request.adapter)
       self._incoming.append(seq)
     self._wake()
     self._prefetch_event.set()
@@ -707,15 +710,25 @@ class Engine:
       self._retiring.add(name)
       self._retire()
 
+  def _servable(self, name: Optional[str]) -> None:
+    """Raises AdapterBusy / UnknownAdapter if adapter `name` is being unloaded or is gone."""
+    if name is None:
+      return
+    if name in self._retiring:
+      raise AdapterBusy(f"adapter {name!r} is being unloaded; it takes no new requests")
+    if name not in self.store:
+      raise UnknownAdapter(f"unknown adapter {name!r} (unloaded)")
+
   def _retire(self) -> None:
-    """Forgets the retiring adapters that no request uses any more."""
+    """Forgets the retiring adapters that no request uses any more (under the queue lock, so
+    no request for them is queued meanwhile)."""
     with self._lock:
       busy = {s.handle.request.adapter
               for s in itertools.chain(self._incoming, self.waiting, self.running)}
-    for name in sorted(self._retiring - busy):
-      self.scheduler.forget(name)
-      self.store.unregister(name)
-      self._retiring.discard(name)
+      for name in sorted(self._retiring - busy):
+        self.scheduler.forget(name)
+        self.store.unregister(name)
+        self._retiring.discard(name)
 
   def adapter_info(self, name: str) -> dict:
     """The store's `info(name)` with `residency` "device" when its pages are in the pool (else

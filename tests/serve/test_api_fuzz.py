@@ -260,7 +260,7 @@ def test_disconnects_cancel_and_leave_the_server_whole(fuzz, monkeypatch):
   assert httpx.get(fuzz["url"] + "/health").status_code == 200
 
 
-def test_concurrent_streams_over_every_adapter_preempt_and_lose_nothing(fuzz):
+def test_concurrent_streams_over_every_adapter_preempt_and_lose_nothing(fuzz, monkeypatch):
   """32 streaming clients at once over the 6 adapters and the base, in a pool that holds about
   4 of them: requests are preempted and recomputed, and every stream still ends with the answer
   its request gives alone."""
@@ -281,8 +281,20 @@ def test_concurrent_streams_over_every_adapter_preempt_and_lose_nothing(fuzz):
       got.append((name, text, reason))
 
   threads = [threading.Thread(target=stream, args=(i,)) for i in range(32)]
+  # All 32 queued before the next step, so the pool is oversubscribed whatever the timing of
+  # the client threads.
+  gate, step = threading.Event(), engine.step
+
+  def gated_step():
+    gate.wait(60)
+    return step()
+  monkeypatch.setattr(engine, "step", gated_step)
   for t in threads:
     t.start()
+  deadline = time.monotonic() + 60
+  while len(engine._incoming) + len(engine.waiting) < 32 and time.monotonic() < deadline:
+    time.sleep(0.01)
+  gate.set()
   for t in threads:
     t.join(120)
   assert len(got) == 32
