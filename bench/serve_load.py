@@ -18,6 +18,7 @@ The last line is `RESULT ok|LOST rps=<x> p50=<s> p99=<s> lost=<n> preemptions=<n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import socket
@@ -75,11 +76,9 @@ def main(argv=None) -> int:
   try:
     deadline = time.monotonic() + 300
     while True:
-      try:
+      with contextlib.suppress(httpx.TransportError):  # not listening yet
         if httpx.get(url + "/health", timeout=5).status_code == 200:
           break
-      except httpx.TransportError:
-        pass
       if server.poll() is not None or time.monotonic() > deadline:
         print("the server did not start", file=sys.stderr)
         return 1

@@ -306,10 +306,8 @@ def _pump(loop, queue: asyncio.Queue, index: int, handle) -> None:
   """Starts a daemon thread that reads `handle`'s events (blocking) and hands each, then the
   `Completion`, to `queue` on `loop` as (index, item)."""
   def put(item):
-    try:
+    with contextlib.suppress(RuntimeError):  # the loop is closed (server gone): no listener
       loop.call_soon_threadsafe(queue.put_nowait, (index, item))
-    except RuntimeError:  # the loop is closed (server gone): nobody is listening
-      pass
 
   def run():
     try:
@@ -1101,16 +1099,21 @@ def _streaming(gen_factory):
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _stream_completions(srv, handles, request, rid, model, n, echoes, k, as_ids,
-                        include_usage):
+def _chunker(rid: str, obj: str, model: str, include_usage: bool):
+  """`chunk(choices, usage=None)`: one SSE event of a stream's chunk object `obj`."""
   created = int(time.time())
 
   def chunk(choices, usage=None):
-    out = {"id": rid, "object": "text_completion", "created": created, "model": model,
-           "choices": choices}
+    out = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
     if include_usage:
       out["usage"] = usage
     return _sse(out)
+  return chunk
+
+
+def _stream_completions(srv, handles, request, rid, model, n, echoes, k, as_ids,
+                        include_usage):
+  chunk = _chunker(rid, "text_completion", model, include_usage)
 
   async def gen():
     offsets = [0] * len(handles)
@@ -1226,14 +1229,7 @@ async def _chat(srv: _Server, body: ChatCompletionRequest, request):
 
 
 def _stream_chat(srv, handles, request, rid, model, k, include_usage):
-  created = int(time.time())
-
-  def chunk(choices, usage=None):
-    out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-           "choices": choices}
-    if include_usage:
-      out["usage"] = usage
-    return _sse(out)
+  chunk = _chunker(rid, "chat.completion.chunk", model, include_usage)
 
   async def gen():
     done = []

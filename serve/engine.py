@@ -160,13 +160,19 @@ def _engine_forward(graphdef, sampling, params, pages, ctx, ids, positions, sele
   ctx = ctx.with_pages(pages)
   logits, pages, new_kv = apply(graphdef, params, "packed_logits", ids, positions, select,
                                 ctx=ctx)
+  tokens, logprobs = sample_and_score(logits, samp, sampling)
+  return (pages if new_kv is None else None), new_kv, tokens, logprobs
+
+
+def sample_and_score(logits, samp, sampling: bool):
+  """(next token of each row, (its logprob, the TOP_LOGPROBS best (logprobs, ids))) from a
+  step's logits [S, vocab]; `samp` = (temperature, top_k, top_p, seeds, counts) per row."""
   temperature, top_k, top_p, seeds, counts = samp
   keys = jax.vmap(jax.random.key)(seeds)
   tokens = gen_lib.sample_tokens(logits, temperature, top_k, top_p, keys, counts, sampling)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-  top = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
-  return (pages if new_kv is None else None), new_kv, tokens, (chosen, top)
+  return tokens, (chosen, jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1])))
 
 
 _engine_forward_donated = jax.jit(_engine_forward.__wrapped__, static_argnums=(0, 1),

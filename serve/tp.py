@@ -32,18 +32,16 @@ import functools
 import re
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxadapt import generate as gen_lib
 from jaxadapt import paths as paths_lib
 from jaxadapt import sharding as sharding_lib
 from jaxadapt.context import TensorParallel
 from jaxadapt.models.frozen import apply
 from kernels_pallas import attention as paged_attention
-from serve.engine import TOP_LOGPROBS
+from serve.engine import sample_and_score
 
 MODEL = sharding_lib.MODEL
 
@@ -139,13 +137,8 @@ def _forward(plan_: Plan, sampling: bool, params, pages, ctx, ids, positions, se
       in_specs=(plan_.specs, P(None, MODEL), _replicated(ctx), P(), P(), P()),
       out_specs=out_specs, check_vma=False)
   logits, pages, new_kv = sharded(params, pages, ctx, ids, positions, select)
-  temperature, top_k, top_p, seeds, counts = samp
-  keys = jax.vmap(jax.random.key)(seeds)
-  tokens = gen_lib.sample_tokens(logits, temperature, top_k, top_p, keys, counts, sampling)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-  top = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
-  return pages, new_kv, tokens, (chosen, top)
+  tokens, logprobs = sample_and_score(logits, samp, sampling)
+  return pages, new_kv, tokens, logprobs
 
 
 forward = jax.jit(_forward, static_argnums=(0, 1))

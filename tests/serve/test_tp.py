@@ -102,7 +102,7 @@ def test_collectives_per_layer_follow_s_lora(world):
   counts = {}
 
   class Lowered(Exception):
-    pass
+    """Carries the lowered program's text out of the first step (nothing is compiled)."""
 
   def spy(*args):
     raise Lowered(real.lower(*args).as_text())
