@@ -155,13 +155,21 @@ class UNetConfig:
     if self.prediction_type not in PREDICTION_TYPES:
       raise ValueError(f"prediction_type {self.prediction_type!r} is not one of "
                        f"{PREDICTION_TYPES}")
+    # Blocks with attention split their channels into heads; the up block i mirrors the down
+    # block n - 1 - i (its channels and heads), the mid block the last one.
+    with_attention = {i for i, t in enumerate(self.down_block_types) if t.startswith("CrossAttn")}
+    with_attention |= {n - 1 - i for i, t in enumerate(self.up_block_types)
+                       if t.startswith("CrossAttn")}
+    if self.mid_block_type is not None:
+      with_attention.add(n - 1)
     for i, (ch, heads) in enumerate(zip(self.block_out_channels, self.attention_head_dim)):
       if ch % self.norm_num_groups:
         raise ValueError(f"block_out_channels[{i}]={ch} is not a multiple of norm_num_groups="
                          f"{self.norm_num_groups}")
-      if ch % heads:
+      if i in with_attention and ch % heads:
         raise ValueError(f"block_out_channels[{i}]={ch} is not a multiple of its number of "
-                         f"heads (attention_head_dim[{i}]={heads})")
+                         f"heads (attention_head_dim[{i}]={heads}); blocks with attention "
+                         f"split their channels into that many heads")
     if any(isinstance(t, (tuple, list)) for t in self.transformer_layers_per_block):
       raise ValueError("transformer_layers_per_block with per-layer lists (asymmetric U-Nets) "
                        "is not supported")

@@ -100,6 +100,29 @@ def test_sd21_matches_diffusers(sd21):
   np.testing.assert_allclose(np.asarray(unet(sample, t, ehs)), ref, atol=1e-4, rtol=1e-4)
 
 
+# diffusers' own Stable Diffusion test dummy (tests/pipelines/stable_diffusion): the first block
+# has no attention, so its 4 channels need not split into attention_head_dim=8 heads (the
+# attention blocks have 8 channels: 8 heads of width 1).
+SD_DUMMY = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(4, 8),
+    layers_per_block=1, norm_num_groups=2, cross_attention_dim=32, attention_head_dim=8,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+
+
+def test_first_block_without_attention_matches_diffusers(tmp_path):
+  model = make_unet(str(tmp_path), SD_DUMMY, seed=2)
+  unet = unet_lib.load_unet(str(tmp_path))
+  assert unet.config.attention_head_dim == (8, 8)
+  sample, t, ehs = inputs(SD_DUMMY)
+  ref = torch_out(model, sample, t, ehs)
+  np.testing.assert_allclose(np.asarray(unet(sample, t, ehs)), ref, atol=1e-4, rtol=1e-4)
+  # A block with attention still needs its channels to split into its heads.
+  bad = dict(SD_DUMMY, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"))
+  with pytest.raises(ValueError, match=r"block_out_channels\[0\]=4 is not a multiple of its"):
+    unet_lib.UNetConfig.from_config(bad)
+
+
 def test_param_paths_are_checkpoint_names(sd15):
   """Every NNX param is one checkpoint tensor and every checkpoint tensor is used."""
   d, model = sd15
