@@ -188,8 +188,8 @@ def delta_weight(adapter: LoraAdapter, path: str) -> jax.Array:
   return adapter.scale(path) * (w["a"].astype(jnp.float32) @ w["b"].astype(jnp.float32))
 
 
-def merge_params(params: Mapping, adapter: LoraAdapter, *,
-                 keep_original: bool = False) -> tuple[dict, dict]:
+def merge_params(params: Mapping, adapter: LoraAdapter, *, keep_original: bool = False,
+                 base_kernels: Optional[Mapping[str, jax.Array]] = None) -> tuple[dict, dict]:
   """Folds the adapter into the kernels it targets (computed in float32, rounded once).
 
   Args:
@@ -198,17 +198,24 @@ def merge_params(params: Mapping, adapter: LoraAdapter, *,
     keep_original: also record the pre-merge kernels (references, not copies) so that
       `unmerge_params` restores them bitwise. They then stay alive as long as the undo record
       does, even if the input tree is dropped: up to a second copy of every targeted kernel.
+    base_kernels: {path: kernel} the unmerged base kernels of paths that already hold merged
+      adapters. DoRA's column norm `||W0 + dW||_c` is taken on the unmerged base, as its forward
+      and PEFT's merge take it; a path not given uses its kernel in `params`.
 
   Returns:
     (new params, `undo`: what `unmerge_params` needs: the DoRA column norms per path and, with
     `keep_original`, the pre-merge kernels and the merged ones (to recognise them)).
   """
   undo = {"original": {}, "merged": {}, "dora_norms": {}}
+  base_kernels = base_kernels or {}
   for path, w in adapter.weights.items():
     kernel = kernel_at(params, path)
-    new = kernel.astype(jnp.float32) + delta_weight(adapter, path)
+    delta = delta_weight(adapter, path)
+    new = kernel.astype(jnp.float32) + delta
     if "magnitude" in w:
-      norm = jnp.sqrt(jnp.sum(new * new, axis=0))
+      base = base_kernels.get(path)
+      unmerged = new if base is None else base.astype(jnp.float32) + delta
+      norm = jnp.sqrt(jnp.sum(unmerged * unmerged, axis=0))
       undo["dora_norms"][path] = norm
       new = new * (w["magnitude"].astype(jnp.float32) / norm)
     new = new.astype(kernel.dtype)
@@ -218,28 +225,29 @@ def merge_params(params: Mapping, adapter: LoraAdapter, *,
   return params, undo
 
 
-def unmerge_params(params: Mapping, adapter: LoraAdapter, undo: Mapping) -> dict:
-  """The inverse of `merge_params`, given the `undo` it returned.
+def unmerged_kernel(kernel: jax.Array, adapter: LoraAdapter, path: str,
+                    undo: Mapping) -> jax.Array:
+  """The kernel at `path` with `adapter` (merged by `merge_params`, which gave `undo`) taken out.
 
   With an undo record made with `keep_original`, a kernel that is still the one `merge_params`
-  produced is replaced by the pre-merge kernel, so merge-then-unmerge is bitwise exact in every
-  dtype. Otherwise (or for a kernel changed since: another tree, a re-placed array) the kernel
-  is unmerged arithmetically, as PEFT does: `W = W' * ||W0 + dW||_c / m - dW` (DoRA) or
-  `W' - dW`, exact up to rounding (in bfloat16 a small weight next to a large update can lose
-  its low bits).
+  produced gives back the pre-merge kernel itself (bitwise). Otherwise the adapter is taken out
+  arithmetically, as PEFT does: `W = W' * ||W0 + dW||_c / m - dW` (DoRA) or `W' - dW`, exact up
+  to rounding (in bfloat16 a small weight next to a large update can lose its low bits).
   """
-  original, merged = undo.get("original", {}), undo.get("merged", {})
-  norms = undo.get("dora_norms", {})
-  for path, w in adapter.weights.items():
-    kernel = kernel_at(params, path)
-    if path in original and kernel is merged.get(path):
-      params = _set_kernel(params, path, original[path])
-      continue
-    new = kernel.astype(jnp.float32)
-    if "magnitude" in w:
-      new = new * (norms[path] / w["magnitude"].astype(jnp.float32))
-    new = new - delta_weight(adapter, path)
-    params = _set_kernel(params, path, new.astype(kernel.dtype))
+  if path in undo.get("original", {}) and kernel is undo.get("merged", {}).get(path):
+    return undo["original"][path]
+  w = adapter.weights[path]
+  new = kernel.astype(jnp.float32)
+  if "magnitude" in w:
+    new = new * (undo["dora_norms"][path] / w["magnitude"].astype(jnp.float32))
+  return (new - delta_weight(adapter, path)).astype(kernel.dtype)
+
+
+def unmerge_params(params: Mapping, adapter: LoraAdapter, undo: Mapping) -> dict:
+  """The inverse of `merge_params`, given the `undo` it returned (`unmerged_kernel` per path)."""
+  for path in adapter.weights:
+    params = _set_kernel(params, path, unmerged_kernel(kernel_at(params, path), adapter, path,
+                                                       undo))
   return params
 
 

@@ -30,8 +30,26 @@ def merge(model: "FrozenModel", adapter: lora_lib.LoraAdapter, *,
       (`FrozenModel.check_adapter`).
   """
   model.check_adapter(adapter)
-  params, undo = lora_lib.merge_params(model.params, adapter, keep_original=keep_original)
+  params, undo = lora_lib.merge_params(model.params, adapter, keep_original=keep_original,
+                                       base_kernels=_base_kernels(model, adapter))
   return model.with_params(params, merged=model.merged + ((adapter, undo),))
+
+
+def _base_kernels(model: "FrozenModel", adapter: lora_lib.LoraAdapter) -> dict:
+  """{path: the kernel without the adapters merged before} for `adapter`'s DoRA paths that
+  hold merged adapters: DoRA's norm is taken on the unmerged base, as PEFT's merge does (its
+  `_unmerged_base_weight`), so `merge(merge(m, a0), a1)` equals PEFT's `merge_and_unload` of
+  both, and its forward with both active (`set_adapter([a0, a1])`)."""
+  out = {}
+  for path, w in adapter.weights.items():
+    if "magnitude" not in w or not any(path in a.weights for a, _ in model.merged):
+      continue
+    kernel = lora_lib.kernel_at(model.params, path)
+    for earlier, undo in reversed(model.merged):
+      if path in earlier.weights:
+        kernel = lora_lib.unmerged_kernel(kernel, earlier, path, undo)
+    out[path] = kernel
+  return out
 
 
 def unmerge(model: "FrozenModel",

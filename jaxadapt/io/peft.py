@@ -42,9 +42,12 @@ _UNSUPPORTED = {
     "use_bdlora": (None, False, {}),
     "arrow_config": (None, {}),
     "kasa_config": (None, {}),
-    "velora_config": (None, {}),
     "monteclora_config": (None, {}),
 }
+# Training-only options whose forward is plain LoRA: accepted, and the tensors they save (none
+# of them read by the forward) are skipped. VeLoRA (Miles et al., 2024) compresses the LoRA A
+# input activations for the backward pass; in eval PEFT's forward is `x + s * B A x`.
+_TRAINING_ONLY = {"velora_config": ("lora_velora_embed",)}
 # Initialisations that also rewrite the base weights: the adapter alone does not reproduce them.
 _BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 
@@ -230,16 +233,24 @@ def read_peft_config(directory: str) -> LoraConfig:
     ValueError, TypeError: the file is not a JSON object, or holds a config jaxadapt refuses
       (the message names the file and the option).
   """
+  return _read_peft_config(directory)[0]
+
+
+def _read_peft_config(directory: str) -> tuple[LoraConfig, dict]:
+  """(the `LoraConfig`, the parsed JSON) of a PEFT dir's `adapter_config.json`."""
   cfg_path = os.path.join(directory, "adapter_config.json")
   cfg = read_json_object(cfg_path, "PEFT's adapter config (r, lora_alpha, target_modules, ...)")
   try:
-    return config_from_peft(cfg)
+    return config_from_peft(cfg), cfg
   except (TypeError, ValueError) as e:
     raise type(e)(f"{cfg_path}: {e}") from None
 
 
 def _load_peft_dir(directory: str, dtype, host: bool = False) -> LoraAdapter:
-  config = read_peft_config(directory)
+  config, cfg = _read_peft_config(directory)
+  # Tensors of training-only options (read by no forward).
+  skip = tuple(f".{suffix}" for name, suffixes in _TRAINING_ONLY.items() if cfg.get(name)
+               for suffix in suffixes)
   st_path = os.path.join(directory, "adapter_model.safetensors")
   if not os.path.exists(st_path):
     bins = [f for f in ("adapter_model.bin", "adapter_model.pt")
@@ -250,7 +261,8 @@ def _load_peft_dir(directory: str, dtype, host: bool = False) -> LoraAdapter:
            if bins else "")
         + "re-save the adapter with PEFT's save_pretrained(..., safe_serialization=True)")
   tensors = SafetensorsFile(st_path)
-  weights = _read_weights(tensors, list(tensors), _PREFIX, st_path, dtype, host)
+  keys = [k for k in tensors if not (skip and k.endswith(skip))]
+  weights = _read_weights(tensors, keys, _PREFIX, st_path, dtype, host)
   _check_dora(weights, config, st_path)
   _check_ranks(weights, config, directory)
   return LoraAdapter(weights=weights, config=config)
