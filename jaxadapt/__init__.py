@@ -18,6 +18,8 @@ from jaxadapt.causal_lm import CausalLM, load_model
 from jaxadapt.diffusion.images import save_image_grid
 from jaxadapt.diffusion.pipeline import load_pipeline
 from jaxadapt.io.peft import load_adapter, save_adapter
+from jaxadapt import meteora
+from jaxadapt.meteora import load_meteora
 from jaxadapt.models.clip import load_clip_text
 from jaxadapt.models.dit import load_dit
 from jaxadapt.models.unet import load_unet
@@ -32,5 +34,5 @@ def init_lora(model, config: LoraConfig, *, seed: int = 0, dtype="float32"):
 
 
 __all__ = ["CausalLM", "Context", "default", "LoraAdapter", "LoraConfig", "init_lora", "load_adapter", "load_clip_text",
-           "load_dit", "load_model", "load_pipeline", "load_unet", "load_vae", "merge",
+           "load_dit", "load_meteora", "load_model", "meteora", "load_pipeline", "load_unet", "load_vae", "merge",
            "save_adapter", "save_image_grid", "unmerge"]

@@ -228,13 +228,30 @@ def make_routing(layout: str, ids, num_adapters: int, gates=None) -> Routing:
   return Routing(layout=layout, ids=ids, num_adapters=int(num_adapters), gates=gates)
 
 
-@_pytree(meta=("top_k",))
+class GateTape:
+  """Collects every router's gate logits during one trace: `(path, g [T, N])` in call order.
+
+  The gate loss of MeteoRA training needs each layer's logits, which live inside the forward; a
+  tape in the routers (`Router.tape`) receives them as the hook computes them. Build the tape and
+  the context inside the traced function that reads it (a loss, a jitted analysis): the tape
+  is a static part of the context, so a new tape in a jit argument means a new compile.
+  """
+
+  def __init__(self):
+    self.logits: list = []
+
+  def record(self, path: str, logits: jax.Array) -> None:
+    self.logits.append((path, logits))
+
+
+@_pytree(meta=("top_k", "tape"))
 class Router:
   """MeteoRA's gate on one projection (Xu et al., 2025, Eq. 3-4): per token `g = x W_g`, the
   top-k adapters, weights `softmax(g_topk / T)`. Evaluated by the hook from the layer's `x`."""
   w_gate: jax.Array                 # [in, N], no bias
   temperature: jax.Array            # [] T (1 for single tasks, 15-30 for composites)
   top_k: int = 1
+  tape: Optional[GateTape] = None   # receives (path, g) when set (training, analysis)
 
 
 # -- Attention state --------------------------------------------------------------------------

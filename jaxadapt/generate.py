@@ -264,7 +264,7 @@ def generate(model, inputs, *, attention_mask=None, max_new_tokens: int = 32,
              top_k: Union[int, Sequence[int]] = 0, top_p: Union[float, Sequence[float]] = 1.0,
              seed: Union[int, Sequence[int]] = 0, eos_token_id=None,
              stop: Union[str, Sequence[str], None] = None, adapter=None, adapters=None,
-             adapter_ids=None, stop_check_every: int = 8) -> GenerateOutput:
+             adapter_ids=None, context=None, stop_check_every: int = 8) -> GenerateOutput:
   """Continues each prompt by up to `max_new_tokens` tokens.
 
   Args:
@@ -284,6 +284,9 @@ def generate(model, inputs, *, attention_mask=None, max_new_tokens: int = 32,
     stop: a string or strings that end a row (checked on the decoded text; needs a tokenizer).
     adapter: one `LoraAdapter` for every row.
     adapters, adapter_ids: a list of adapters and one id per prompt (-1 = base only).
+    context: a ready forward `Context` without attention state (e.g. a MeteoRA model's routers,
+      `jaxadapt.meteora`), instead of adapter/adapters; its routing must not depend on the
+      batch's shape.
     stop_check_every: decode steps between host checks of stop strings.
 
   Returns:
@@ -325,16 +328,16 @@ def generate(model, inputs, *, attention_mask=None, max_new_tokens: int = 32,
   vocab = model.config.vocab_size
   _check("eos_token_id", eos_token_id, all(0 <= e < vocab for e in eos),
          f"ids in [0, {vocab})")
-  context = model.config.max_position_embeddings
+  window = model.config.max_position_embeddings
   for i, p in enumerate(prompts):
     if not p:
       raise ValueError(f"prompt {i} is empty; generation needs at least one token")
     bad = [t for t in p if not 0 <= t < vocab]
     if bad:
       raise ValueError(f"prompt {i} has token ids {bad[:3]} outside the vocabulary [0, {vocab})")
-    if len(p) + max_new_tokens > context:
+    if len(p) + max_new_tokens > window:
       raise ValueError(f"prompt {i} has {len(p)} tokens and max_new_tokens={max_new_tokens}: "
-                       f"{len(p) + max_new_tokens} > the model's context of {context} tokens "
+                       f"{len(p) + max_new_tokens} > the model's context of {window} tokens "
                        f"(max_position_embeddings); shorten the prompt or ask for fewer tokens")
 
   b = bucket(rows)
@@ -351,8 +354,12 @@ def generate(model, inputs, *, attention_mask=None, max_new_tokens: int = 32,
       raise ValueError(f"adapter_ids must hold one id per prompt, shape ({rows},); got shape "
                        f"{ids_arr.shape}")
     adapter_ids = np.concatenate([ids_arr, -np.ones(b - rows, ids_arr.dtype)])
+  if context is not None and (context.attention is not None or context.routing is not None):
+    raise ValueError("generate(context=) takes a context without attention state or routing "
+                     "(generate builds the KV cache and pads the batch); pass routers or one "
+                     "adapter's weights, or use adapters= with adapter_ids=")
   ctx = model.make_context(adapter=adapter, adapters=adapters, adapter_ids=adapter_ids,
-                           batch=b) or Context()
+                           context=context, batch=b) or Context()
   pad = lambda v, fill: np.concatenate([v, np.full(b - rows, fill, v.dtype)])
   sampling = bool((temps > 0).any())
   if np.ndim(seed) == 0:  # one seed: row i draws from fold_in(key(seed), i)

@@ -7,10 +7,10 @@ specification); `ops` dispatches to the fastest implementation per backend: the 
 from kernels_pallas.ops import (batched_grouping, batched_needs_grouping, get_backend,
                                 lora_batched, lora_expand, lora_rows, lora_shrink, lora_topk,
                                 make_grouping, resolve_backend, set_backend, sgmv_expand,
-                                sgmv_shrink)
+                                sgmv_shrink, topk_impl)
 from kernels_pallas.plan import Grouping
 from kernels_pallas.reference import PagedWeights
 
 __all__ = ["Grouping", "PagedWeights", "batched_grouping", "batched_needs_grouping", "get_backend",
            "lora_batched", "lora_expand", "lora_rows", "lora_shrink", "lora_topk", "make_grouping",
-           "resolve_backend", "set_backend", "sgmv_expand", "sgmv_shrink"]
+           "resolve_backend", "set_backend", "sgmv_expand", "sgmv_shrink", "topk_impl"]

@@ -456,19 +456,38 @@ def batched_grouping(ids: jax.Array, seq: int, num_adapters: int):
   return make_grouping(rows, num_adapters, segments=ids.shape[0])
 
 
+# The dense form of the top-k mixture (every adapter's matmul, gated) costs N/K times the
+# flops of the top-k path but has no visit loop. On 2 CPU cores (op level, T = 64-3072 rows,
+# R = 16, D/O = 128-1024; bench/meteora.py end to end) it won while N <= ~6 K: N=8, K=2 dense
+# 0.4-0.6x the top-k path's time; N=8, K=1 about even; N=32 or 64 dense 2-8x slower. Other
+# backends are unmeasured (no accelerator here) and use the same rule.
+DENSE_TOPK_RATIO = 6
+
+
+def topk_impl(num_adapters: int, k: int, a_stack=None) -> str:
+  """"dense" or "gather": the cheaper form of `lora_topk` for N adapters and K slots (pool pages
+  are always read by the gather path)."""
+  if isinstance(a_stack, PagedWeights):
+    return "gather"
+  return "dense" if num_adapters <= DENSE_TOPK_RATIO * k else "gather"
+
+
 def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
               topk_ids: jax.Array, gates: jax.Array, *, ranks=None,
-              groupings=None) -> jax.Array:
+              groupings=None, impl: str = "gather") -> jax.Array:
   """MeteoRA's top-k gated mixture; spec: `reference.lora_topk`.
 
-  Each of the K slots is one shrink and one expand on the per-row layout; the gate multiplies h
-  between them, so gradients reach the gates (and x, A, B) through the ops' custom_vjp.
+  "gather" (the kernels): each of the K slots is one shrink and one expand on the per-row
+  layout; the gate multiplies h between them, so gradients reach the gates (and x, A, B) through
+  the ops' custom_vjp. "dense": `xla.dense_topk`, every adapter at once with the gates as
+  mixing weights (plain jnp, dense stacks only). "auto": the cheaper by `topk_impl`.
 
   Args:
     y: [T, O]; x: [T, D]; a_stack: [N, D, R] or PagedWeights; b_stack: [N, R, O] or PagedWeights;
     scales: [N]; topk_ids: [T, K] (< 0 skips the slot); gates: [T, K]; ranks: optional [N];
     groupings: optional K groupings (`make_grouping(topk_ids[:, j], N)`), shared by every
     projection that routes the same ids; default: built here, one per slot.
+    impl: "gather", "dense" or "auto".
 
   Returns:
     [T, O] in y's dtype.
@@ -482,6 +501,14 @@ def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
   n = _source(b_stack, "b")[3]
   reference.check_ids("lora_topk", topk_ids, n)
   reference.check_scales("lora_topk", scales, n)
+  if impl not in ("gather", "dense", "auto"):
+    raise ValueError(f"lora_topk: impl must be 'gather', 'dense' or 'auto', got {impl!r}")
+  if impl == "auto":
+    impl = topk_impl(n, topk_ids.shape[1], a_stack)
+  if impl == "dense":
+    if isinstance(a_stack, PagedWeights) or isinstance(b_stack, PagedWeights):
+      raise ValueError("lora_topk: the dense form needs dense stacks, not pool pages")
+    return xla.dense_topk(y, x, a_stack, b_stack, scales, topk_ids, gates, ranks)
   out = y.astype(jnp.float32)
   for j in range(topk_ids.shape[1]):
     ids = topk_ids[:, j]

@@ -218,3 +218,38 @@ def rows_lora(y: jax.Array, x: jax.Array, a, b, ids: jax.Array, scales: jax.Arra
   bw = jnp.where(live[..., None], paged_rows(b, safe, rank), 0)                 # [T, rank, O]
   d = jnp.einsum("tr,tro->to", h, bw.astype(jnp.float32))
   return (y.astype(jnp.float32) + jnp.where(valid[:, None], d, 0)).astype(y.dtype)
+
+
+def dense_topk(y: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, scales: jax.Array,
+               topk_ids: jax.Array, gates: jax.Array, ranks=None) -> jax.Array:
+  """MeteoRA's top-k mixture as two dense matmuls over every adapter at once: `x @ [A_1 .. A_N]`
+  ([T, N*R]), each adapter's block weighted by its gate (zero for adapters outside a token's
+  top-k), then `@ [B_1; ..; B_N]`. It computes N/K times the top-k path's flops but reads every
+  weight once, with no visit loop: the faster form while N*R stays small (`ops.topk_impl`).
+  Plain jnp: differentiable as it stands. Weights are assumed finite (a NaN in one adapter
+  reaches every row through the shared matmul, where the visit loop keeps it to that adapter's
+  rows).
+
+  Args:
+    y: [T, O]; x: [T, D]; a: [N, D, R] dense; b: [N, R, O] dense; scales: [N]; topk_ids: [T, K]
+    (< 0 or >= N: the slot is skipped); gates: [T, K]; ranks: optional [N] (rank slots past
+    ranks[n] are ignored).
+
+  References:
+    MeteoRA (Xu et al., 2024), Sec. 3, Eq. 3-4.
+  """
+  n, d, r = a.shape
+  valid = (topk_ids >= 0) & (topk_ids < n)
+  # [T, N] mixing weight of each adapter: the gate where it is among the top-k, else 0.
+  w = jnp.einsum("tk,tkn->tn", jnp.where(valid, gates, 0).astype(jnp.float32),
+                 jax.nn.one_hot(jnp.where(valid, topk_ids, n), n, dtype=jnp.float32))
+  w = w * scales.astype(jnp.float32)[None, :]
+  if ranks is not None:
+    live = jnp.arange(r)[None, :] < jnp.asarray(ranks)[:, None]                # [N, R]
+    a = jnp.where(live[:, None, :], a, 0)
+    b = jnp.where(live[:, :, None], b, 0)
+  h = jnp.dot(x, a.transpose(1, 0, 2).reshape(d, n * r).astype(x.dtype),
+              preferred_element_type=jnp.float32)                               # [T, N*R]
+  h = (h.reshape(-1, n, r) * w[:, :, None]).reshape(-1, n * r)
+  out = jnp.dot(h, b.reshape(n * r, -1).astype(jnp.float32))
+  return (y.astype(jnp.float32) + out).astype(y.dtype)

@@ -157,12 +157,14 @@ def _fit_rank(h, r_b: int):
   return jnp.pad(h, ((0, 0), (0, r_b - r_a)))
 
 
-def _route(x, router: Router, n: int):
+def _route(x, router: Router, n: int, path: Optional[str] = None):
   """MeteoRA's gate (Eq. 3-4) from this layer's input: top-k ids and softmax(g_topk / T)."""
   g = jnp.matmul(x.reshape(-1, x.shape[-1]).astype(jnp.float32),
                  router.w_gate.astype(jnp.float32))
   if g.shape[-1] != n:
     raise ValueError(f"router has {g.shape[-1]} gate outputs for a stack of {n} adapters")
+  if router.tape is not None:
+    router.tape.record(path, g)
   top, ids = jax.lax.top_k(g, router.top_k)
   gates = jax.nn.softmax(top / router.temperature.astype(jnp.float32), axis=-1)
   return ids.astype(jnp.int32), gates
@@ -176,7 +178,7 @@ def _gated(x, base, view: Stack, ids, gates, groupings=None):
     raise ValueError("a gated mixture over pool pages needs equal A and B rank slots")
   return kernels_pallas.lora_topk(
       base.reshape(-1, base.shape[-1]), x.reshape(-1, x.shape[-1]), a, b, view.scale, ids, gates,
-      ranks=view.ranks, groupings=groupings).reshape(base.shape)
+      ranks=view.ranks, groupings=groupings, impl="auto").reshape(base.shape)
 
 
 def _mixed_dora(base, delta, dora_scale, ids):
@@ -254,7 +256,7 @@ def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
     out = _single(x, kernel, base, view)
   elif isinstance(view, Stack):
     if router is not None:
-      ids, gates = _route(x, router, view.num_adapters)
+      ids, gates = _route(x, router, view.num_adapters, path)
       out = _gated(x, base, view, ids, gates)
     elif routing is None:
       raise ValueError(f"path {path} has a stack of adapters but the context has no routing "
