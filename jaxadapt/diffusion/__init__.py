@@ -7,7 +7,12 @@ The schedulers read diffusers' ``scheduler_config.json`` and reproduce diffusers
 from jaxadapt.diffusion.ddim import DDIMScheduler, DDIMState
 from jaxadapt.diffusion.ddpm import DDPMScheduler, DDPMState
 from jaxadapt.diffusion.dpm_solver import DPMSolverMultistepScheduler, DPMSolverState
-from jaxadapt.diffusion.euler import EulerDiscreteScheduler, EulerState
+from jaxadapt.diffusion.euler import (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                                      EulerState)
+from jaxadapt.diffusion.heun import HeunDiscreteScheduler, HeunState
+from jaxadapt.diffusion.lms import LMSDiscreteScheduler, LMSState
+from jaxadapt.diffusion.pndm import PNDMScheduler, PNDMState
+from jaxadapt.diffusion.unipc import UniPCMultistepScheduler, UniPCState
 from jaxadapt.diffusion.guidance import cfg_combine, guide_model_output
 from jaxadapt.diffusion.images import save_image_grid, to_uint8
 from jaxadapt.diffusion.pipeline import DiTPipeline, StableDiffusionPipeline, load_pipeline
@@ -16,7 +21,9 @@ from jaxadapt.diffusion.schedulers import SCHEDULERS, Scheduler, scheduler_from_
 
 __all__ = [
     "DDIMScheduler", "DDIMState", "DDPMScheduler", "DDPMState", "DPMSolverMultistepScheduler",
-    "DPMSolverState", "DiTPipeline", "EulerDiscreteScheduler", "EulerState", "SCHEDULERS",
-    "Scheduler", "StableDiffusionPipeline", "cfg_combine", "guide_model_output", "load_pipeline",
-    "sample", "save_image_grid", "scheduler_from_config", "to_uint8",
+    "DPMSolverState", "DiTPipeline", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerState", "HeunDiscreteScheduler", "HeunState", "LMSDiscreteScheduler", "LMSState",
+    "PNDMScheduler", "PNDMState", "SCHEDULERS", "Scheduler", "StableDiffusionPipeline",
+    "UniPCMultistepScheduler", "UniPCState", "cfg_combine", "guide_model_output",
+    "load_pipeline", "sample", "save_image_grid", "scheduler_from_config", "to_uint8",
 ]

@@ -1,10 +1,12 @@
-"""Euler sampling of the probability-flow ODE in sigma (diffusers' ``EulerDiscreteScheduler``).
+"""Euler sampling in sigma: diffusers' ``EulerDiscreteScheduler`` and
+``EulerAncestralDiscreteScheduler``, and the sigma tables the k-diffusion style samplers share.
 
 References:
   Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models":
   Alg. 1 / Eq. 4 (Euler steps of dx/dsigma = (x - D(x; sigma)) / sigma), Eq. 5 (the rho = 7
   noise levels, ``use_karras_sigmas``), Table 1 (VP preconditioning: the model sees
   x / sqrt(sigma^2 + 1) at timestep t(sigma)).
+  Song et al. 2021, "Denoising Diffusion Implicit Models", Eq. 16 (the ancestral noise).
 """
 
 from __future__ import annotations
@@ -25,6 +27,56 @@ class EulerState(NamedTuple):
   timesteps: jax.Array  # float32 [N] model timesteps (fractional with Karras sigmas).
   sigmas: jax.Array  # float32 [N + 1] sigma_i = sqrt((1 - a) / a); the last is 0 or sigma_min.
   init_noise_sigma: jax.Array  # float32 [] std of the initial noise.
+
+
+def karras_or_spaced_sigmas(sched: base.SchedulerBase, num_steps: int, use_karras: bool,
+                            sigma_min: float | None = None,
+                            sigma_max: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(timesteps [N], sigmas [N]) of the k-diffusion style samplers (Euler, Heun, LMS, KDPM2).
+
+  The timesteps follow ``timestep_spacing`` (as floats; "linspace" is not rounded) and sigma(t)
+  interpolates the training sigmas linearly in t; with Karras sigmas (Eq. 5, ends from
+  ``sigma_min``/``sigma_max`` or the spaced sigmas' own) the timesteps are t(sigma)
+  interpolated in log sigma.
+  """
+  schedules.check_num_steps(num_steps, sched.num_train_timesteps)
+  _, train_sigmas = sched.sigma_tables()  # [T], increasing with t
+  T = sched.num_train_timesteps
+  if sched.timestep_spacing == "linspace":
+    ts = np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1].copy()
+  else:  # integer spacings, as floats
+    ts = schedules.spaced_timesteps(
+        sched.timestep_spacing, T, num_steps, sched.steps_offset).astype(np.float32)
+  sigmas = np.interp(ts, np.arange(T), train_sigmas)
+  if use_karras:
+    lo = sigma_min if sigma_min is not None else float(sigmas[-1])
+    hi = sigma_max if sigma_max is not None else float(sigmas[0])
+    sigmas = schedules.karras_sigmas(lo, hi, num_steps)
+    ts = schedules.sigma_to_t(sigmas, np.log(train_sigmas))
+  return ts, sigmas
+
+
+def initial_sigma(sched: base.SchedulerBase, sigmas: np.ndarray) -> np.float32:
+  """The std of the initial noise: sigma_max ("linspace"/"trailing") or sqrt(sigma_max^2 + 1)."""
+  max_sigma = np.float32(sigmas.max())
+  if sched.timestep_spacing in ("linspace", "trailing"):
+    return max_sigma
+  return np.sqrt(max_sigma**2 + np.float32(1))
+
+
+def denoised(prediction_type: str, model_output: jax.Array, x: jax.Array, sigma) -> jax.Array:
+  """D(x; sigma) from a VP model's output at x / sqrt(sigma^2 + 1) (Karras et al. Table 1)."""
+  if prediction_type == "epsilon":
+    return x - sigma * model_output
+  if prediction_type == "v_prediction":
+    return model_output * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
+  return model_output  # "sample" / "original_sample"
+
+
+def scale_by_sigma(state, sample: jax.Array, step_index) -> jax.Array:
+  """x / sqrt(sigma_i^2 + 1): the VP model's input at noise level sigma_i (Karras Table 1)."""
+  sigma = state.sigmas[step_index]
+  return (sample / jnp.sqrt(sigma**2 + 1)).astype(sample.dtype)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,22 +112,9 @@ class EulerDiscreteScheduler(base.SchedulerBase):
 
   def _tables(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps float32 [N], sigmas float32 [N + 1]) as diffusers computes them."""
-    schedules.check_num_steps(num_steps, self.num_train_timesteps)
-    ac, train_sigmas = self.sigma_tables()  # [T], increasing with t
-    T = self.num_train_timesteps
-    if self.timestep_spacing == "linspace":
-      ts = np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1].copy()
-    else:  # integer spacings, as floats
-      ts = schedules.spaced_timesteps(
-          self.timestep_spacing, T, num_steps, self.steps_offset).astype(np.float32)
-    log_sigmas = np.log(train_sigmas)
-    sigmas = np.interp(ts, np.arange(T), train_sigmas)
-    if self.use_karras_sigmas:
-      lo = self.sigma_min if self.sigma_min is not None else float(sigmas[-1])
-      hi = self.sigma_max if self.sigma_max is not None else float(sigmas[0])
-      sigmas = schedules.karras_sigmas(lo, hi, num_steps)
-      ts = schedules.sigma_to_t(sigmas, log_sigmas)
-    sigmas = self.finish_sigmas(sigmas, ac)
+    ts, sigmas = karras_or_spaced_sigmas(self, num_steps, self.use_karras_sigmas,
+                                         self.sigma_min, self.sigma_max)
+    sigmas = self.finish_sigmas(sigmas, self.sigma_tables()[0])
     if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
       ts = 0.25 * np.log(sigmas[:-1])
     return ts.astype(np.float32), sigmas
@@ -88,21 +127,15 @@ class EulerDiscreteScheduler(base.SchedulerBase):
     """The state of a ``num_steps`` run. ``sample`` is unused (Euler keeps no history)."""
     del sample
     ts, sigmas = self._tables(num_steps)
-    max_sigma = sigmas.max()
-    if self.timestep_spacing in ("linspace", "trailing"):
-      init_sigma = max_sigma
-    else:
-      init_sigma = np.sqrt(max_sigma**2 + np.float32(1))
     return EulerState(
         timesteps=jnp.asarray(ts),
         sigmas=jnp.asarray(sigmas),
-        init_noise_sigma=jnp.float32(init_sigma),
+        init_noise_sigma=jnp.float32(initial_sigma(self, sigmas)),
     )
 
   def scale_model_input(self, state: EulerState, sample: jax.Array, step_index) -> jax.Array:
     """x / sqrt(sigma_i^2 + 1): the VP model's input at noise level sigma_i (Karras Table 1)."""
-    sigma = state.sigmas[step_index]
-    return (sample / jnp.sqrt(sigma**2 + 1)).astype(sample.dtype)
+    return scale_by_sigma(state, sample, step_index)
 
   def step(
       self,
@@ -132,14 +165,83 @@ class EulerDiscreteScheduler(base.SchedulerBase):
     sigma = state.sigmas[step_index]
     sigma_next = state.sigmas[step_index + 1]
     x = sample.astype(jnp.float32)
-    # 1. Denoised D(x; sigma) from the VP model's output.
-    if self.prediction_type == "epsilon":
-      x0 = x - sigma * model_output
-    elif self.prediction_type == "v_prediction":
-      x0 = model_output * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
-    else:  # "sample" / "original_sample"
-      x0 = model_output
-    # 2. dx/dsigma = (x - D) / sigma (Eq. 4), one Euler step.
-    derivative = (x - x0) / sigma
+    # 1. Denoised D(x; sigma) from the VP model's output; 2. dx/dsigma = (x - D) / sigma (Eq. 4).
+    derivative = (x - denoised(self.prediction_type, model_output, x, sigma)) / sigma
     prev_sample = x + derivative * (sigma_next - sigma)
+    return prev_sample.astype(model_output.dtype), state
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EulerAncestralDiscreteScheduler(base.SchedulerBase):
+  """Euler ancestral sampler, equal to diffusers' ``EulerAncestralDiscreteScheduler``.
+
+  Each step goes down by Euler to sigma_down, then adds fresh noise of std sigma_up, where
+  sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 and
+  sigma_down^2 = sigma_next^2 - sigma_up^2: sigma_up is DDIM's sigma_t at eta = 1 (Song et al.
+  2021, "DDIM", Eq. 16, i.e. DDPM's ancestral posterior std, Ho et al. 2020 Eq. 7) written for
+  x / alpha. Step i draws its noise from ``key`` (or takes ``noise=``), so a fixed seed
+  reproduces a run.
+  """
+
+  timestep_spacing: str = "linspace"
+
+  diffusers_class: ClassVar[str] = "EulerAncestralDiscreteScheduler"
+  _choices: ClassVar[dict[str, tuple[Any, ...]]] = {
+      **base.SchedulerBase._choices,
+      "prediction_type": ("epsilon", "v_prediction"),
+  }
+
+  def _tables(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    ts, sigmas = karras_or_spaced_sigmas(self, num_steps, False)
+    return ts.astype(np.float32), np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+  def set_timesteps(self, num_steps: int) -> np.ndarray:
+    """float32 [N] timesteps, equal to diffusers' ``EulerAncestralDiscreteScheduler``'s."""
+    return self._tables(num_steps)[0]
+
+  def init_state(self, num_steps: int, sample: jax.Array | None = None) -> EulerState:
+    """The state of a ``num_steps`` run. ``sample`` is unused (no history)."""
+    del sample
+    ts, sigmas = self._tables(num_steps)
+    return EulerState(timesteps=jnp.asarray(ts), sigmas=jnp.asarray(sigmas),
+                      init_noise_sigma=jnp.float32(initial_sigma(self, sigmas)))
+
+  def scale_model_input(self, state: EulerState, sample: jax.Array, step_index) -> jax.Array:
+    """x / sqrt(sigma_i^2 + 1) (Karras Table 1)."""
+    return scale_by_sigma(state, sample, step_index)
+
+  def step(
+      self,
+      state: EulerState,
+      model_output: jax.Array,
+      step_index: jax.Array | int,
+      sample: jax.Array,
+      key: jax.Array | None = None,
+      *,
+      noise: jax.Array | None = None,
+  ) -> tuple[jax.Array, EulerState]:
+    """One ancestral Euler step from sigma_i: Euler to sigma_down, plus sigma_up z.
+
+    Args:
+      state: from ``init_state``.
+      model_output: the model's prediction on ``scale_model_input(state, sample, i)``.
+      step_index: i in [0, N), may be traced.
+      sample: x at sigma_i (unscaled).
+      key: PRNG key of this step's noise z (every step draws, the last one too, as diffusers).
+      noise: standard normal z to use instead of drawing from ``key``.
+
+    Returns:
+      ``(x at sigma_{i+1}, state)``; the state is unchanged.
+    """
+    who = "EulerAncestralDiscreteScheduler.step"
+    base.check_same_shape(model_output, sample, who=who)
+    sigma = state.sigmas[step_index]
+    sigma_next = state.sigmas[step_index + 1]
+    x = sample.astype(jnp.float32)
+    sigma_up = jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    sigma_down = jnp.sqrt(sigma_next**2 - sigma_up**2)
+    derivative = (x - denoised(self.prediction_type, model_output, x, sigma)) / sigma
+    prev_sample = x + derivative * (sigma_down - sigma)
+    z = base.gaussian_noise(key, noise, model_output, who=who)
+    prev_sample = prev_sample + z * sigma_up
     return prev_sample.astype(model_output.dtype), state

@@ -4,6 +4,8 @@ References:
   Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", Eq. 6:
   eps~ = (1 + w) eps(z, c) - w eps(z). diffusers (and jaxadapt) write it with s = 1 + w as
   eps~ = eps(z) + s (eps(z, c) - eps(z)), so s = 1 is the plain conditional model.
+  Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Sec. 3.4,
+  Eq. 15-16 (rescaled guidance, diffusers' ``guidance_rescale``).
 """
 
 from __future__ import annotations
@@ -59,8 +61,37 @@ def cfg_combine(eps_uncond: jax.Array, eps_cond: jax.Array, scale: jax.Array | f
   return eps_uncond + s * (eps_cond - eps_uncond)
 
 
+def rescale_guidance(guided: jax.Array, cond: jax.Array, phi: jax.Array | float) -> jax.Array:
+  """Rescaled classifier-free guidance (Lin et al. 2024, Sec. 3.4, Eq. 15-16).
+
+  x_rescaled = x_cfg * std(x_pos) / std(x_cfg) (Eq. 15), then
+  x_final = phi x_rescaled + (1 - phi) x_cfg (Eq. 16): the guided prediction keeps the
+  conditional prediction's std, which stops over-exposure with zero-terminal-SNR schedules.
+  Stds are per sample over all other axes, with Bessel's correction (as diffusers'
+  ``rescale_noise_cfg``, torch's ``std``).
+
+  Args:
+    guided: [B, ...] the CFG prediction x_cfg.
+    cond: [B, ...] the conditional prediction x_pos.
+    phi: the rescale factor in [0, 1] (diffusers' ``guidance_rescale``; 0 leaves x_cfg).
+
+  Returns:
+    [B, ...] in ``guided``'s dtype.
+  """
+  if guided.shape != cond.shape:
+    raise ValueError(f"rescale_guidance: guided and cond must have the same shape; got"
+                     f" {guided.shape} and {cond.shape}.")
+  axes = tuple(range(1, guided.ndim))
+  g = guided.astype(jnp.float32)
+  std_cond = jnp.std(cond.astype(jnp.float32), axis=axes, keepdims=True, ddof=1)
+  std_cfg = jnp.std(g, axis=axes, keepdims=True, ddof=1)
+  out = phi * (g * (std_cond / std_cfg)) + (1 - phi) * g
+  return out.astype(guided.dtype)
+
+
 def guide_model_output(
-    out_uncond: jax.Array, out_cond: jax.Array, scale: jax.Array | float, sample_shape
+    out_uncond: jax.Array, out_cond: jax.Array, scale: jax.Array | float, sample_shape,
+    rescale: jax.Array | float | None = None,
 ) -> jax.Array:
   """CFG on a model output that may carry a learned variance (2C channels, DiT).
 
@@ -84,15 +115,21 @@ def guide_model_output(
     out_cond: [B, ...] conditional model output.
     scale: scalar or [B] guidance scale.
     sample_shape: shape of the sample x_t, to find the channel axis of a 2C output.
+    rescale: None, or the ``rescale_guidance`` factor phi applied to the guided prediction
+      (diffusers' ``guidance_rescale``).
 
   Returns:
     The guided output, shaped like the model outputs.
   """
+  def combine(u, c):
+    guided = cfg_combine(u, c, scale)
+    return guided if rescale is None else rescale_guidance(guided, c, rescale)
+
   if tuple(out_cond.shape) == tuple(sample_shape):
-    return cfg_combine(out_uncond, out_cond, scale)
+    return combine(out_uncond, out_cond)
   axis = base.channel_axis_of(out_cond.shape, tuple(sample_shape), who="guide_model_output")
   c = sample_shape[axis]
   eps_u = jax.lax.slice_in_dim(out_uncond, 0, c, axis=axis)
   eps_c = jax.lax.slice_in_dim(out_cond, 0, c, axis=axis)
   var_c = jax.lax.slice_in_dim(out_cond, c, 2 * c, axis=axis)
-  return jnp.concatenate([cfg_combine(eps_u, eps_c, scale), var_c], axis=axis)
+  return jnp.concatenate([combine(eps_u, eps_c), var_c], axis=axis)

@@ -57,6 +57,13 @@ SCHEDULER_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++2m": ("DPMSolverMultistepScheduler", {"solver_order": 2}),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"solver_order": 2,
                                                            "use_karras_sigmas": True}),
+    "pndm": ("PNDMScheduler", {}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "lms-karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
 }
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -276,7 +283,7 @@ class _Pipeline:
     return ctx
 
   def _run(self, denoise, cond, uncond, scale, *, latents, shape, num_steps, seed, scheduler,
-           mesh, progress, eta=None):
+           mesh, progress, eta=None, guidance_rescale=0.0):
     """Samples the latents and decodes them to uint8 images [B, H, W, C]."""
     if (isinstance(num_steps, (bool, np.bool_)) or not isinstance(num_steps, (int, np.integer))
         or num_steps < 1):
@@ -284,10 +291,11 @@ class _Pipeline:
     sched = _with_eta(_resolve_scheduler(scheduler, self.scheduler_config), eta)
     noise_key, step_key = jax.random.split(jax.random.key(_seed(seed)))
     x = self._initial_noise(latents, shape, noise_key)
-    if scale is None:
-      uncond = None
+    sampling.check_guidance_rescale(guidance_rescale)
+    if scale is None:  # no guidance, nothing to rescale (as diffusers)
+      uncond, guidance_rescale = None, 0.0
     z = sampling.sample(denoise, sched, x, cond, uncond, scale, int(num_steps), step_key,
-                        mesh=mesh, progress=progress)
+                        mesh=mesh, progress=progress, guidance_rescale=guidance_rescale)
     # LDM (Rombach et al. 2022): the diffusion model works on latents * scaling_factor.
     return images_lib.to_uint8(self.vae.decode(z / self.vae.config.scaling_factor))
 
@@ -334,7 +342,8 @@ class StableDiffusionPipeline(_Pipeline):
                guidance_scale=7.5, seed: int = 0, scheduler=None, latents=None,
                negative_prompt=None, height: int | None = None, width: int | None = None,
                num_images_per_prompt: int = 1, adapter=None, lora_scale: float = 1.0,
-               eta: float | None = None, mesh=None, progress: bool = True) -> np.ndarray:
+               eta: float | None = None, guidance_rescale: float = 0.0, mesh=None,
+               progress: bool = True) -> np.ndarray:
     """Generates images for text prompts; returns uint8 numpy [N, H, W, 3].
 
     Classifier-free guidance (Ho & Salimans 2022, Eq. 6 with s = 1 + w):
@@ -348,8 +357,10 @@ class StableDiffusionPipeline(_Pipeline):
       num_steps: sampling steps.
       guidance_scale: s, a float or one value per prompt [P] or per image [N].
       seed: an int seeding the initial noise (unless `latents`) and stochastic samplers (DDPM,
-        DDIM with eta > 0); None draws a random seed (as diffusers' `generator=None`).
-      scheduler: None (the dir's scheduler), a name ("ddim", "ddpm", "euler", "dpm++2m", ...), a
+        DDIM with eta > 0, Euler ancestral); None draws a random seed (as diffusers'
+        `generator=None`).
+      scheduler: None (the dir's scheduler), a name ("ddim", "ddpm", "euler", "dpm++2m",
+        "pndm", "plms", "euler-a", "heun", "lms", "unipc", ...), a
         diffusers scheduler class name or a jaxadapt scheduler object. A name keeps the dir's
         noise schedule, as diffusers' `Scheduler.from_config(pipe.scheduler.config)`.
       latents: the initial noise [N, 4, H / f, W / f] (NCHW, f the VAE factor) from N(0, I),
@@ -363,6 +374,8 @@ class StableDiffusionPipeline(_Pipeline):
         diffusers' `set_adapters(..., adapter_weights=)`; 0 gives the base model.
       eta: DDIM's noise weight (Song et al. 2021 Eq. 16), diffusers' `eta=`; None keeps the
         scheduler's own (0). Other schedulers refuse eta > 0.
+      guidance_rescale: phi in [0, 1] of rescaled guidance (Lin et al. 2024 Sec. 3.4, Eq. 16),
+        diffusers' `guidance_rescale`; 0 is plain guidance.
       mesh: a mesh whose "data" axis splits the batch.
       progress: show a tqdm bar over the steps.
 
@@ -404,7 +417,7 @@ class StableDiffusionPipeline(_Pipeline):
                                     self._lora(adapter, lora_scale))
     return self._run(denoise, cond, uncond, scale, latents=latents, shape=shape,
                      num_steps=num_steps, seed=seed, scheduler=scheduler, mesh=mesh,
-                     progress=progress, eta=eta)
+                     progress=progress, eta=eta, guidance_rescale=guidance_rescale)
 
 
 # ----------------------------------------------------------------------------- DiT

@@ -6,6 +6,8 @@ result does not depend on ``chunk``. With a ``mesh`` the batch is split over its
 
 References:
   Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", Eq. 6 (see ``guidance``).
+  Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Eq. 16
+  (``guidance_rescale``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -42,8 +45,8 @@ def _join_static(arrays: list, static: tuple):
 
 
 @functools.partial(jax.jit, static_argnames=("fn_static", "scheduler", "batch_sharding"))
-def _run_chunk(fn_arrays, carry, step_indices, cond, uncond, scale, key, *, fn_static, scheduler,
-               batch_sharding):
+def _run_chunk(fn_arrays, carry, step_indices, cond, uncond, scale, rescale, key, *, fn_static,
+               scheduler, batch_sharding):
   """Runs the steps ``step_indices`` as one lax.scan; carry = (x, scheduler state)."""
   denoise_fn = _join_static(fn_arrays, fn_static)
 
@@ -57,7 +60,7 @@ def _run_chunk(fn_arrays, carry, step_indices, cond, uncond, scale, key, *, fn_s
     else:
       both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
       out2 = denoise_fn(jnp.concatenate([x_in, x_in]), jnp.broadcast_to(t, (2 * batch,)), both)
-      out = guidance.guide_model_output(out2[batch:], out2[:batch], scale, x.shape)
+      out = guidance.guide_model_output(out2[batch:], out2[:batch], scale, x.shape, rescale)
     if out.shape != x.shape and not scheduler.uses_learned_variance:
       out, _ = base.split_learned_variance(out, x, who="sample")  # as diffusers' DiTPipeline
     step_key = None if key is None else jax.random.fold_in(key, i)
@@ -69,6 +72,16 @@ def _run_chunk(fn_arrays, carry, step_indices, cond, uncond, scale, key, *, fn_s
 
   carry, _ = jax.lax.scan(body, carry, step_indices)
   return carry
+
+
+def check_guidance_rescale(value) -> jax.Array | None:
+  """guidance_rescale as a float32 scalar, or None for 0 (plain guidance); ValueError if bad."""
+  number = (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)) and np.isfinite(value))
+  if not number or not 0 <= value <= 1:
+    raise ValueError(f"guidance_rescale must be a float in [0, 1] (Lin et al. 2024 Eq. 16: 0 is"
+                     f" plain guidance, 0.7 their choice); got {value!r}.")
+  return None if value == 0 else jnp.float32(value)
 
 
 def _check_batch(name: str, tree, batch: int) -> None:
@@ -94,6 +107,7 @@ def sample(
     mesh: Mesh | None = None,
     data_axis: str = DATA,
     progress: bool = False,
+    guidance_rescale: float = 0.0,
 ) -> jax.Array:
   """Samples with a scheduler and classifier-free guidance, one guidance scale per sample.
 
@@ -124,6 +138,8 @@ def sample(
     mesh: optional mesh; the batch is split over ``data_axis`` (B must divide evenly).
     data_axis: the mesh axis for the batch.
     progress: show a tqdm bar.
+    guidance_rescale: phi of rescaled guidance (Lin et al. 2024 Eq. 16; diffusers'
+      ``guidance_rescale``), in [0, 1]; 0 is plain CFG. Needs ``uncond``.
 
   Returns:
     [B, ...] final latents x_0 (not yet divided by a VAE scaling factor).
@@ -142,6 +158,10 @@ def sample(
     if jax.tree_util.tree_structure(cond) != jax.tree_util.tree_structure(uncond):
       raise ValueError("sample: cond and uncond must have the same pytree structure.")
     scale = guidance.per_sample_scale(guidance_scale, batch, 1, jnp.float32)
+  rescale = check_guidance_rescale(guidance_rescale)
+  if rescale is not None and uncond is None:
+    raise ValueError(f"sample: guidance_rescale={guidance_rescale!r} rescales guided predictions,"
+                     " but there is no guidance (uncond is None); pass uncond or drop it.")
 
   state = scheduler.init_state(num_steps, latents)
   x = (latents * state.init_noise_sigma).astype(latents.dtype)
@@ -158,11 +178,13 @@ def sample(
   fn_arrays, fn_static = _split_static(denoise_fn)
 
   carry = (x, state)
-  with tqdm(total=num_steps, disable=not progress, desc="sampling") as bar:
-    for start in range(0, num_steps, chunk):
-      stop = min(start + chunk, num_steps)
+  # Model evaluations: N for most schedulers; Heun/KDPM2 take 2N - 1, PNDM N + 1 (PLMS) or N + 9.
+  num_evals = int(state.timesteps.shape[0])
+  with tqdm(total=num_evals, disable=not progress, desc="sampling") as bar:
+    for start in range(0, num_evals, chunk):
+      stop = min(start + chunk, num_evals)
       carry = _run_chunk(fn_arrays, carry, jnp.arange(start, stop, dtype=jnp.int32), cond, uncond,
-                         scale, key, fn_static=fn_static, scheduler=scheduler,
+                         scale, rescale, key, fn_static=fn_static, scheduler=scheduler,
                          batch_sharding=batch_sharding)
       if progress:
         jax.block_until_ready(carry[0])

@@ -1,12 +1,15 @@
 """Scheduler lookup by diffusers class name, and the interface every scheduler shares.
 
-Every scheduler (``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
-``DPMSolverMultistepScheduler``) is a frozen dataclass of config options with:
+Every scheduler (``DDPMScheduler``, ``DDIMScheduler``, ``PNDMScheduler``,
+``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``, ``HeunDiscreteScheduler``,
+``LMSDiscreteScheduler``, ``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``) is a
+frozen dataclass of config options with:
 
 - ``from_config(config, **overrides)``: from a diffusers ``scheduler_config.json`` (dict or path).
 - ``set_timesteps(num_steps) -> np.ndarray``: the timesteps diffusers would use.
-- ``init_state(num_steps, sample) -> state``: a pytree with ``timesteps`` [N],
-  ``init_noise_sigma`` [] and whatever the step needs (tables, multistep history).
+- ``init_state(num_steps, sample) -> state``: a pytree with ``timesteps`` [M] (one per model
+  call: M = N for most, 2N - 1 for Heun, N + 1 or N + 9 for PNDM), ``init_noise_sigma`` [] and
+  whatever the step needs (tables, multistep history).
 - ``scale_model_input(state, sample, step_index)``: the model's input at step i.
 - ``step(state, model_output, step_index, sample, key=None, *, noise=None)
   -> (prev_sample, state)``: pure and jit/scan-friendly; ``step_index`` may be traced.
@@ -23,14 +26,18 @@ from jaxadapt.diffusion import schedules
 from jaxadapt.diffusion.ddim import DDIMScheduler
 from jaxadapt.diffusion.ddpm import DDPMScheduler
 from jaxadapt.diffusion.dpm_solver import DPMSolverMultistepScheduler
-from jaxadapt.diffusion.euler import EulerDiscreteScheduler
+from jaxadapt.diffusion.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from jaxadapt.diffusion.heun import HeunDiscreteScheduler
+from jaxadapt.diffusion.lms import LMSDiscreteScheduler
+from jaxadapt.diffusion.pndm import PNDMScheduler
+from jaxadapt.diffusion.unipc import UniPCMultistepScheduler
 
-Scheduler = Union[DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler]
+_ALL = (DDPMScheduler, DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler,
+        EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
+        DPMSolverMultistepScheduler, UniPCMultistepScheduler)
+Scheduler = Union[_ALL]
 
-SCHEDULERS: dict[str, type] = {
-    cls.diffusers_class: cls
-    for cls in (DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler)
-}
+SCHEDULERS: dict[str, type] = {cls.diffusers_class: cls for cls in _ALL}
 
 
 def scheduler_from_config(

@@ -59,6 +59,7 @@ def run_diffusers(sched, num_steps, x_init, *, learned_sigma=False, noises=None,
 def run_jax(sched, num_steps, x_init, *, learned_sigma=False, noises=None):
   """jaxadapt's steps inside one jitted lax.scan: the sample after every step, [N, ...]."""
   state = sched.init_state(num_steps, jnp.asarray(x_init))
+  num_evals = state.timesteps.shape[0]  # model evaluations (2N - 1 for Heun, N + 1 for PLMS)
 
   @jax.jit
   def run(state, x, noises):
@@ -69,8 +70,8 @@ def run_jax(sched, num_steps, x_init, *, learned_sigma=False, noises=None):
       x, state = sched.step(state, y, i, x, noise=z)
       return (x, state), x
     init = (x * state.init_noise_sigma, state)
-    return jax.lax.scan(body, init, (jnp.arange(num_steps), noises))[1]
+    return jax.lax.scan(body, init, (jnp.arange(num_evals), noises))[1]
 
   if noises is None:
-    noises = np.zeros((num_steps,) + x_init.shape, np.float32)
+    noises = np.zeros((num_evals,) + x_init.shape, np.float32)
   return np.asarray(run(state, jnp.asarray(x_init), jnp.asarray(noises)))

@@ -56,8 +56,8 @@ def test_unsupported_option_raises_naming_it(cls, option, value):
 
 
 def test_unsupported_class_and_bad_arguments():
-  with pytest.raises(ValueError, match="'PNDMScheduler' is not supported"):
-    jd.scheduler_from_config({"_class_name": "PNDMScheduler"})
+  with pytest.raises(ValueError, match="'LCMScheduler' is not supported"):
+    jd.scheduler_from_config({"_class_name": "LCMScheduler"})
   with pytest.raises(TypeError, match="unknown overrides"):
     jd.DDIMScheduler.from_config({}, etaa=1.0)
   with pytest.raises(ValueError, match="num_steps must be an int in"):

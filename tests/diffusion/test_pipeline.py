@@ -48,7 +48,8 @@ def _swap_scheduler(ref, cls):
 
 SWAP = {None: diffusers.DDIMScheduler, "ddim": diffusers.DDIMScheduler,
         "dpm++2m": diffusers.DPMSolverMultistepScheduler,
-        "euler": diffusers.EulerDiscreteScheduler}
+        "euler": diffusers.EulerDiscreteScheduler, "unipc": diffusers.UniPCMultistepScheduler,
+        "heun": diffusers.HeunDiscreteScheduler}
 
 
 # ----------------------------------------------------------------------------- Stable Diffusion
@@ -68,6 +69,10 @@ def test_load_sd_pipeline(sd):
     (None, {}),                                                      # the dir's DDIM
     ("dpm++2m", dict(negative_prompt=["red", "dog"], size=12)),      # 24 x 24 pixels
     ("euler", {}),                                                   # init_noise_sigma ~ 14.6
+    # Lin et al. 2024 Eq. 16 (that it moves the result: test_diffusion_samplers; on this tiny
+    # model the text barely changes the std that it rescales, 2 pixel levels).
+    ("unipc", dict(guidance_rescale=0.7)),
+    ("heun", {}),                                  # 2N - 1 U-Net calls
 ])
 def test_sd_matches_diffusers(sd, scheduler, kw):
   _, ref, pipe = sd
@@ -84,10 +89,45 @@ def test_sd_matches_diffusers(sd, scheduler, kw):
                       scheduler=scheduler, progress=False, **hw, **kw)
   assert got.dtype == np.uint8 and got.shape == (2, 2 * size, 2 * size, 3)
   assert _diff(got, want) <= TOL
-  if kw:  # the negative prompt matters: the empty-prompt uncond gives another image
+  if "negative_prompt" in kw:  # it matters: the empty-prompt uncond gives another image
     plain = pipe.generate(prompts, num_steps=STEPS, guidance_scale=6.0, latents=latents.numpy(),
                           scheduler=scheduler, progress=False, **hw)
     assert _diff(plain, got) > 10 * TOL
+
+
+def test_sd15_dir_with_its_pndm_scheduler_matches_diffusers(sd, tmp_path):
+  """A Stable Diffusion 1.x dir as published ships PNDMScheduler (PLMS, skip_prk_steps):
+  load_pipeline runs it as the dir's own scheduler, equal to diffusers' pipeline."""
+  d, ref, _ = sd
+  sd15 = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+          "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+          "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+          "trained_betas": None, "clip_sample": False}
+  for name in ("unet", "vae", "text_encoder", "tokenizer"):
+    os.symlink(os.path.join(d, name), tmp_path / name)
+  (tmp_path / "scheduler").mkdir()
+  (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(sd15))
+  with open(os.path.join(d, "model_index.json")) as f:
+    index = json.load(f)
+  index["scheduler"] = ["diffusers", "PNDMScheduler"]
+  (tmp_path / "model_index.json").write_text(json.dumps(index))
+  pipe = ja.load_pipeline(tmp_path)
+  assert type(pipe.default_scheduler).__name__ == "PNDMScheduler"
+  latents = _noise((2, 4, 8, 8), seed=5)
+  own = ref.scheduler  # later tests swap from the dir's own config: put it back
+  ref.scheduler = diffusers.PNDMScheduler.from_config(sd15)
+  try:
+    with torch.no_grad():
+      want = _uint8(ref(["a cat", "red dog"], num_inference_steps=STEPS, guidance_scale=6.0,
+                        latents=latents, output_type="np").images)
+  finally:
+    ref.scheduler = own
+  got = pipe.generate(["a cat", "red dog"], num_steps=STEPS, guidance_scale=6.0,
+                      latents=latents.numpy(), progress=False)
+  assert _diff(got, want) <= TOL
+  ddim = pipe.generate(["a cat", "red dog"], num_steps=STEPS, guidance_scale=6.0,
+                       latents=latents.numpy(), scheduler="ddim", progress=False)
+  assert _diff(ddim, got) > 0  # the dir's PNDM ran, not a fallback
 
 
 def test_sd_per_sample_guidance_matches_diffusers_per_sample(sd):
@@ -261,13 +301,15 @@ def test_bad_input_is_refused(sd, dit, tmp_path):
   with pytest.raises(ValueError, match=r"ints in \[0, 1000\)"):
     ditp.generate(class_labels=[1000], num_steps=1)
   with pytest.raises(ValueError, match="scheduler must be None"):
-    sdp.generate("a", scheduler="plms", num_steps=1)
+    sdp.generate("a", scheduler="lcm", num_steps=1)
   with pytest.raises(ValueError, match="negative_prompt has 3 entries for 2 prompts"):
     sdp.generate(["a", "b"], negative_prompt=["x", "y", "z"], num_steps=1)
-  pndm = copy.copy(sdp)  # SD 1.x dirs ship a PNDM scheduler, which jaxadapt does not implement
-  pndm.scheduler_config = {**sdp.scheduler_config, "_class_name": "PNDMScheduler"}
-  with pytest.raises(ValueError, match=r"'PNDMScheduler'.*pass generate\(scheduler=...\)"):
-    pndm.generate("a", num_steps=1)
+  lcm = copy.copy(sdp)  # a dir whose own scheduler jaxadapt does not implement
+  lcm.scheduler_config = {**sdp.scheduler_config, "_class_name": "LCMScheduler"}
+  with pytest.raises(ValueError, match=r"'LCMScheduler'.*pass generate\(scheduler=...\)"):
+    lcm.generate("a", num_steps=1)
+  with pytest.raises(ValueError, match=r"guidance_rescale must be a float in \[0, 1\]"):
+    sdp.generate("a", guidance_rescale=-0.1, num_steps=1)
 
 
 def test_load_pipeline_refuses_other_folders(sd, tmp_path):
