@@ -195,11 +195,11 @@ def test_peft_tensor_errors(peft_dir, tmp_path):
   refused({**t, f"{q}.lora_A.weight": np.zeros((3, 32, 1, 1), np.float32)}, NotImplementedError,
           r"shape \[3, 32, 1, 1\], expected 2 dims .*conv layer is not supported")
   refused({**t, "base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((3, 97))},
-          NotImplementedError, r"embed_tokens.lora_embedding_A' is not the LoRA .* embedding")
+          ValueError, r"model.embed_tokens has \['a'\], expected both lora_A and lora_B")
   refused({**t, f"{q}.bias": np.zeros((32,), np.float32)}, NotImplementedError,
           r"q_proj.bias' .* a bias \(PEFT's bias='all'")
-  refused({**t, "base_model.model.lm_head.weight": np.zeros((97, 32), np.float32)},
-          NotImplementedError, r"lm_head.weight' .* modules_to_save")
+  refused({**t, "base_model.model.lm_head.weight": np.zeros((97, 32, 1), np.float32)},
+          NotImplementedError, r"lm_head.weight' is a saved base weight that is not a 2-D")
   refused({k.replace("lora_A.weight", "lora_A.default.weight"): v for k, v in t.items()},
           NotImplementedError, r"lora_A.default.weight' .*\(an adapter name in the key")
 

@@ -129,17 +129,28 @@ def test_refused_like_peft(case, llama):
     ja.init_lora(model, ja.LoraConfig(**{"r": 3, **options}))
 
 
-def test_embedding_target_is_refused_not_skipped(llama):
-  """PEFT puts LoRA on `embed_tokens`; jaxadapt has none for embeddings and must say so."""
+def test_embedding_and_tied_head_targets_equal_peft(llama, tmp_path, hf_model_maker):
+  """PEFT puts LoRA on `embed_tokens` and on a tied `lm_head`; so does jaxadapt (the model
+  declares them: `extra_lora_paths`), with the same ranks and scales."""
+  import jax
+  from jaxadapt.adapters import lora as lora_lib
+
+  def table(model, options):
+    adapter = lora_lib.init_lora(model.params, model.linear_paths,
+                                 ja.LoraConfig(**{"r": 3, **options}), jax.random.key(0),
+                                 extra_paths=model.extra_lora_paths)
+    return {p: (adapter.rank(p), adapter.scale(p)) for p in adapter.weights}
+
   model, base = llama
-  options = dict(target_modules=["embed_tokens", "q_proj"])
+  options = dict(target_modules=["embed_tokens", "q_proj"], rank_pattern={"embed_tokens": 2})
   assert "model.embed_tokens" in _peft_table(base, options)
-  with pytest.raises(NotImplementedError, match=r"matches \['model.embed_tokens'\], which are "
-                                                r"not linear layers"):
-    ja.init_lora(model, ja.LoraConfig(**options))
-  # Excluding it gives PEFT's table for the rest.
-  options["exclude_modules"] = ["embed_tokens"]
-  assert _ja_table(model, options) == _peft_table(base, options)
+  assert table(model, options) == _peft_table(base, options)
+  tied_base = hf_model_maker("llama", str(tmp_path), seed=2, tie_word_embeddings=True)
+  tied = ja.load_model(str(tmp_path))
+  assert tied.extra_lora_paths == ["model.embed_tokens", "lm_head"]
+  options = dict(target_modules=["embed_tokens", "lm_head", "v_proj"], lora_alpha=6)
+  assert {"lm_head", "model.embed_tokens"} <= set(_peft_table(tied_base, options))
+  assert table(tied, options) == _peft_table(tied_base, options)
 
 
 @pytest.mark.parametrize("option,value", [("target_parameters", ["mlp.up_proj.weight"]),

@@ -23,6 +23,7 @@ from typing import Mapping, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jaxadapt.adapters.embedding import SavedBase
 from jaxadapt.adapters.lora import LoraAdapter, LoraConfig, kernel_at
 
 KINDS = ("active", "cat", "linear", "svd")
@@ -101,7 +102,7 @@ def combine(adapters: Sequence[LoraAdapter], weights: Optional[Sequence[float]] 
   config = LoraConfig(r=new_rank, lora_alpha=float(new_rank), target_modules=tuple(out),
                       use_rslora=first.use_rslora,
                       base_model_name_or_path=first.base_model_name_or_path)
-  return LoraAdapter(weights=_cast(out, adapters[0]), config=config)
+  return _adapter(out, config, adapters)
 
 
 def _f32(adapter: LoraAdapter, path: str, side: str):
@@ -119,9 +120,21 @@ def _union(adapters) -> list[str]:
   return paths
 
 
-def _cast(weights: dict, like: LoraAdapter) -> dict:
-  dtype = next(iter(like.weights.values()))["a"].dtype
-  return {p: {k: v.astype(dtype) for k, v in w.items()} for p, w in weights.items()}
+def _adapter(weights: dict, config: LoraConfig, adapters) -> LoraAdapter:
+  """The combined adapter in the first one's dtype; its embedding paths and saved base weights
+  (checked against the model that runs it) are those of the adapters combined."""
+  dtype = next(iter(adapters[0].weights.values()))["a"].dtype
+  weights = {p: {k: v.astype(dtype) for k, v in w.items()} for p, w in weights.items()}
+  embeddings = tuple(sorted({p for a in adapters for p in a.embedding_paths}))
+  saved = [a.saved_base for a in adapters if a.saved_base is not None]
+  base = None
+  if saved:
+    tensors = {}
+    for s in reversed(saved):
+      tensors.update(s.tensors)
+    base = SavedBase(tensors, ", ".join(dict.fromkeys(s.source for s in saved)))
+  return LoraAdapter(weights=weights, config=config, embedding_paths=embeddings,
+                     saved_base=base)
 
 
 def _linear(present, path):
@@ -194,4 +207,4 @@ def _active(adapters, params) -> LoraAdapter:
   config = LoraConfig(r=max_rank, lora_alpha=float(max_rank), target_modules=tuple(out),
                       use_dora=any_dora,
                       base_model_name_or_path=first.base_model_name_or_path)
-  return LoraAdapter(weights=_cast(out, adapters[0]), config=config)
+  return _adapter(out, config, adapters)

@@ -100,20 +100,25 @@ class LoraConfig:
     return self.alpha(path) / (math.sqrt(r) if self.use_rslora else r)
 
   def targets(self, linear_paths: Sequence[str],
-              module_paths: Optional[Sequence[str]] = None) -> list[str]:
-    """The paths among `linear_paths` this config targets, in their order (PEFT's rules).
+              module_paths: Optional[Sequence[str]] = None,
+              extra_paths: Sequence[str] = ()) -> list[str]:
+    """The paths this config targets (PEFT's rules): linear layers, then extra paths.
 
     Args:
       linear_paths: the model's linear layers.
       module_paths: optionally, every module path of the model that holds parameters; a
-        config that also targets one of them that is not linear is refused
-        (`NotImplementedError`), where PEFT would adapt it (embeddings) or raise.
+        config that also targets one of them that is neither linear nor an extra path is
+        refused (`NotImplementedError`), where PEFT would adapt it (convolutions) or raise.
+      extra_paths: embeddings and tied heads the model applies LoRA to; targeted by name
+        (never by "all-linear", as in PEFT).
     """
     kwargs = dict(layers_to_transform=self.layers_to_transform,
                   layers_pattern=self.layers_pattern, exclude_modules=self.exclude_modules)
     if module_paths is not None:
-      targets_lib.check_only_linear(module_paths, linear_paths, self.target_modules, **kwargs)
-    return targets_lib.resolve_targets(linear_paths, self.target_modules, **kwargs)
+      targets_lib.check_only_linear(module_paths, list(linear_paths) + list(extra_paths),
+                                    self.target_modules, **kwargs)
+    return targets_lib.resolve_targets(linear_paths, self.target_modules,
+                                       extra_paths=extra_paths, **kwargs)
 
 
 @jax.tree_util.register_dataclass
@@ -122,6 +127,11 @@ class LoraAdapter:
   """A LoRA adapter: weights keyed by projection path (a pytree) plus its static config."""
   weights: dict
   config: LoraConfig = dataclasses.field(metadata=dict(static=True))
+  # Paths whose LoRA is on an embedding (PEFT's lora_embedding_A/B; `a [vocab, r]`, `b [r, dim]`).
+  embedding_paths: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+  # Base weights saved with the adapter (PEFT's save_embedding_layers), checked against the model
+  # that runs it: an `embedding.SavedBase`, or None.
+  saved_base: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
   @property
   def paths(self) -> list[str]:
@@ -135,33 +145,60 @@ class LoraAdapter:
 
 
 def kernel_at(params: Mapping, path: str) -> jax.Array:
-  """The [in, out] kernel of the projection at `path` (tied lm_head: the embedding's transpose)."""
+  """The [in, out] kernel of the projection at `path`: a linear layer's kernel, an embedding's
+  [vocab, dim] table (the kernel of its one-hot input), a tied lm_head's embedding transposed."""
   if path == "lm_head" and "lm_head" not in params:
     return path_get(params, "model.embed_tokens")["embedding"].T
-  return path_get(params, path)["kernel"]
+  node = path_get(params, path)
+  return node["embedding"] if "embedding" in node and "kernel" not in node else node["kernel"]
+
+
+def is_tied_head(params: Mapping, path: str) -> bool:
+  """Whether `path` is an lm_head tied to the embedding (no weight of its own)."""
+  return path == "lm_head" and "lm_head" not in params
+
+
+def is_embedding(params: Mapping, path: str) -> bool:
+  """Whether the module at `path` is an embedding table."""
+  if is_tied_head(params, path):
+    return False
+  node = path_get(params, path)
+  return "embedding" in node and "kernel" not in node
 
 
 def init_lora(params: Mapping, linear_paths: Sequence[str], config: LoraConfig,
-              key: jax.Array, *, dtype=jnp.float32) -> LoraAdapter:
-  """A fresh adapter: `a` Kaiming-uniform (bound 1/sqrt(in), as PEFT), `b` zeros.
+              key: jax.Array, *, dtype=jnp.float32,
+              extra_paths: Sequence[str] = ()) -> LoraAdapter:
+  """A fresh adapter, equal to the base: as PEFT, on a linear layer `a` Kaiming-uniform (bound
+  1/sqrt(in)) and `b` zeros; on an embedding `a` zeros and `b` standard normal.
 
   DoRA magnitudes start at the base kernel's column norms, so the adapted model equals the base.
+
+  Args:
+    extra_paths: the embeddings and tied heads the model applies LoRA to besides its linear
+      layers (`FrozenModel.extra_lora_paths`).
   """
-  weights = {}
-  for path in config.targets(linear_paths, module_paths(params)):
-    if path == "lm_head" and "lm_head" not in params:
-      raise ValueError("LoRA on a tied lm_head is not supported; drop lm_head from targets")
+  weights, embeddings = {}, []
+  for path in config.targets(linear_paths, module_paths(params), extra_paths=extra_paths):
     kernel = kernel_at(params, path)
     din, dout = kernel.shape
     r = config.rank(path)
     key, sub = jax.random.split(key)
+    if is_embedding(params, path):
+      if config.use_dora:
+        raise NotImplementedError(f"DoRA on an embedding ({path}) is not supported; exclude it "
+                                  f"(exclude_modules) or use plain LoRA")
+      weights[path] = {"a": jnp.zeros((din, r), dtype),
+                       "b": jax.random.normal(sub, (r, dout), dtype)}
+      embeddings.append(path)
+      continue
     bound = 1.0 / math.sqrt(din)
     w = {"a": jax.random.uniform(sub, (din, r), dtype, -bound, bound),
          "b": jnp.zeros((r, dout), dtype)}
     if config.use_dora:
       w["magnitude"] = dora_weight_norm(kernel, w["a"], w["b"], 0.0).astype(dtype)
     weights[path] = w
-  return LoraAdapter(weights=weights, config=config)
+  return LoraAdapter(weights=weights, config=config, embedding_paths=tuple(embeddings))
 
 
 def context(adapter: LoraAdapter, *, dropout_key: Optional[jax.Array] = None) -> Context:
@@ -252,6 +289,11 @@ def unmerge_params(params: Mapping, adapter: LoraAdapter, undo: Mapping) -> dict
 
 
 def _set_kernel(params, path, value):
-  if path == "lm_head" and "lm_head" not in params:
-    raise ValueError("cannot merge into a tied lm_head")
-  return path_set(params, path, "kernel", value)
+  tied = "lm_head" not in params and "model" in params and "embed_tokens" in params["model"]
+  if is_tied_head(params, path) or (tied and path == "model.embed_tokens"):
+    raise ValueError(
+        f"cannot merge a LoRA on {path}: this model ties lm_head to model.embed_tokens "
+        f"(tie_word_embeddings), so merging into one would change the other too (PEFT's merge "
+        f"does, and its merged model then differs from its adapter's forward). Run the adapter "
+        f"unmerged (model(..., adapter=a))")
+  return path_set(params, path, "embedding" if is_embedding(params, path) else "kernel", value)

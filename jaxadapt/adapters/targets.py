@@ -73,15 +73,18 @@ def expand_all_linear(linear_paths: Iterable[str]) -> tuple[str, ...]:
   return tuple(p for p in linear_paths if p not in OUTPUT_LAYERS)
 
 
-def resolve_targets(linear_paths: Sequence[str], target_modules, **kwargs) -> list[str]:
-  """The paths among `linear_paths` an adapter config targets, in the given order.
+def resolve_targets(linear_paths: Sequence[str], target_modules, *,
+                    extra_paths: Sequence[str] = (), **kwargs) -> list[str]:
+  """The paths among `linear_paths` and then `extra_paths` (embeddings, tied heads) an adapter
+  config targets, in the given order; "all-linear" stands for linear layers only.
 
   Raises:
     ValueError: if nothing matches (PEFT raises too), naming the patterns and a few paths.
   """
   if is_all_linear(target_modules):
     target_modules = expand_all_linear(linear_paths)
-  out = [p for p in linear_paths if is_targeted(p, target_modules, **kwargs)]
+  out = [p for p in list(linear_paths) + [e for e in extra_paths if e not in linear_paths]
+         if is_targeted(p, target_modules, **kwargs)]
   if not out:
     raise ValueError(f"target_modules={target_modules!r} (with {kwargs}) matches no linear layer "
                      f"of this model; its linear layers look like {list(linear_paths)[:4]}")
@@ -90,14 +93,15 @@ def resolve_targets(linear_paths: Sequence[str], target_modules, **kwargs) -> li
 
 def check_only_linear(module_paths: Iterable[str], linear_paths: Sequence[str], target_modules,
                       **kwargs) -> None:
-  """Refuses a config that targets a module that is not a linear layer.
+  """Refuses a config that targets a module that is neither a linear layer nor one of the
+  embeddings / tied heads the model applies LoRA to.
 
-  PEFT puts LoRA on embeddings and convolutions too, and raises on other module types; jaxadapt
-  has LoRA for linear layers only, so a target it would otherwise skip silently is an error.
+  PEFT puts LoRA on convolutions too, and raises on other module types; a target jaxadapt would
+  otherwise skip silently is an error.
 
   Args:
     module_paths: the dotted paths of every module of the model that holds parameters.
-    linear_paths: the paths of its linear layers.
+    linear_paths: the paths LoRA can target (linear layers, embeddings, tied heads).
     target_modules: as in `resolve_targets`; `kwargs` the other target options.
 
   Raises:
@@ -110,9 +114,10 @@ def check_only_linear(module_paths: Iterable[str], linear_paths: Sequence[str], 
            and is_targeted(p, target_modules, **kwargs)]
   if other:
     raise NotImplementedError(
-        f"target_modules={target_modules!r} matches {other[:3]}, which are not linear layers; "
-        f"PEFT puts LoRA on embeddings / convolutions (or refuses other modules) but jaxadapt "
-        f"has LoRA for linear layers only: narrow target_modules or add exclude_modules")
+        f"target_modules={target_modules!r} matches {other[:3]}, which are not linear layers "
+        f"or embeddings this model applies LoRA to; PEFT puts LoRA on convolutions too (or "
+        f"refuses other modules) but jaxadapt has LoRA for linear layers and the Llama family's "
+        f"token embedding: narrow target_modules or add exclude_modules")
 
 
 def pattern_value(patterns: dict, path: str, default):

@@ -18,13 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
+from jaxadapt.adapters import targets as targets_lib
+from jaxadapt.adapters.embedding import SavedBase
 from jaxadapt.adapters.lora import LoraAdapter, LoraConfig
 from jaxadapt.io.files import float_dtype, read_json_object
 from jaxadapt.io.safetensors_mmap import SafetensorsFile
 
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|"
-                  r"lora_magnitude_vector(?:\.weight)?)$")
+                  r"lora_embedding_A|lora_embedding_B|lora_magnitude_vector(?:\.weight)?)$")
+# A base layer's full weight, saved beside its LoRA (PEFT's save_embedding_layers: the
+# `base_layer` of a wrapped embedding / head, or an embedding saved because it was resized).
+_BASE_KEY = re.compile(r"^(?P<path>.+?)(?:\.base_layer)?\.weight$")
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 
 # Options PEFT has that jaxadapt does not implement, each with the values that are harmless.
@@ -104,8 +109,6 @@ def config_to_peft(config: LoraConfig) -> dict:
 
 def _unexpected(key: str) -> str:
   """What a tensor that is not a linear layer's LoRA A/B/magnitude most likely is."""
-  if "lora_embedding_" in key:
-    return "a LoRA on an embedding layer, which jaxadapt does not support"
   if "lora_down" in key or "lora_up" in key or "lora.down" in key or "lora.up" in key:
     return ("a LoRA in the kohya / old diffusers format, which jaxadapt does not read; convert "
             "it to PEFT or diffusers' current format first")
@@ -114,8 +117,7 @@ def _unexpected(key: str) -> str:
             "bias, lora_bias=True); expected keys end in lora_A.weight / lora_B.weight")
   if key.endswith(".bias"):
     return "a bias (PEFT's bias='all' / 'lora_only'), which jaxadapt does not support"
-  return ("a full weight (PEFT's modules_to_save or trainable_token_indices), which jaxadapt "
-          "does not support")
+  return "a tensor that is neither a LoRA factor nor a layer's weight"
 
 
 def _read_weights(tensors, keys, prefix: str, st_path: str, dtype, host: bool = False) -> dict:
@@ -145,9 +147,9 @@ def _read_weights(tensors, keys, prefix: str, st_path: str, dtype, host: bool = 
     arr = np.asarray(tensors[key]).astype(jnp.dtype(dtype))
     put = np.ascontiguousarray if host else jnp.asarray
     slot = weights.setdefault(m["path"], {})
-    if m["kind"] == "lora_A.weight":
+    if m["kind"] in ("lora_A.weight", "lora_embedding_A"):  # [r, in] / [r, vocab]
       slot["a"] = put(arr.T)
-    elif m["kind"] == "lora_B.weight":
+    elif m["kind"] in ("lora_B.weight", "lora_embedding_B"):  # [out, r] / [dim, r]
       slot["b"] = put(arr.T)
     else:
       slot["magnitude"] = put(arr)
@@ -262,10 +264,58 @@ def _load_peft_dir(directory: str, dtype, host: bool = False) -> LoraAdapter:
         + "re-save the adapter with PEFT's save_pretrained(..., safe_serialization=True)")
   tensors = SafetensorsFile(st_path)
   keys = [k for k in tensors if not (skip and k.endswith(skip))]
+  saved = _saved_base(tensors, keys, st_path)
+  keys = [k for k in keys if k not in saved]
   weights = _read_weights(tensors, keys, _PREFIX, st_path, dtype, host)
+  embeddings = tuple(sorted({_KEY.match(k[len(_PREFIX):])["path"] for k in keys
+                             if ".lora_embedding_" in k}))
+  for path in embeddings:
+    if "magnitude" in weights[path]:
+      raise NotImplementedError(f"{st_path}: {path} is a DoRA on an embedding (PEFT's "
+                                f"DoraEmbeddingLayer), which jaxadapt does not support (LoRA on "
+                                f"embeddings it does)")
+  if cfg.get("ensure_weight_tying"):
+    config = _with_tied_targets(config, weights)
   _check_dora(weights, config, st_path)
   _check_ranks(weights, config, directory)
-  return LoraAdapter(weights=weights, config=config)
+  # `tensors[...]` are memory-mapped views: nothing is read until a model checks them.
+  base = SavedBase({p: tensors[k] for k, p in saved.items()}, st_path) if saved else None
+  return LoraAdapter(weights=weights, config=config, embedding_paths=embeddings,
+                     saved_base=base)
+
+
+def _with_tied_targets(config: LoraConfig, weights: Mapping) -> LoraConfig:
+  """The config with the tied layers' paths added to its targets. With `ensure_weight_tying`
+  PEFT drops a tied head (lm_head) from the saved `target_modules` and gives it the LoRA of the
+  layer it is tied to (embed_tokens; its A is the embedding's B), saved as its own tensors."""
+  kwargs = dict(layers_to_transform=config.layers_to_transform,
+                layers_pattern=config.layers_pattern, exclude_modules=config.exclude_modules)
+  tm = config.target_modules
+  tied = [p for p in weights if not targets_lib.is_targeted(
+      p, tm if not targets_lib.is_all_linear(tm) else (), **kwargs)]
+  if not tied or targets_lib.is_all_linear(tm):
+    return config
+  if isinstance(tm, str):
+    tm = "|".join([f"(?:{tm})"] + [re.escape(p) for p in tied])
+  else:
+    tm = tuple(tm) + tuple(tied)
+  return dataclasses.replace(config, target_modules=tm)
+
+
+def _saved_base(tensors, keys, st_path: str) -> dict:
+  """{key: module path} of the base layers' full weights saved beside their LoRA (PEFT's
+  `save_embedding_layers`, on by default for LoRA on embed_tokens / lm_head)."""
+  out = {}
+  for key in keys:
+    rest = key[len(_PREFIX):] if key.startswith(_PREFIX) else None
+    m = None if rest is None or _KEY.match(rest) else _BASE_KEY.match(rest)
+    if m is None or ".lora_" in rest:
+      continue
+    if len(tensors.info(key)[1]) != 2:
+      raise NotImplementedError(f"{st_path}: tensor {key!r} is a saved base weight that is not a "
+                                f"2-D embedding or linear weight; jaxadapt does not read it")
+    out[key] = m["path"]
+  return out
 
 
 def _load_diffusers_file(st_path: str, dtype, component, host: bool = False) -> LoraAdapter:
@@ -328,8 +378,10 @@ def save_adapter(adapter: LoraAdapter, directory: str) -> None:
     def host(x):
       return np.ascontiguousarray(np.asarray(x, dtype=np.float32 if x.dtype == jnp.bfloat16
                                              else x.dtype))
-    tensors[f"{_PREFIX}{path}.lora_A.weight"] = host(np.asarray(w["a"]).T)
-    tensors[f"{_PREFIX}{path}.lora_B.weight"] = host(np.asarray(w["b"]).T)
+    a_key, b_key = (("lora_embedding_A", "lora_embedding_B") if path in adapter.embedding_paths
+                    else ("lora_A.weight", "lora_B.weight"))
+    tensors[f"{_PREFIX}{path}.{a_key}"] = host(np.asarray(w["a"]).T)
+    tensors[f"{_PREFIX}{path}.{b_key}"] = host(np.asarray(w["b"]).T)
     if "magnitude" in w:
       tensors[f"{_PREFIX}{path}.lora_magnitude_vector"] = host(w["magnitude"])
   config = adapter.config

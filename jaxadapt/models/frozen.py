@@ -106,6 +106,14 @@ class FrozenModel:
     paths = [m.path for _, m in nnx.iter_graph(module) if isinstance(m, Linear)]
     return sorted(set(paths), key=paths.index)
 
+  @functools.cached_property
+  def extra_lora_paths(self) -> list[str]:
+    """Paths besides the linear layers that take a LoRA: the embeddings (and tied heads) a
+    family's modules declare in `lora_paths` (the Llama family's token embedding)."""
+    module = nnx.merge(self.graphdef, nnx.State(self.params))
+    paths = [p for _, m in nnx.iter_graph(module) for p in getattr(m, "lora_paths", ())]
+    return sorted(set(paths) - set(self.linear_paths), key=paths.index)
+
   def check_adapter(self, adapter) -> None:
     """Raises if `adapter` targets a path that is not a linear layer of this model, has weights
     at paths its own config does not target here (PEFT would ignore them), or its weights do not
@@ -115,9 +123,11 @@ class FrozenModel:
               if isinstance(adapter, (list, tuple)) else "")
       raise TypeError(f"expected a LoraAdapter (e.g. ja.load_adapter(path)), got "
                       f"{type(adapter).__name__}{hint}")
-    unknown = [p for p in adapter.weights if p not in self.linear_paths]
+    known = set(self.linear_paths) | set(self.extra_lora_paths)
+    unknown = [p for p in adapter.weights if p not in known]
     if unknown:
-      raise ValueError(f"adapter targets {unknown[:3]}, which are not linear layers of this "
+      raise ValueError(f"adapter targets {unknown[:3]}, which are not linear layers"
+                       f"{' or embeddings' if self.extra_lora_paths else ''} of this "
                        f"{type(self).__name__} (e.g. {self.linear_paths[:3]})")
     targets = self._config_targets(adapter.config)
     untargeted = [p for p in adapter.weights if p not in targets]
@@ -140,13 +150,20 @@ class FrozenModel:
             f"found a {list(a)}, b {list(b)}"
             f"{f', magnitude {list(mag.shape)}' if mag is not None else ''}. Was the adapter "
             f"made for another base model?")
+    saved = getattr(adapter, "saved_base", None)  # base weights PEFT saved beside the LoRA
+    for path in (saved.tensors if saved is not None else ()):
+      if path not in known:
+        raise ValueError(f"{saved.source}: the adapter holds a saved base weight of {path}, "
+                         f"which is no linear layer or embedding of this {type(self).__name__}")
+      saved.check(path, self.params)
 
   def _config_targets(self, config) -> frozenset:
     """The linear paths `config` targets in this model (cached per config: configs hash)."""
     cache = self.__dict__.setdefault("_targets_cache", {})
     if config not in cache:
       try:
-        cache[config] = frozenset(config.targets(self.linear_paths))
+        cache[config] = frozenset(config.targets(self.linear_paths,
+                                                 extra_paths=self.extra_lora_paths))
       except ValueError as e:  # matches nothing: PEFT raises too
         raise ValueError(f"adapter config does not fit this {type(self).__name__}: {e}") from None
     return cache[config]
@@ -221,7 +238,7 @@ class FrozenModel:
         raise TypeError(f"context= takes a jaxadapt Context (e.g. ja.Context(weights=...)), got "
                         f"{type(context).__name__}")
       unknown = [p for p in list(context.weights or ()) + list(context.routers or ())
-                 if p not in self.linear_paths]
+                 if p not in self.linear_paths and p not in self.extra_lora_paths]
       if unknown:
         raise ValueError(f"the context targets {unknown[:3]}, which are not linear layers of "
                          f"this {type(self).__name__} (e.g. {self.linear_paths[:3]})")

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxadapt.adapters import embedding as embedding_lora
 from jaxadapt.adapters.hook import project
 from jaxadapt.context import KVCache, PagedKV
 from kernels_pallas import attention as paged_attention
@@ -437,16 +438,24 @@ class DecoderLayer(nnx.Module):
 
 
 class Embed(nnx.Module):
-  def __init__(self, vocab: int, dim: int, dtype, rngs):
+  """The token embedding; a LoRA on it (or on a head tied to it) is read from the context."""
+
+  def __init__(self, vocab: int, dim: int, dtype, rngs, *, path: str = "model.embed_tokens",
+               tied_head: Optional[str] = None):
+    self.path = path
+    # The paths whose LoRA this table serves (`FrozenModel.extra_lora_paths`): the embedding,
+    # and a head tied to it (which `LlamaForCausalLM.head` projects through the hook).
+    self.lora_paths = (path,) + ((tied_head,) if tied_head else ())
     self.embedding = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim), dtype) * 0.02)
 
-  def __call__(self, ids):
-    return jnp.take(self.embedding[...], ids, axis=0)
+  def __call__(self, ids, ctx=None):
+    return embedding_lora.lookup(ids, self.embedding[...], ctx, self.path)
 
 
 class LlamaModel(nnx.Module):
   def __init__(self, config: LlamaConfig, dtype, rngs):
-    self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype, rngs)
+    self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype, rngs,
+                              tied_head="lm_head" if config.tie_word_embeddings else None)
     self.layers = nnx.List([DecoderLayer(config, i, dtype, rngs)
                             for i in range(config.num_hidden_layers)])
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -499,7 +508,7 @@ class LlamaForCausalLM(nnx.Module):
       dist = slots[:, :, None] - jnp.arange(cache.max_len)[None, None, :]  # [B, Sq, L]
     if positions is None:
       positions = (jnp.broadcast_to(jnp.arange(s), (b, s)) if cache is None else slots)
-    x = self.model.embed_tokens(input_ids)
+    x = self.model.embed_tokens(input_ids, ctx)
     cos, sin = rope_cos_sin(c, positions, x.dtype)
     masks = {}
     for w in set(c.sliding_windows or (0,)):
@@ -535,7 +544,7 @@ class LlamaForCausalLM(nnx.Module):
     if size != kv.block * kv_width:
       raise ValueError(f"pool pages of {size} elements do not hold {kv.block} tokens of K and V "
                        f"({kv.block} x {kv_width} = {kv.block * kv_width})")
-    x = self.model.embed_tokens(input_ids)
+    x = self.model.embed_tokens(input_ids, ctx)
     cos, sin = rope_cos_sin(c, positions, x.dtype)
     pages = ctx.pool.pages.reshape(p, kv.block, 2 * c.num_key_value_heads, c.head_dim)
     keys, values = [], []
