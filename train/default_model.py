@@ -267,15 +267,16 @@ def teacher_forced_exact_match(model: CausalLM, adapter, examples, *,
   return np.concatenate(out)
 
 
-def generated_answers(model: CausalLM, adapter, segments_list, *,
-                      batch_rows: int = 256) -> list[str]:
-  """The greedy answers (`model.generate`, stopped by eos) to the prompts of `segments_list`."""
+def generated_answers(model: CausalLM, adapter, segments_list, *, batch_rows: int = 256,
+                      context=None) -> list[str]:
+  """The greedy answers (`model.generate`, stopped by eos) to the prompts of `segments_list`,
+  with `adapter` (None: the base) or a forward `context` (e.g. a MeteoRA model's routers)."""
   texts = []
   longest = max(len(tasks_lib.answer_text(s)) for s in segments_list) + 8
   for i in range(0, len(segments_list), batch_rows):
     prompts = [[tasks_lib.BOS_ID, *tasks_lib.prompt_text(s).encode()]
                for s in segments_list[i:i + batch_rows]]
-    out = model.generate(prompts, max_new_tokens=longest, adapter=adapter,
+    out = model.generate(prompts, max_new_tokens=longest, adapter=adapter, context=context,
                          eos_token_id=tasks_lib.EOS_ID)
     for ids, reason in zip(out.ids, out.finish_reasons):
       ids = [int(t) for t in ids]

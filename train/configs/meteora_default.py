@@ -1,0 +1,17 @@
+"""MeteoRA on the embedded default model and its 8 task LoRAs: the reproduction of docs/meteora.md.
+
+Command (no downloads, no arguments needed):
+  python -m train.meteora --config train/configs/meteora_default.py
+  python -m train.meteora --eval --out_dir runs/meteora      # re-evaluate the finished run
+
+Takes about TODO min on 2 CPU cores: gate training (top-2, 8 adapters on all 28 linear layers),
+the union-LoRA baseline (rank 128), and the evaluation (single tasks, composite-3/5, routing,
+speed). Writes runs/meteora/ (meteora/ loads with `jaxadapt.load_meteora`) and docs/meteora.md.
+
+Expect: see docs/meteora.md for the measured table and which targets are met.
+"""
+from train.meteora import MeteoraConfig
+
+
+def get_config() -> MeteoraConfig:
+  return MeteoraConfig()
