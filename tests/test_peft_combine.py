@@ -101,19 +101,19 @@ LORAS = [dict(r=3, target_modules=["q_proj", "v_proj"], lora_alpha=5),
          dict(r=5, target_modules=["v_proj"], lora_alpha=7)]
 
 
-@pytest.mark.parametrize("kind,which,weights", [
-    ("linear", (0, 1), (0.7, -0.4)), ("cat", (0, 1, 2), (1.0, -0.5, 2.0)),
-    ("svd", (0, 2), (0.6, 1.3))])
-def test_add_weighted_adapter_equals_peft(kind, which, weights, llama_dir, tmp_path):
+@pytest.mark.parametrize("kind,which,weights,extra", [
+    ("linear", (0, 1), (0.7, -0.4), {}), ("cat", (0, 1, 2), (1.0, -0.5, 2.0), {}),
+    ("svd", (0, 2), (0.6, 1.3), {}), ("svd", (1, 2), (1.0, 0.8), dict(svd_rank=2))])
+def test_add_weighted_adapter_equals_peft(kind, which, weights, extra, llama_dir, tmp_path):
   directory, base = llama_dir
   peft_model = _peft_multi(base, [LORAS[i] for i in which], seed=1)
   names = [f"a{i}" for i in range(len(which))]
   adapters = _load_all(peft_model, tmp_path, names)
-  peft_model.add_weighted_adapter(names, list(weights), "mix", combination_type=kind)
+  peft_model.add_weighted_adapter(names, list(weights), "mix", combination_type=kind, **extra)
   peft_model.set_adapter("mix")
   ref = _logits(peft_model)
   model = ja.load_model(directory)
-  mix = combine(adapters, weights, kind=kind)
+  mix = combine(adapters, weights, kind=kind, **extra)
   np.testing.assert_allclose(np.asarray(model(_IDS.numpy(), adapter=mix)), ref, atol=1e-5,
                              rtol=0)
   state = peft_model.state_dict()
@@ -142,6 +142,8 @@ def test_combine_refusals(dora_stack):
     combine(adapters[1:2], None, kind="svd")
   with pytest.raises(ValueError, match="takes no weights"):
     combine(adapters, [1.0] * 3)
+  with pytest.raises(NotImplementedError, match="svd_clamp is not supported: .* signs"):
+    combine(adapters[1:2], [1.0], kind="svd", svd_clamp=0.9)
 
 
 def test_velora_config_loads_as_lora(llama_dir, tmp_path):

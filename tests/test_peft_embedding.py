@@ -145,11 +145,39 @@ def test_saved_base_weight_that_differs_is_refused(untied, tmp_path):
     ja.merge(model, ja.load_adapter(str(tmp_path / "resized")))
 
 
-def test_dora_on_embedding_is_named(llama_dir, tmp_path):
-  _, base = llama_dir
-  _peft(base, ["embed_tokens"], use_dora=True).save_pretrained(str(tmp_path))
-  with pytest.raises(NotImplementedError, match="DoRA on an embedding"):
-    ja.load_adapter(str(tmp_path))
+def test_dora_on_embedding_equals_peft(untied, tmp_path):
+  """PEFT's DoraEmbeddingLayer: m / ||E + s a b||_c (over the vocabulary) scales each token's
+  embedding; forward, merge and a mixed batch with a plain embedding LoRA."""
+  model, base, _, lora_dir = untied
+  peft_model = _peft(base, ["embed_tokens", "q_proj"], seed=2, use_dora=True)
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if "lora_magnitude_vector" in name:
+        p.mul_(1 + 0.3 * torch.rand_like(p))
+  peft_model.save_pretrained(str(tmp_path))
+  dora = ja.load_adapter(str(tmp_path))
+  assert "magnitude" in dora.weights["model.embed_tokens"]
+  ref = _logits(peft_model)
+  np.testing.assert_allclose(np.asarray(model(_IDS.numpy(), adapter=dora)), ref, atol=1e-5,
+                             rtol=0)
+  merged_ref = copy.deepcopy(peft_model).merge_and_unload()
+  merged = ja.merge(model, dora)
+  np.testing.assert_allclose(np.asarray(kernel_at(merged.params, "model.embed_tokens")),
+                             merged_ref.model.embed_tokens.weight.detach().numpy(), atol=1e-6,
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(merged(_IDS.numpy())), _logits(merged_ref), atol=1e-5,
+                             rtol=0)
+  lora = ja.load_adapter(lora_dir)
+  which = [0, 1, -1]
+  mixed = np.asarray(model(_IDS.numpy(), adapters=[dora, lora], adapter_ids=which))
+  np.testing.assert_allclose(mixed[0], ref[0], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(mixed[1:2], np.asarray(model(_IDS.numpy()[1:2], adapter=lora)),
+                             atol=1e-5, rtol=0)
+  from jaxadapt.adapters import stack as stack_lib
+  stacks = stack_lib.stack_adapters(model.params, [dora, lora])
+  per_tok = model(_IDS.numpy(), context=stack_lib.mixed_context(
+      stacks, np.repeat(which, _IDS.shape[1]), layout="token"))
+  np.testing.assert_allclose(np.asarray(per_tok), mixed, atol=1e-5, rtol=0)
 
 
 def test_embedding_adapters_combined_equal_peft(llama_dir, tmp_path):

@@ -43,7 +43,7 @@ def combine(adapters: Sequence[LoraAdapter], weights: Optional[Sequence[float]] 
     kind: "active", "cat", "linear" or "svd".
     params: the base tree; needed by "active" when an adapter uses DoRA.
     svd_rank: "svd": the new rank (default: the largest config rank, as PEFT).
-    svd_clamp: "svd": PEFT's quantile clamp of the factors, or None.
+    svd_clamp: must be None (PEFT's quantile clamp depends on LAPACK's signs: refused).
 
   Returns:
     A `LoraAdapter` over the union of the adapters' paths (the config names them in full).
@@ -63,6 +63,12 @@ def combine(adapters: Sequence[LoraAdapter], weights: Optional[Sequence[float]] 
                               f"pruning) is not supported; jaxadapt combines as {KINDS}")
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+  if svd_clamp is not None:
+    raise NotImplementedError(
+        "svd_clamp is not supported: PEFT clips U S and V^T at a quantile of their signed "
+        "entries, which depends on the signs LAPACK happens to give the singular vectors (they "
+        "differ between torch and numpy on the same matrix), so its result cannot be "
+        "reproduced; use svd_clamp=None")
   if kind == "active":
     if weights is not None:
       raise ValueError("kind='active' takes no weights (each active adapter counts once, as "
@@ -95,7 +101,7 @@ def combine(adapters: Sequence[LoraAdapter], weights: Optional[Sequence[float]] 
     elif kind == "linear":
       a, b = _linear(present, path)
     else:
-      a, b = _svd(present, path, new_rank, svd_clamp)
+      a, b = _svd(present, path, new_rank)
     pad = new_rank - a.shape[1]
     out[path] = {"a": jnp.pad(a, ((0, 0), (0, pad))), "b": jnp.pad(b, ((0, pad), (0, 0)))}
   first = adapters[0].config
@@ -151,17 +157,14 @@ def _linear(present, path):
   return a, b
 
 
-def _svd(present, path, rank: int, clamp: Optional[float]):
+def _svd(present, path, rank: int):
   """PEFT's "svd": the weighted sum of the deltas, cut to `rank` by its SVD (`B = U S`,
-  `A = V^T`); with `clamp`, both clipped to that quantile of their entries' distribution."""
+  `A = V^T`)."""
   delta = sum(w * x.scale(path) * (_f32(x, path, "a") @ _f32(x, path, "b")) for x, w in present)
   # In torch layout [out, in], as PEFT decomposes it (the factors' signs follow LAPACK's).
   u, s, vh = np.linalg.svd(np.asarray(delta.T, np.float32), full_matrices=True)
   k = min(rank, s.shape[0])
   up, down = u[:, :k] * s[:k], vh[:k]
-  if clamp is not None:
-    hi = np.quantile(np.concatenate([up.ravel(), down.ravel()]), clamp)
-    up, down = np.clip(up, -hi, hi), np.clip(down, -hi, hi)
   return jnp.asarray(down.T), jnp.asarray(up.T)
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxadapt.adapters import lora as lora_lib
+from jaxadapt.adapters.hook import dora_weight_norm
 from jaxadapt.context import Context, PoolView, SingleLoRA, Stack
 from jaxadapt.paths import path_get
 
@@ -36,9 +37,12 @@ def lookup(ids: jax.Array, table: jax.Array, ctx: Optional[Context] = None,
     ctx: the forward context or None.
     path: the embedding's module path (the key of `ctx.weights`).
 
+  DoRA as PEFT's `DoraEmbeddingLayer`: `m / ||E + s a b||_c * (E[t] + s a[t] b)`, the column
+  norm taken over the vocabulary (the table as the `[in, out]` kernel).
+
   Raises:
-    NotImplementedError: a view this lookup does not serve on an embedding (DoRA, a MeteoRA
-      router, the serving pool's pages), naming it.
+    NotImplementedError: a view this lookup does not serve on an embedding (a MeteoRA router,
+      the serving pool's pages), naming it.
   """
   out = jnp.take(table, ids, axis=0)
   if not isinstance(ctx, Context) or path is None:
@@ -55,11 +59,13 @@ def lookup(ids: jax.Array, table: jax.Array, ctx: Optional[Context] = None,
         f"pool serves LoRAs on linear layers. Serve this adapter without its embedding LoRA, or "
         f"run it with model(..., adapters=[...], adapter_ids=...) (dense stacks)")
   if isinstance(view, SingleLoRA):
-    if view.magnitude is not None:
-      raise NotImplementedError(f"{path}: DoRA on an embedding is not supported (LoRA is)")
     delta = (jnp.take(view.a, ids, axis=0).astype(jnp.float32)
              @ view.b.astype(jnp.float32)) * view.scale.astype(jnp.float32)
-    return (out.astype(jnp.float32) + delta).astype(out.dtype)
+    new = out.astype(jnp.float32) + delta
+    if view.magnitude is not None:  # DoRA: m / ||E + s a b||_c, the norm over the vocabulary
+      norm = jax.lax.stop_gradient(dora_weight_norm(table, view.a, view.b, view.scale))
+      new = new * (view.magnitude.astype(jnp.float32) / norm)
+    return new.astype(out.dtype)
   if isinstance(view, Stack):
     return _mixed(ids, out, view, ctx, path)
   raise TypeError(f"the weight view of embedding {path} must be SingleLoRA or Stack; got "
@@ -71,8 +77,6 @@ def _mixed(ids, out, view: Stack, ctx: Context, path: str):
   if not isinstance(view.a, jax.Array) or not isinstance(view.b, jax.Array):
     raise NotImplementedError(f"{path}: an embedding LoRA over paged weights (the serving "
                               f"pool) is not supported; use dense stacks")
-  if view.dora_scale is not None:
-    raise NotImplementedError(f"{path}: DoRA on an embedding is not supported (LoRA is)")
   routing = ctx.routing
   if routing is None or routing.layout not in ("sequence", "token"):
     raise NotImplementedError(
@@ -92,6 +96,9 @@ def _mixed(ids, out, view: Stack, ctx: Context, path: str):
     b = view.b[safe].astype(jnp.float32)                            # [B, r, dim]: once per row
     delta = jnp.einsum("b...r,brd->b...d", h, b)
     scale = jnp.where(valid, view.scale[safe], 0.0).reshape(lead + (1,))
+    if view.dora_scale is not None:  # each row's m / ||E + s a b||_c (ones: LoRA, no adapter)
+      dora = jnp.where(valid[:, None], view.dora_scale[safe], 1.0)
+      dora = dora.reshape(lead[:1] + (1,) * (ids.ndim - 1) + dora.shape[-1:])
   else:  # one id per token of the flattened ids
     if rid.shape[0] != ids.size:
       raise ValueError(f"token routing has {rid.shape[0]} ids for {ids.size} tokens: expected "
@@ -102,7 +109,12 @@ def _mixed(ids, out, view: Stack, ctx: Context, path: str):
     h = view.a[safe, ids].astype(jnp.float32)                       # [..., r]
     delta = jnp.einsum("...r,...rd->...d", h, view.b[safe].astype(jnp.float32))
     scale = jnp.where(valid, view.scale[safe], 0.0)[..., None]
-  return (out.astype(jnp.float32) + scale * delta).astype(out.dtype)
+    if view.dora_scale is not None:
+      dora = jnp.where(valid[..., None], view.dora_scale[safe], 1.0)
+  new = out.astype(jnp.float32) + scale * delta
+  if view.dora_scale is not None:
+    new = new * dora.astype(jnp.float32)
+  return new.astype(out.dtype)
 
 
 class SavedBase:

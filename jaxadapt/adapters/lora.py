@@ -185,16 +185,12 @@ def init_lora(params: Mapping, linear_paths: Sequence[str], config: LoraConfig,
     r = config.rank(path)
     key, sub = jax.random.split(key)
     if is_embedding(params, path):
-      if config.use_dora:
-        raise NotImplementedError(f"DoRA on an embedding ({path}) is not supported; exclude it "
-                                  f"(exclude_modules) or use plain LoRA")
-      weights[path] = {"a": jnp.zeros((din, r), dtype),
-                       "b": jax.random.normal(sub, (r, dout), dtype)}
+      w = {"a": jnp.zeros((din, r), dtype), "b": jax.random.normal(sub, (r, dout), dtype)}
       embeddings.append(path)
-      continue
-    bound = 1.0 / math.sqrt(din)
-    w = {"a": jax.random.uniform(sub, (din, r), dtype, -bound, bound),
-         "b": jnp.zeros((r, dout), dtype)}
+    else:
+      bound = 1.0 / math.sqrt(din)
+      w = {"a": jax.random.uniform(sub, (din, r), dtype, -bound, bound),
+           "b": jnp.zeros((r, dout), dtype)}
     if config.use_dora:
       w["magnitude"] = dora_weight_norm(kernel, w["a"], w["b"], 0.0).astype(dtype)
     weights[path] = w

@@ -269,11 +269,6 @@ def _load_peft_dir(directory: str, dtype, host: bool = False) -> LoraAdapter:
   weights = _read_weights(tensors, keys, _PREFIX, st_path, dtype, host)
   embeddings = tuple(sorted({_KEY.match(k[len(_PREFIX):])["path"] for k in keys
                              if ".lora_embedding_" in k}))
-  for path in embeddings:
-    if "magnitude" in weights[path]:
-      raise NotImplementedError(f"{st_path}: {path} is a DoRA on an embedding (PEFT's "
-                                f"DoraEmbeddingLayer), which jaxadapt does not support (LoRA on "
-                                f"embeddings it does)")
   if cfg.get("ensure_weight_tying"):
     config = _with_tied_targets(config, weights)
   _check_dora(weights, config, st_path)
