@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 import jaxadapt as ja
 from jaxadapt.adapters.combine import combine
@@ -81,7 +81,7 @@ def test_stacked_dora_merge_equals_peft_merge_and_unload(dora_stack):
                                np.asarray(kernel_at(model.params, path)), atol=1e-6, rtol=0)
 
 
-def test_several_active_adapters_equal_peft_set_adapter(dora_stack):
+def test_several_active_adapters_equal_peft_set_adapter(dora_stack, llama_dir, tmp_path):
   model, peft_model, adapters, names = dora_stack
   peft_model.base_model.set_adapter(names)
   ref = _logits(peft_model)
@@ -92,6 +92,10 @@ def test_several_active_adapters_equal_peft_set_adapter(dora_stack):
   # Several active adapters are the merges one after another (PEFT's eval forward).
   np.testing.assert_allclose(np.asarray(ja.merge(model, both)(_IDS.numpy())), ref, atol=1e-5,
                              rtol=0)
+  # Saved, PEFT runs it as one DoRA adapter with the same outputs.
+  ja.save_adapter(both, str(tmp_path))
+  reloaded = PeftModel.from_pretrained(copy.deepcopy(llama_dir[1]), str(tmp_path)).eval()
+  np.testing.assert_allclose(_logits(reloaded), ref, atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match="needs the base params"):
     combine(adapters, kind="active")
 
