@@ -107,7 +107,10 @@ LORAS = [dict(r=3, target_modules=["q_proj", "v_proj"], lora_alpha=5),
 
 @pytest.mark.parametrize("kind,which,weights,extra", [
     ("linear", (0, 1), (0.7, -0.4), {}), ("cat", (0, 1, 2), (1.0, -0.5, 2.0), {}),
-    ("svd", (0, 2), (0.6, 1.3), {}), ("svd", (1, 2), (1.0, 0.8), dict(svd_rank=2))])
+    ("svd", (0, 2), (0.6, 1.3), {}), ("svd", (1, 2), (1.0, 0.8), dict(svd_rank=2)),
+    ("ties", (0, 1), (0.7, -0.4), dict(density=0.5)),
+    ("magnitude_prune", (0, 1), (1.0, 0.6), dict(density=0.4)),
+    ("ties_svd", (0, 2), (0.6, 1.3), dict(density=0.7, majority_sign_method="frequency"))])
 def test_add_weighted_adapter_equals_peft(kind, which, weights, extra, llama_dir, tmp_path):
   directory, base = llama_dir
   peft_model = _peft_multi(base, [LORAS[i] for i in which], seed=1)
@@ -124,7 +127,7 @@ def test_add_weighted_adapter_equals_peft(kind, which, weights, extra, llama_dir
   for path, w in mix.weights.items():
     a = state[f"base_model.model.{path}.lora_A.mix.weight"].numpy().T
     b = state[f"base_model.model.{path}.lora_B.mix.weight"].numpy().T
-    if kind == "svd":  # factors equal up to LAPACK's signs: compare their product
+    if kind.endswith("svd"):  # factors equal up to LAPACK's signs: compare their product
       np.testing.assert_allclose(np.asarray(w["a"] @ w["b"]), a @ b, atol=1e-5, rtol=0)
     else:
       np.testing.assert_allclose(np.asarray(w["a"]), a, atol=1e-6, rtol=0)
@@ -140,8 +143,10 @@ def test_combine_refusals(dora_stack):
   _, _, adapters, _ = dora_stack
   with pytest.raises(NotImplementedError, match="DoRA's magnitudes"):
     combine(adapters[:2], [1.0, 1.0], kind="cat")
-  with pytest.raises(NotImplementedError, match="'ties'"):
-    combine(adapters, [1.0] * 3, kind="ties")
+  with pytest.raises(NotImplementedError, match="'dare_ties' .* at random"):
+    combine(adapters, [1.0] * 3, kind="dare_ties")
+  with pytest.raises(ValueError, match="needs density="):
+    combine(adapters[1:], [1.0] * 2, kind="magnitude_prune_svd")
   with pytest.raises(ValueError, match="one weight per adapter"):
     combine(adapters[1:2], None, kind="svd")
   with pytest.raises(ValueError, match="takes no weights"):

@@ -8,59 +8,74 @@ stacks and saves like any other:
     after another). Exact: the ranks add up. Plain LoRA adds `s_k x A_k B_k` per adapter; a DoRA
     adapter multiplies everything before it by its `m_k / ||W0 + s_k A_k B_k||_c` (the running
     output, as PEFT's eval forward does), so DoRA adapters need the base `params`.
-  * `kind="cat"`, `"linear"`, `"svd"`: PEFT's `add_weighted_adapter(adapters, weights, name,
-    combination_type=kind)`, tensor for tensor (rank padded as PEFT pads it; scale 1 under
-    PEFT's new config `r = lora_alpha = new rank`).
+  * `kind="cat"`, `"linear"`, `"ties"`, `"magnitude_prune"`, `"svd"`, `"ties_svd"`,
+    `"magnitude_prune_svd"`: PEFT's `add_weighted_adapter(adapters, weights, name,
+    combination_type=kind, ...)`, tensor for tensor (rank padded as PEFT pads it; scale 1 under
+    PEFT's new config `r = lora_alpha = new rank`). PEFT's DARE kinds (random) and its
+    `svd_clamp` (sign-dependent) are refused, each with the reason.
 
 References:
-  LoRA (Hu et al., 2021), Eq. 3; DoRA (Liu et al., 2024), Eq. 5.
+  LoRA (Hu et al., 2021), Eq. 3; DoRA (Liu et al., 2024), Eq. 5; TIES-Merging (Yadav et al.,
+  2023), Sec. 3.
 """
 from __future__ import annotations
 
 import math
 from typing import Mapping, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxadapt.adapters.embedding import SavedBase
 from jaxadapt.adapters.lora import LoraAdapter, LoraConfig, kernel_at
 
-KINDS = ("active", "cat", "linear", "svd")
-# PEFT's other combination types, refused by name.
-_PEFT_ONLY = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
-              "magnitude_prune", "magnitude_prune_svd")
+KINDS = ("active", "cat", "linear", "ties", "magnitude_prune", "svd", "ties_svd",
+         "magnitude_prune_svd")
+# PEFT's DARE kinds drop entries at random with torch's generator: refused by name.
+_DARE = ("dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd")
 
 
 def combine(adapters: Sequence[LoraAdapter], weights: Optional[Sequence[float]] = None, *,
             kind: str = "active", params: Optional[Mapping] = None,
-            svd_rank: Optional[int] = None, svd_clamp: Optional[float] = None) -> LoraAdapter:
+            svd_rank: Optional[int] = None, svd_clamp: Optional[float] = None,
+            density: Optional[float] = None, majority_sign_method: str = "total") -> LoraAdapter:
   """One adapter equal to `adapters` combined as `kind` says (see the module docstring).
 
   Args:
     adapters: the adapters, in PEFT's order (it matters for DoRA under "active").
     weights: one float per adapter (PEFT's `weights`); "active" takes none (each counts once).
-    kind: "active", "cat", "linear" or "svd".
+    kind: one of `KINDS`: "active", or PEFT's `combination_type` ("cat", "linear", "ties",
+      "magnitude_prune", and "svd" / "ties_svd" / "magnitude_prune_svd", which merge the
+      deltas and cut them back to a rank by SVD).
     params: the base tree; needed by "active" when an adapter uses DoRA.
-    svd_rank: "svd": the new rank (default: the largest config rank, as PEFT).
+    svd_rank: the SVD kinds' new rank (default: the largest config rank, as PEFT).
     svd_clamp: must be None (PEFT's quantile clamp depends on LAPACK's signs: refused).
+    density: "ties" / "magnitude_prune" (and their SVD kinds): the fraction of entries each
+      tensor keeps, by magnitude (TIES, Yadav et al., 2023, Sec. 3 "trim").
+    majority_sign_method: "ties": the elected sign per entry from the sum ("total") or the
+      count ("frequency") of the trimmed tensors' signs.
 
   Returns:
     A `LoraAdapter` over the union of the adapters' paths (the config names them in full).
 
   Raises:
-    ValueError / NotImplementedError: an unknown kind (PEFT's TIES / DARE / magnitude-prune are
-      named), weights that do not match, DoRA adapters where the kind cannot combine them
-      ("cat" / "linear" / "svd" combine only A and B, as PEFT does), or mismatched ranks
-      ("linear").
+    ValueError / NotImplementedError: an unknown kind (PEFT's DARE kinds are named), weights
+      or a density that do not fit, DoRA adapters where the kind cannot combine them (PEFT's
+      add_weighted_adapter combines only A and B), or mismatched ranks ("linear", "ties",
+      "magnitude_prune").
+
+  References:
+    TIES-Merging (Yadav et al., 2023), Sec. 3: trim, elect sign, disjoint merge.
   """
   adapters = list(adapters)
   if not adapters or not all(isinstance(a, LoraAdapter) for a in adapters):
     raise TypeError(f"combine takes a non-empty list of LoraAdapters, got "
                     f"{[type(a).__name__ for a in adapters] or 'an empty list'}")
-  if kind in _PEFT_ONLY:
-    raise NotImplementedError(f"combination kind {kind!r} (PEFT's TIES / DARE / magnitude "
-                              f"pruning) is not supported; jaxadapt combines as {KINDS}")
+  if kind in _DARE:
+    raise NotImplementedError(f"combination kind {kind!r} (PEFT's DARE) drops entries at random "
+                              f"with torch's generator, which jaxadapt cannot reproduce; it "
+                              f"combines as {KINDS}")
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   if svd_clamp is not None:
@@ -77,6 +92,13 @@ def combine(adapters: Sequence[LoraAdapter], weights: Optional[Sequence[float]] 
   if weights is None or len(weights) != len(adapters):
     raise ValueError(f"kind={kind!r} needs one weight per adapter ({len(adapters)}), got "
                      f"{weights!r}")
+  merge = kind[:-len("_svd")] if kind.endswith("_svd") else ("linear" if kind == "svd" else kind)
+  if merge in ("ties", "magnitude_prune") and (density is None or not 0 <= density):
+    raise ValueError(f"kind={kind!r} needs density= (the fraction of entries kept, >= 0; 1 "
+                     f"keeps all), got {density!r}")
+  if majority_sign_method not in ("total", "frequency"):
+    raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got "
+                     f"{majority_sign_method!r}")
   dora = [i for i, a in enumerate(adapters) if a.config.use_dora]
   if dora:
     raise NotImplementedError(
@@ -84,24 +106,26 @@ def combine(adapters: Sequence[LoraAdapter], weights: Optional[Sequence[float]] 
         f"the LoRA factors A and B, not DoRA's magnitudes. Use kind='active' (all at once, "
         f"exact) or merge them one after another")
   if len(adapters) == 1:
-    kind = "linear"  # PEFT: one adapter is always combined linearly
+    kind = merge = "linear"  # PEFT: one adapter is always combined linearly
+  svd = kind.endswith("svd")
   # PEFT's new rank: from the configs (r, or the largest rank_pattern value), not the tensors.
   ranks = [max([a.config.r, *(r for _, r in a.config.rank_pattern)]) for a in adapters]
-  if kind == "linear" and len(set(ranks)) != 1:
-    raise ValueError(f"kind='linear' needs adapters of one rank (as PEFT); their ranks are "
+  if not svd and kind != "cat" and len(set(ranks)) != 1:
+    raise ValueError(f"kind={kind!r} needs adapters of one rank (as PEFT); their ranks are "
                      f"{ranks}. Use kind='cat' or 'svd'")
-  new_rank = {"linear": ranks[0], "cat": sum(ranks), "svd": svd_rank or max(ranks)}[kind]
+  new_rank = sum(ranks) if kind == "cat" else (svd_rank or max(ranks)) if svd else ranks[0]
   weights = [float(w) for w in weights]
+  task = dict(method=merge, density=density, sign_method=majority_sign_method)
   out = {}
   for path in _union(adapters):
     present = [(a, w) for a, w in zip(adapters, weights) if path in a.weights]
     if kind == "cat":
       a = jnp.concatenate([w * x.scale(path) * _f32(x, path, "a") for x, w in present], axis=1)
       b = jnp.concatenate([_f32(x, path, "b") for x, _ in present], axis=0)
-    elif kind == "linear":
-      a, b = _linear(present, path)
+    elif svd:
+      a, b = _svd(present, path, new_rank, task)
     else:
-      a, b = _svd(present, path, new_rank)
+      a, b = _factors(present, path, task)
     pad = new_rank - a.shape[1]
     out[path] = {"a": jnp.pad(a, ((0, 0), (0, pad))), "b": jnp.pad(b, ((0, pad), (0, 0)))}
   first = adapters[0].config
@@ -126,6 +150,60 @@ def _union(adapters) -> list[str]:
   return paths
 
 
+def _trim(t, density: float):
+  """TIES' trim (PEFT's magnitude pruning): the `int(density * size)` largest |entries| kept."""
+  if density >= 1:
+    return t
+  k = int(density * t.size)
+  if k == 0:
+    return jnp.zeros_like(t)
+  _, idx = jax.lax.top_k(jnp.abs(t).ravel(), k)
+  return (t.ravel() * jnp.zeros(t.size, t.dtype).at[idx].set(1)).reshape(t.shape)
+
+
+def _task_merge(tensors, weights, *, method: str, density, sign_method: str):
+  """PEFT's task arithmetic ("linear"), "magnitude_prune" (trim, then the weighted sum) and
+  "ties" (trim, elect each entry's sign, the weighted mean of the entries of that sign)."""
+  if method != "linear":
+    tensors = [_trim(t, density) for t in tensors]
+  stacked = jnp.stack(tensors)
+  weighted = stacked * jnp.asarray(weights, jnp.float32).reshape((-1,) + (1,) * tensors[0].ndim)
+  if method != "ties":
+    return weighted.sum(0)
+  sign = jnp.sign(stacked)
+  votes = stacked.sum(0) if sign_method == "total" else sign.sum(0)
+  agree = sign == jnp.where(votes >= 0, 1.0, -1.0)
+  return (weighted * agree).sum(0) / jnp.maximum(agree.sum(0), 1)
+
+
+def _factors(present, path, task):
+  """PEFT's merges on the factors: `A` from the `sign_k sqrt|w_k s_k| A_k`, `B` from the
+  `sqrt|w_k s_k| B_k` (so "linear" is `A = sum ...`, `B = sum ...`)."""
+  shapes = {x.rank(path) for x, _ in present}
+  if len(shapes) != 1:
+    raise ValueError(f"kind={task['method']!r} needs one rank per path; {path} has ranks "
+                     f"{sorted(shapes)}")
+  wa, wb = [], []
+  for x, w in present:
+    ws = w * x.scale(path)
+    wa.append(math.copysign(math.sqrt(abs(ws)), ws if ws != 0 else 1.0))
+    wb.append(math.sqrt(abs(ws)))
+  return (_task_merge([_f32(x, path, "a") for x, _ in present], wa, **task),
+          _task_merge([_f32(x, path, "b") for x, _ in present], wb, **task))
+
+
+def _svd(present, path, rank: int, task):
+  """PEFT's SVD kinds: the deltas merged (weights `w_k`), cut to `rank` by their SVD (`B = U S`,
+  `A = V^T`)."""
+  delta = _task_merge([x.scale(path) * (_f32(x, path, "a") @ _f32(x, path, "b"))
+                       for x, _ in present], [w for _, w in present], **task)
+  # In torch layout [out, in], as PEFT decomposes it (the factors' signs follow LAPACK's).
+  u, s, vh = np.linalg.svd(np.asarray(delta.T, np.float32), full_matrices=True)
+  k = min(rank, s.shape[0])
+  up, down = u[:, :k] * s[:k], vh[:k]
+  return jnp.asarray(down.T), jnp.asarray(up.T)
+
+
 def _adapter(weights: dict, config: LoraConfig, adapters) -> LoraAdapter:
   """The combined adapter in the first one's dtype; its embedding paths and saved base weights
   (checked against the model that runs it) are those of the adapters combined."""
@@ -141,31 +219,6 @@ def _adapter(weights: dict, config: LoraConfig, adapters) -> LoraAdapter:
     base = SavedBase(tensors, ", ".join(dict.fromkeys(s.source for s in saved)))
   return LoraAdapter(weights=weights, config=config, embedding_paths=embeddings,
                      saved_base=base)
-
-
-def _linear(present, path):
-  """PEFT's "linear": `A = sum sign_k sqrt|w_k s_k| A_k`, `B = sum sqrt|w_k s_k| B_k`."""
-  shapes = {x.rank(path) for x, _ in present}
-  if len(shapes) != 1:
-    raise ValueError(f"kind='linear' needs one rank per path; {path} has ranks {sorted(shapes)}")
-  a = b = 0.0
-  for x, w in present:
-    ws = w * x.scale(path)
-    root = math.sqrt(abs(ws))
-    a = a + (root if ws >= 0 else -root) * _f32(x, path, "a")
-    b = b + root * _f32(x, path, "b")
-  return a, b
-
-
-def _svd(present, path, rank: int):
-  """PEFT's "svd": the weighted sum of the deltas, cut to `rank` by its SVD (`B = U S`,
-  `A = V^T`)."""
-  delta = sum(w * x.scale(path) * (_f32(x, path, "a") @ _f32(x, path, "b")) for x, w in present)
-  # In torch layout [out, in], as PEFT decomposes it (the factors' signs follow LAPACK's).
-  u, s, vh = np.linalg.svd(np.asarray(delta.T, np.float32), full_matrices=True)
-  k = min(rank, s.shape[0])
-  up, down = u[:, :k] * s[:k], vh[:k]
-  return jnp.asarray(down.T), jnp.asarray(up.T)
 
 
 def _active(adapters, params) -> LoraAdapter:
