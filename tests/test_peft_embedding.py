@@ -162,6 +162,9 @@ def test_dora_on_embedding_equals_peft(untied, tmp_path):
   ref = _logits(peft_model)
   np.testing.assert_allclose(np.asarray(model(_IDS.numpy(), adapter=dora)), ref, atol=1e-5,
                              rtol=0)
+  ja.save_adapter(dora, str(tmp_path / "ours"))
+  reloaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+  np.testing.assert_allclose(_logits(reloaded), ref, atol=1e-5, rtol=0)
   merged_ref = copy.deepcopy(peft_model).merge_and_unload()
   merged = ja.merge(model, dora)
   np.testing.assert_allclose(np.asarray(kernel_at(merged.params, "model.embed_tokens")),
@@ -207,3 +210,25 @@ def test_embedding_adapters_combined_equal_peft(llama_dir, tmp_path):
     assert mix.embedding_paths == ("model.embed_tokens",)
     np.testing.assert_allclose(np.asarray(model(_IDS.numpy(), adapter=mix)), ref, atol=1e-5,
                                rtol=0, err_msg=kind)
+
+
+def test_generate_with_embedding_and_head_lora_equals_peft(untied):
+  """Greedy decoding through the KV cache (each step's token embedded with the LoRA), for one
+  adapter and a mixed batch, equals PEFT's generate."""
+  model, _, peft_model, saved = untied
+  adapter = ja.load_adapter(saved)
+  prompts = _IDS.numpy()[:2, :4].tolist()
+
+  def theirs(**kwargs):
+    with torch.no_grad():
+      out = peft_model.generate(torch.tensor(prompts), attention_mask=torch.ones(2, 4, dtype=int),
+                                do_sample=False, max_new_tokens=5, eos_token_id=None,
+                                pad_token_id=0, **kwargs)
+    return out[:, 4:].tolist()
+
+  ours = model.generate(prompts, max_new_tokens=5, eos_token_id=[], adapter=adapter)
+  assert ours.ids == theirs()
+  mixed = model.generate(prompts, max_new_tokens=5, eos_token_id=[], adapters=[adapter],
+                         adapter_ids=[-1, 0])
+  assert mixed.ids == theirs(adapter_names=["__base__", "default"])
+  assert mixed.ids[0] != ours.ids[0]  # the adapter changes the tokens
