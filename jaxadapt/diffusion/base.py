@@ -54,6 +54,10 @@ class SchedulerBase:
   timestep_spacing: str = "leading"  # "linspace", "leading" or "trailing" (Lin et al. 2024 Tab. 2).
   steps_offset: int = 0  # added to "leading" timesteps (1 for Stable Diffusion 1.x).
   rescale_betas_zero_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al. Alg. 1).
+  # Not scheduler_config.json options: a custom schedule, as diffusers' set_timesteps takes it
+  # (``timesteps=`` / ``sigmas=``), for the schedulers whose diffusers class takes one.
+  custom_timesteps: tuple[float, ...] | None = None  # the N model timesteps, largest first.
+  custom_sigmas: tuple[float, ...] | None = None  # N + 1 noise levels, the last one included.
 
   # Name of the diffusers class this mirrors (``_class_name`` in scheduler_config.json).
   diffusers_class: ClassVar[str] = ""
@@ -65,10 +69,33 @@ class SchedulerBase:
   }
   # diffusers options that jaxadapt supports only at the value given here.
   _only_default: ClassVar[dict[str, Any]] = {}
+  # Which custom schedules the diffusers class's set_timesteps takes: "timesteps", "sigmas".
+  _custom_schedules: ClassVar[tuple[str, ...]] = ()
 
   def __post_init__(self):
     if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
       object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
+    for kind in ("timesteps", "sigmas"):
+      value = getattr(self, f"custom_{kind}")
+      if value is None:
+        continue
+      arr = np.asarray(value, np.float64)
+      if arr.ndim != 1 or arr.size < (2 if kind == "sigmas" else 1) or not np.isfinite(arr).all():
+        raise ValueError(f"{type(self).__name__}: custom {kind}= must be a non-empty 1-D list of"
+                         f" finite numbers; got shape {arr.shape}.")
+      object.__setattr__(self, f"custom_{kind}", tuple(float(v) for v in arr))
+      if kind not in self._custom_schedules:
+        takes = (f"takes only {' and '.join(k + '=' for k in self._custom_schedules)}"
+                 if self._custom_schedules else "takes no custom schedule")
+        raise ValueError(
+            f"{type(self).__name__} {takes} (as diffusers' set_timesteps); got {kind}=. Pass"
+            " num_steps, or use a scheduler that takes it (Euler: timesteps= or sigmas=; DDPM,"
+            " Heun, DPM-Solver: timesteps=).")
+      if getattr(self, "use_karras_sigmas", False):
+        raise ValueError(f"{type(self).__name__}: custom {kind}= replaces the Karras sigmas;"
+                         " set use_karras_sigmas=False (diffusers refuses both too).")
+    if self.custom_timesteps is not None and self.custom_sigmas is not None:
+      raise ValueError(f"{type(self).__name__}: pass custom timesteps= or sigmas=, not both.")
     for name, allowed in self._choices.items():
       value = getattr(self, name)
       if value not in allowed:
@@ -121,6 +148,27 @@ class SchedulerBase:
     if ignored:
       logger.info("%s ignores config options it does not have: %s", cls.__name__, ignored)
     return cls(**{k: v for k, v in cfg.items() if k in names})
+
+  def custom_schedule(self, num_steps: int) -> tuple[str, np.ndarray] | None:
+    """("timesteps" | "sigmas", float64 values) of a custom schedule, or None.
+
+    Raises a ValueError unless ``num_steps`` is its length (N timesteps, N + 1 sigmas).
+    """
+    for kind, extra in (("timesteps", 0), ("sigmas", 1)):
+      value = getattr(self, f"custom_{kind}")
+      if value is not None:
+        if num_steps != len(value) - extra:
+          raise ValueError(f"{type(self).__name__}: num_steps={num_steps!r} but the custom"
+                           f" {kind} give {len(value) - extra} steps.")
+        return kind, np.asarray(value, np.float64)
+    return None
+
+  @property
+  def custom_num_steps(self) -> int | None:
+    """The number of steps a custom schedule sets (None without one)."""
+    if self.custom_timesteps is not None:
+      return len(self.custom_timesteps)
+    return None if self.custom_sigmas is None else len(self.custom_sigmas) - 1
 
   def config(self) -> dict[str, Any]:
     """The options as a diffusers-style dict (``_class_name`` included)."""

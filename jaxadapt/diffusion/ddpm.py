@@ -43,6 +43,7 @@ class DDPMScheduler(base.SchedulerBase):
   timestep_spacing: str = "leading"
 
   diffusers_class: ClassVar[str] = "DDPMScheduler"
+  _custom_schedules: ClassVar[tuple[str, ...]] = ("timesteps",)
   _choices: ClassVar[dict[str, tuple[Any, ...]]] = {
       **base.SchedulerBase._choices,
       # diffusers' "fixed_large_log" takes the square root of log(beta) < 0 and so yields NaN.
@@ -56,6 +57,13 @@ class DDPMScheduler(base.SchedulerBase):
 
   def set_timesteps(self, num_steps: int) -> np.ndarray:
     """int64 [N] timesteps, equal to diffusers' ``DDPMScheduler.set_timesteps(num_steps)``."""
+    custom = self.custom_schedule(num_steps)
+    if custom is not None:  # diffusers' set_timesteps(timesteps=...): descending, below T
+      ts = custom[1].astype(np.int64)
+      if (np.diff(ts) >= 0).any() or ts[0] >= self.num_train_timesteps:
+        raise ValueError(f"DDPMScheduler: custom timesteps must be descending and below"
+                         f" num_train_timesteps={self.num_train_timesteps}; got {ts.tolist()}.")
+      return ts
     return schedules.spaced_timesteps(
         self.timestep_spacing, self.num_train_timesteps, num_steps, self.steps_offset)
 

@@ -37,11 +37,19 @@ def karras_or_spaced_sigmas(sched: base.SchedulerBase, num_steps: int, use_karra
   The timesteps follow ``timestep_spacing`` (as floats; "linspace" is not rounded) and sigma(t)
   interpolates the training sigmas linearly in t; with Karras sigmas (Eq. 5, ends from
   ``sigma_min``/``sigma_max`` or the spaced sigmas' own) the timesteps are t(sigma)
-  interpolated in log sigma.
+  interpolated in log sigma. A custom schedule replaces the spacing: timesteps (sigma(t) as
+  above) or sigmas (then N + 1 of them are returned, and t(sigma) for the first N).
   """
-  schedules.check_num_steps(num_steps, sched.num_train_timesteps)
   _, train_sigmas = sched.sigma_tables()  # [T], increasing with t
   T = sched.num_train_timesteps
+  custom = sched.custom_schedule(num_steps)
+  if custom is not None and custom[0] == "sigmas":  # the N + 1 given (the caller keeps the last)
+    sigmas = custom[1].astype(np.float32)
+    return schedules.sigma_to_t(sigmas[:-1], np.log(train_sigmas)), sigmas
+  if custom is not None:  # diffusers' set_timesteps(timesteps=...)
+    ts = custom[1].astype(np.float32)
+    return ts, np.interp(ts, np.arange(T), train_sigmas)
+  schedules.check_num_steps(num_steps, sched.num_train_timesteps)
   if sched.timestep_spacing == "linspace":
     ts = np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1].copy()
   else:  # integer spacings, as floats
@@ -98,6 +106,7 @@ class EulerDiscreteScheduler(base.SchedulerBase):
   final_sigmas_type: str = "zero"  # the sigma after the last step: "zero" or "sigma_min".
 
   diffusers_class: ClassVar[str] = "EulerDiscreteScheduler"
+  _custom_schedules: ClassVar[tuple[str, ...]] = ("timesteps", "sigmas")
   _choices: ClassVar[dict[str, tuple[Any, ...]]] = {
       **base.SchedulerBase._choices,
       "prediction_type": ("epsilon", "v_prediction", "sample", "original_sample"),
@@ -114,7 +123,8 @@ class EulerDiscreteScheduler(base.SchedulerBase):
     """(timesteps float32 [N], sigmas float32 [N + 1]) as diffusers computes them."""
     ts, sigmas = karras_or_spaced_sigmas(self, num_steps, self.use_karras_sigmas,
                                          self.sigma_min, self.sigma_max)
-    sigmas = self.finish_sigmas(sigmas, self.sigma_tables()[0])
+    if self.custom_sigmas is None:
+      sigmas = self.finish_sigmas(sigmas, self.sigma_tables()[0])
     if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
       ts = 0.25 * np.log(sigmas[:-1])
     return ts.astype(np.float32), sigmas

@@ -51,6 +51,7 @@ class HeunDiscreteScheduler(base.SchedulerBase):
   clip_sample_range: float = 1.0
 
   diffusers_class: ClassVar[str] = "HeunDiscreteScheduler"
+  _custom_schedules: ClassVar[tuple[str, ...]] = ("timesteps",)
   _only_default: ClassVar[dict[str, Any]] = {
       "use_exponential_sigmas": False,
       "use_beta_sigmas": False,

@@ -64,6 +64,13 @@ SCHEDULER_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "lms": ("LMSDiscreteScheduler", {}),
     "lms-karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpm++2m-sde-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                           "use_karras_sigmas": True}),
+    "dpm++2s": ("DPMSolverSinglestepScheduler", {}),
+    "kdpm2": ("KDPM2DiscreteScheduler", {}),
+    "kdpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
 }
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -283,12 +290,14 @@ class _Pipeline:
     return ctx
 
   def _run(self, denoise, cond, uncond, scale, *, latents, shape, num_steps, seed, scheduler,
-           mesh, progress, eta=None, guidance_rescale=0.0):
+           mesh, progress, eta=None, guidance_rescale=0.0, timesteps=None, sigmas=None):
     """Samples the latents and decodes them to uint8 images [B, H, W, C]."""
+    sched = _with_eta(_resolve_scheduler(scheduler, self.scheduler_config), eta)
+    if timesteps is not None or sigmas is not None:  # they set the number of steps (diffusers)
+      sched, num_steps = sampling.with_custom_schedule(sched, None, timesteps, sigmas)
     if (isinstance(num_steps, (bool, np.bool_)) or not isinstance(num_steps, (int, np.integer))
         or num_steps < 1):
       raise ValueError(f"num_steps must be a positive int; got {num_steps!r}.")
-    sched = _with_eta(_resolve_scheduler(scheduler, self.scheduler_config), eta)
     noise_key, step_key = jax.random.split(jax.random.key(_seed(seed)))
     x = self._initial_noise(latents, shape, noise_key)
     sampling.check_guidance_rescale(guidance_rescale)
@@ -342,8 +351,8 @@ class StableDiffusionPipeline(_Pipeline):
                guidance_scale=7.5, seed: int = 0, scheduler=None, latents=None,
                negative_prompt=None, height: int | None = None, width: int | None = None,
                num_images_per_prompt: int = 1, adapter=None, lora_scale: float = 1.0,
-               eta: float | None = None, guidance_rescale: float = 0.0, mesh=None,
-               progress: bool = True) -> np.ndarray:
+               eta: float | None = None, guidance_rescale: float = 0.0, timesteps=None,
+               sigmas=None, mesh=None, progress: bool = True) -> np.ndarray:
     """Generates images for text prompts; returns uint8 numpy [N, H, W, 3].
 
     Classifier-free guidance (Ho & Salimans 2022, Eq. 6 with s = 1 + w):
@@ -357,8 +366,8 @@ class StableDiffusionPipeline(_Pipeline):
       num_steps: sampling steps.
       guidance_scale: s, a float or one value per prompt [P] or per image [N].
       seed: an int seeding the initial noise (unless `latents`) and stochastic samplers (DDPM,
-        DDIM with eta > 0, Euler ancestral); None draws a random seed (as diffusers'
-        `generator=None`).
+        DDIM with eta > 0, the ancestral and SDE samplers); None draws a random seed (as
+        diffusers' `generator=None`).
       scheduler: None (the dir's scheduler), a name ("ddim", "ddpm", "euler", "dpm++2m",
         "pndm", "plms", "euler-a", "heun", "lms", "unipc", ...), a
         diffusers scheduler class name or a jaxadapt scheduler object. A name keeps the dir's
@@ -376,6 +385,9 @@ class StableDiffusionPipeline(_Pipeline):
         scheduler's own (0). Other schedulers refuse eta > 0.
       guidance_rescale: phi in [0, 1] of rescaled guidance (Lin et al. 2024 Sec. 3.4, Eq. 16),
         diffusers' `guidance_rescale`; 0 is plain guidance.
+      timesteps: custom timesteps [N] (largest first) for schedulers whose diffusers class takes
+        them (DDPM, Euler, Heun, DPM-Solver), as diffusers' `timesteps=`; sets num_steps.
+      sigmas: custom noise levels [N + 1] (Euler), as diffusers' `sigmas=`; sets num_steps.
       mesh: a mesh whose "data" axis splits the batch.
       progress: show a tqdm bar over the steps.
 
@@ -417,7 +429,8 @@ class StableDiffusionPipeline(_Pipeline):
                                     self._lora(adapter, lora_scale))
     return self._run(denoise, cond, uncond, scale, latents=latents, shape=shape,
                      num_steps=num_steps, seed=seed, scheduler=scheduler, mesh=mesh,
-                     progress=progress, eta=eta, guidance_rescale=guidance_rescale)
+                     progress=progress, eta=eta, guidance_rescale=guidance_rescale,
+                     timesteps=timesteps, sigmas=sigmas)
 
 
 # ----------------------------------------------------------------------------- DiT

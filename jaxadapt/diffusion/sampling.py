@@ -12,6 +12,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -74,6 +75,31 @@ def _run_chunk(fn_arrays, carry, step_indices, cond, uncond, scale, rescale, key
   return carry
 
 
+def with_custom_schedule(scheduler, num_steps, timesteps=None, sigmas=None):
+  """(scheduler with the custom schedule set, its N); just (scheduler, num_steps) without one.
+
+  As diffusers' ``retrieve_timesteps``: a custom schedule sets the number of steps; a
+  ``num_steps`` that disagrees with it raises a ValueError.
+  """
+  if timesteps is None and sigmas is None:
+    if num_steps is None and scheduler.custom_num_steps is not None:
+      return scheduler, scheduler.custom_num_steps
+    return scheduler, num_steps
+  if timesteps is not None and sigmas is not None:
+    raise ValueError("pass custom timesteps= or sigmas=, not both (as diffusers).")
+  if hasattr(timesteps, "detach") or hasattr(sigmas, "detach"):  # torch tensors
+    timesteps, sigmas = [None if v is None else v.detach().cpu().numpy()
+                         for v in (timesteps, sigmas)]
+  scheduler = dataclasses.replace(
+      scheduler, custom_timesteps=None if timesteps is None else tuple(np.ravel(timesteps)),
+      custom_sigmas=None if sigmas is None else tuple(np.ravel(sigmas)))
+  n = scheduler.custom_num_steps
+  if num_steps is not None and num_steps != n:
+    raise ValueError(f"num_steps={num_steps!r} disagrees with the custom schedule's {n} steps;"
+                     " pass num_steps=None (the schedule sets it).")
+  return scheduler, n
+
+
 def check_guidance_rescale(value) -> jax.Array | None:
   """guidance_rescale as a float32 scalar, or None for 0 (plain guidance); ValueError if bad."""
   number = (isinstance(value, (int, float, np.integer, np.floating))
@@ -100,7 +126,7 @@ def sample(
     cond: Any,
     uncond: Any,
     guidance_scale: jax.Array | float | None,
-    num_steps: int,
+    num_steps: int | None,
     key: jax.Array | None,
     *,
     chunk: int = 10,
@@ -108,6 +134,8 @@ def sample(
     data_axis: str = DATA,
     progress: bool = False,
     guidance_rescale: float = 0.0,
+    timesteps=None,
+    sigmas=None,
 ) -> jax.Array:
   """Samples with a scheduler and classifier-free guidance, one guidance scale per sample.
 
@@ -131,7 +159,7 @@ def sample(
     uncond: pytree like ``cond`` for the unconditional branch (e.g. the null class 1000), or
       None for no guidance (one forward pass of B; ``guidance_scale`` must then be None).
     guidance_scale: scalar or [B] scale per sample (diffusers' ``guidance_scale``).
-    num_steps: number of sampling steps N.
+    num_steps: number of sampling steps N (None with ``timesteps``/``sigmas``, which set it).
     key: PRNG key; step i uses ``jax.random.fold_in(key, i)``. May be None for deterministic
       schedulers.
     chunk: steps per compiled ``lax.scan`` call (the progress bar advances between calls).
@@ -140,6 +168,10 @@ def sample(
     progress: show a tqdm bar.
     guidance_rescale: phi of rescaled guidance (Lin et al. 2024 Eq. 16; diffusers'
       ``guidance_rescale``), in [0, 1]; 0 is plain CFG. Needs ``uncond``.
+    timesteps: custom model timesteps [N], largest first, as diffusers' ``timesteps=`` (DDPM,
+      Euler, Heun, DPM-Solver); replaces the scheduler's spacing.
+    sigmas: custom noise levels [N + 1] (the last one included), as diffusers' ``sigmas=``
+      (Euler).
 
   Returns:
     [B, ...] final latents x_0 (not yet divided by a VAE scaling factor).
@@ -163,6 +195,7 @@ def sample(
     raise ValueError(f"sample: guidance_rescale={guidance_rescale!r} rescales guided predictions,"
                      " but there is no guidance (uncond is None); pass uncond or drop it.")
 
+  scheduler, num_steps = with_custom_schedule(scheduler, num_steps, timesteps, sigmas)
   state = scheduler.init_state(num_steps, latents)
   x = (latents * state.init_noise_sigma).astype(latents.dtype)
   batch_sharding = None

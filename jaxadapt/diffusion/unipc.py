@@ -60,6 +60,38 @@ def _alpha_sigma_lambda(sigma: float) -> tuple[float, float, float]:
   return alpha, sig, (math.inf if sig == 0 else math.log(alpha) - math.log(sig))
 
 
+def multistep_tables(sched: base.SchedulerBase, num_steps: int, final_sigmas_type: str,
+                     sigma_min: float | None = None,
+                     sigma_max: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(timesteps int64 [N], sigmas float32 [N + 1]) of diffusers' UniPC and DEIS schedulers.
+
+  "linspace"/"leading" space N + 1 points and drop the one at t = 0; Karras sigmas (Eq. 5) run
+  between ``sigma_min``/``sigma_max`` (default: the training schedule's ends), their timesteps
+  rounded; the last sigma is 0 or, for "sigma_min", the smallest (training or Karras) sigma.
+  """
+  schedules.check_num_steps(num_steps, sched.num_train_timesteps)
+  ac, train_sigmas = sched.sigma_tables()
+  T = sched.num_train_timesteps
+  if sched.timestep_spacing == "linspace":
+    ts = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+  elif sched.timestep_spacing == "leading":
+    ratio = T // (num_steps + 1)
+    ts = (np.arange(num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64)
+    ts = ts + sched.steps_offset
+  else:  # "trailing"
+    ts = np.arange(T, 0, -T / num_steps).round().astype(np.int64) - 1
+  if getattr(sched, "use_karras_sigmas", False):
+    lo = sigma_min if sigma_min is not None else float(train_sigmas[0])
+    hi = sigma_max if sigma_max is not None else float(train_sigmas[-1])
+    sigmas = schedules.karras_sigmas(lo, hi, num_steps)
+    ts = schedules.sigma_to_t(sigmas, np.log(train_sigmas)).round().astype(np.int64)
+    last = sigmas[-1] if final_sigmas_type == "sigma_min" else 0.0
+    return ts, np.concatenate([sigmas, [last]]).astype(np.float32)
+  sigmas = np.interp(ts, np.arange(T), train_sigmas)
+  last = np.sqrt((1 - ac[0]) / ac[0]) if final_sigmas_type == "sigma_min" else 0.0
+  return ts, np.concatenate([sigmas, [last]]).astype(np.float32)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class UniPCMultistepScheduler(base.SchedulerBase):
   """UniPC (multistep, "bh1"/"bh2"), equal to diffusers' scheduler of the same name.
@@ -125,26 +157,8 @@ class UniPCMultistepScheduler(base.SchedulerBase):
 
   def _tables(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps int64 [N], sigmas float32 [N + 1]) as diffusers computes them."""
-    schedules.check_num_steps(num_steps, self.num_train_timesteps)
-    ac, train_sigmas = self.sigma_tables()
-    T = self.num_train_timesteps
-    if self.timestep_spacing == "linspace":  # N + 1 points, the one at t = 0 dropped
-      ts = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
-    elif self.timestep_spacing == "leading":
-      ratio = T // (num_steps + 1)
-      ts = (np.arange(num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64)
-      ts = ts + self.steps_offset
-    else:  # "trailing"
-      ts = np.arange(T, 0, -T / num_steps).round().astype(np.int64) - 1
-    if self.use_karras_sigmas:
-      lo = self.sigma_min if self.sigma_min is not None else float(train_sigmas[0])
-      hi = self.sigma_max if self.sigma_max is not None else float(train_sigmas[-1])
-      sigmas = schedules.karras_sigmas(lo, hi, num_steps)
-      ts = schedules.sigma_to_t(sigmas, np.log(train_sigmas)).round().astype(np.int64)
-      last = sigmas[-1] if self.final_sigmas_type == "sigma_min" else 0.0
-      return ts, np.concatenate([sigmas, [last]]).astype(np.float32)
-    sigmas = np.interp(ts, np.arange(T), train_sigmas)
-    return ts, self.finish_sigmas(sigmas, ac)
+    return multistep_tables(self, num_steps, self.final_sigmas_type, self.sigma_min,
+                            self.sigma_max)
 
   def set_timesteps(self, num_steps: int) -> np.ndarray:
     """int64 [N] timesteps, equal to diffusers' ``UniPCMultistepScheduler.set_timesteps``."""

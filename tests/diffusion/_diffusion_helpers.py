@@ -41,9 +41,16 @@ def model_torch(x, t, learned_sigma: bool = False):
   return out
 
 
-def run_diffusers(sched, num_steps, x_init, *, learned_sigma=False, noises=None, step_kwargs=None):
-  """diffusers' loop: returns the sample after every step, [N, ...] numpy."""
-  sched.set_timesteps(num_steps)
+def run_diffusers(sched, num_steps, x_init, *, learned_sigma=False, noises=None, step_kwargs=None,
+                  schedule=None):
+  """diffusers' loop: returns the sample after every step, [N, ...] numpy.
+
+  ``schedule``: set_timesteps keywords replacing num_steps (``timesteps=`` or ``sigmas=``).
+  """
+  if schedule is None:
+    sched.set_timesteps(num_steps)
+  else:
+    sched.set_timesteps(**schedule)
   x = torch.from_numpy(x_init) * sched.init_noise_sigma
   out = []
   for i, t in enumerate(sched.timesteps):

@@ -45,7 +45,7 @@ def test_swapping_scheduler_class_ignores_other_schedulers_options():
     (jd.DDIMScheduler, "timestep_spacing", "karras"),
     (jd.EulerDiscreteScheduler, "use_exponential_sigmas", True),
     (jd.EulerDiscreteScheduler, "interpolation_type", "log_linear"),
-    (jd.DPMSolverMultistepScheduler, "algorithm_type", "sde-dpmsolver++"),
+    (jd.DPMSolverMultistepScheduler, "algorithm_type", "deis"),
     (jd.DPMSolverMultistepScheduler, "solver_order", 4),
     (jd.DPMSolverMultistepScheduler, "use_lu_lambdas", True),
     (jd.DPMSolverMultistepScheduler, "use_flow_sigmas", True),

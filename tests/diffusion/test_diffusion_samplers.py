@@ -1,14 +1,19 @@
-"""The samplers SD users pick (PNDM/PLMS, Euler ancestral, Heun, LMS, UniPC) against diffusers.
+"""The samplers SD users pick (PNDM/PLMS, Euler ancestral, Heun, LMS, UniPC, DPM-Solver SDE and
+single-step, KDPM2, DEIS, EDM Euler) against diffusers.
 
 Each trajectory runs jaxadapt's steps inside one jitted ``lax.scan`` and diffusers' in its Python
 loop, from the same noise with the same fake model (``_diffusion_helpers``), and compares the
 sample after every model call: |ours - diffusers| <= 1e-4 + 1e-5 |diffusers| (measured: at most
-~1e-5 on trajectories of magnitude 3-30, float32 rounding). The ancestral sampler's noise is
-handed to diffusers (its ``randn_tensor`` returns the draws jaxadapt uses).
+~6e-5 on trajectories of magnitude 3-110, float32 rounding). The ancestral and SDE samplers'
+noise is handed to diffusers (its ``randn_tensor`` returns the draws jaxadapt uses).
 """
 import diffusers
 import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion as diffusers_sd
+import diffusers.schedulers.scheduling_ddpm as diffusers_ddpm
+import diffusers.schedulers.scheduling_dpmsolver_multistep as diffusers_dpm
+import diffusers.schedulers.scheduling_dpmsolver_singlestep as diffusers_dpm_single
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as diffusers_euler_a
+import diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete as diffusers_kdpm2_a
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,14 +38,23 @@ def _pair(name, cfg):
   return jd.SCHEDULERS[name].from_config(cfg), getattr(diffusers, name).from_config(cfg)
 
 
+# Stochastic samplers: the diffusers module whose randn_tensor draws, and which calls draw.
+NOISY = {"EulerAncestralDiscreteScheduler": (diffusers_euler_a, slice(None)),
+         "KDPM2AncestralDiscreteScheduler": (diffusers_kdpm2_a, slice(1, None, 2)),
+         "DPMSolverMultistepScheduler": (diffusers_dpm, slice(None)),
+         "DPMSolverSinglestepScheduler": (diffusers_dpm_single, slice(None))}
+
+
 def _compare(name, cfg, num_steps=N, monkeypatch=None, last=None):
   ours, theirs = _pair(name, cfg)
   x = initial_noise(0)
   noises = None
-  if name == "EulerAncestralDiscreteScheduler":  # every step draws: hand diffusers ours
-    noises = np.stack([initial_noise(100 + i) for i in range(num_steps)])
-    queue = [torch.from_numpy(z) for z in noises]
-    monkeypatch.setattr(diffusers_euler_a, "randn_tensor", lambda *a, **k: queue.pop(0))
+  if name in NOISY and (monkeypatch is not None):  # hand diffusers the draws ours takes
+    module, calls = NOISY[name]
+    n_calls = len(ours.set_timesteps(num_steps))
+    noises = np.stack([initial_noise(100 + i) for i in range(n_calls)])
+    queue = [torch.from_numpy(z) for z in noises[calls]]
+    monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: queue.pop(0))
   expected = run_diffusers(theirs, num_steps, x)
   got = run_jax(ours, num_steps, x, noises=noises)
   assert np.isfinite(got).all()
@@ -96,6 +110,101 @@ def test_unipc_matches_diffusers(cfg):
   _compare("UniPCMultistepScheduler", cfg)
 
 
+@pytest.mark.parametrize("cfg", [
+    dict(SD, algorithm_type="sde-dpmsolver++"),  # "DPM++ 2M SDE"
+    dict(SD, algorithm_type="sde-dpmsolver++", solver_order=3, use_karras_sigmas=True),
+    dict(SD, algorithm_type="sde-dpmsolver", solver_type="heun", final_sigmas_type="sigma_min"),
+    dict(SD, **V, algorithm_type="dpmsolver", solver_order=3, final_sigmas_type="sigma_min"),
+])
+def test_dpm_solver_sde_and_noise_prediction_match_diffusers(cfg, monkeypatch):
+  _compare("DPMSolverMultistepScheduler", cfg, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("cfg,num_steps", [
+    (SD, N),  # orders 1, 2, 1, 2, ..., 1, 1
+    (dict(SD, solver_order=3), 9),
+    (dict(SD, solver_order=3, solver_type="heun", **V), N),
+    (dict(SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_order=3), 9),
+    (dict(SD, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True), N),
+])
+def test_dpm_solver_singlestep_matches_diffusers(cfg, num_steps, monkeypatch):
+  _compare("DPMSolverSinglestepScheduler", cfg, num_steps, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
+@pytest.mark.parametrize("cfg", [SD, dict(SD, **V, timestep_spacing="leading"),
+                                 dict(SD, use_karras_sigmas=True)])
+def test_kdpm2_matches_diffusers(name, cfg, monkeypatch):
+  got, _ = _compare(name, cfg, monkeypatch=monkeypatch)
+  assert len(got) == 2 * N - 1
+
+
+@pytest.mark.parametrize("cfg", [SD, dict(SD, solver_order=3), dict(SD, solver_order=1),
+                                 dict(SD, **V, timestep_spacing="leading"),
+                                 dict(SD, use_karras_sigmas=True, solver_order=3),
+                                 dict(SD, prediction_type="sample", thresholding=True,
+                                      sample_max_value=2.0, timestep_spacing="trailing")])
+def test_deis_matches_diffusers(cfg):
+  _compare("DEISMultistepScheduler", cfg)
+
+
+@pytest.mark.parametrize("cfg", [{}, dict(prediction_type="v_prediction", sigma_max=20.0),
+                                 dict(sigma_schedule="exponential"),
+                                 dict(final_sigmas_type="sigma_min", sigma_data=1.0)])
+def test_edm_euler_matches_diffusers(cfg):
+  _compare("EDMEulerScheduler", cfg)
+
+
+TS = [951, 800, 640, 433, 260, 120, 31]  # a custom schedule: uneven, largest first
+SIGMAS = [14.0, 8.5, 4.0, 2.2, 0.9, 0.35, 0.1, 0.0]
+
+
+@pytest.mark.parametrize("name,cfg,schedule", [
+    ("EulerDiscreteScheduler", SD, dict(timesteps=TS)),
+    ("EulerDiscreteScheduler", dict(SD, **V), dict(sigmas=SIGMAS)),
+    ("DDPMScheduler", dict(SD, clip_sample=False), dict(timesteps=TS)),
+    ("HeunDiscreteScheduler", SD, dict(timesteps=TS)),
+    ("DPMSolverMultistepScheduler", SD, dict(timesteps=TS)),
+    ("DPMSolverSinglestepScheduler", SD, dict(timesteps=TS)),
+])
+def test_custom_timesteps_and_sigmas_match_diffusers(name, cfg, schedule, monkeypatch):
+  """diffusers' set_timesteps(timesteps=... / sigmas=...): the same tables and trajectory."""
+  key = "custom_" + next(iter(schedule))
+  ours = jd.SCHEDULERS[name].from_config(cfg, **{key: next(iter(schedule.values()))})
+  theirs = getattr(diffusers, name).from_config(cfg)
+  n = ours.custom_num_steps
+  x = initial_noise(0)
+  noises = np.stack([initial_noise(100 + i) for i in range(2 * n)])
+  if name == "DDPMScheduler":  # noise at every step with t > 0: hand diffusers ours
+    queue = [torch.from_numpy(z) for z, t in zip(noises, TS) if t > 0]
+    monkeypatch.setattr(diffusers_ddpm, "randn_tensor", lambda *a, **k: queue.pop(0))
+  expected = run_diffusers(theirs, None, x, schedule=schedule)
+  np.testing.assert_allclose(ours.set_timesteps(n), theirs.timesteps.numpy(), rtol=1e-6,
+                             atol=1e-4)
+  got = run_jax(ours, n, x, noises=noises[: len(expected)])
+  _assert_close(got, expected)
+  # Through the sampling loop too: sample(..., timesteps=/sigmas=) sets the number of steps.
+  plain = jd.SCHEDULERS[name].from_config(cfg)
+  ours_loop = jd.sample(lambda x, t, c: model_jnp(x, t), plain, x, None, None, None, None,
+                        jax.random.key(0), **schedule)
+  if name != "DDPMScheduler":  # (stochastic: its noise comes from the key here)
+    np.testing.assert_allclose(np.asarray(ours_loop), expected[-1], rtol=1e-5, atol=1e-4)
+
+
+def test_custom_schedules_are_refused_where_diffusers_has_none():
+  with pytest.raises(ValueError, match="LMSDiscreteScheduler takes no custom schedule"):
+    jd.LMSDiscreteScheduler(custom_timesteps=TS)
+  with pytest.raises(ValueError, match="HeunDiscreteScheduler takes only timesteps="):
+    jd.HeunDiscreteScheduler(custom_sigmas=SIGMAS)
+  with pytest.raises(ValueError, match="replaces the Karras sigmas"):
+    jd.EulerDiscreteScheduler(use_karras_sigmas=True, custom_timesteps=TS)
+  with pytest.raises(ValueError, match="descending"):
+    jd.DDPMScheduler(custom_timesteps=[10, 20]).set_timesteps(2)
+  with pytest.raises(ValueError, match="disagrees with the custom schedule's 7 steps"):
+    jd.sample(lambda x, t, c: model_jnp(x, t), jd.EulerDiscreteScheduler(), initial_noise(0),
+              None, None, None, 5, None, timesteps=TS)
+
+
 def test_unipc_bh1_last_step_is_the_data_prediction():
   """diffusers' bh1 multiplies B(h) = -inf by an empty sum on the step to sigma = 0 (NaN there);
   every other step matches, and ours ends at the x0 prediction, which is bh2's order-1 step."""
@@ -116,6 +225,11 @@ def test_unipc_bh1_last_step_is_the_data_prediction():
     ("HeunDiscreteScheduler", dict(SD, use_karras_sigmas=True)),
     ("LMSDiscreteScheduler", SD),
     ("UniPCMultistepScheduler", dict(SD, use_karras_sigmas=True)),
+    ("KDPM2DiscreteScheduler", SD),
+    ("KDPM2AncestralDiscreteScheduler", dict(SD, use_karras_sigmas=True)),
+    ("DPMSolverSinglestepScheduler", dict(SD, solver_order=3)),
+    ("DEISMultistepScheduler", dict(SD, use_karras_sigmas=True)),
+    ("EDMEulerScheduler", {}),
 ])
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 def test_timesteps_and_sigmas_equal_diffusers(name, cfg, spacing):
@@ -126,8 +240,9 @@ def test_timesteps_and_sigmas_equal_diffusers(name, cfg, spacing):
         ours.set_timesteps(n)
       continue
     theirs.set_timesteps(n)
-    # (Karras timesteps t(sigma) are fractional for Heun: equal to float32 rounding.)
-    np.testing.assert_allclose(ours.set_timesteps(n), theirs.timesteps.numpy(), rtol=1e-6)
+    # (Fractional timesteps t(sigma), Heun/KDPM2 with Karras sigmas: equal to float32 rounding.)
+    np.testing.assert_allclose(ours.set_timesteps(n), theirs.timesteps.numpy(), rtol=1e-6,
+                               atol=1e-4)
     state = ours.init_state(n, np.zeros((1, 1), np.float32))
     np.testing.assert_allclose(float(state.init_noise_sigma), float(theirs.init_noise_sigma),
                                rtol=1e-6)
@@ -149,6 +264,15 @@ def test_unsupported_options_name_themselves():
         N, np.zeros((1,), np.float32))
   with pytest.raises(ValueError, match="use_beta_sigmas=True is not supported"):
     jd.HeunDiscreteScheduler(use_beta_sigmas=True)
+  with pytest.raises(ValueError, match="'dpmsolver' .* cannot step to sigma = 0"):
+    jd.DPMSolverMultistepScheduler(algorithm_type="dpmsolver")
+  with pytest.raises(ValueError, match="'sde-dpmsolver' has orders 1 and 2"):
+    jd.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", solver_order=3,
+                                   final_sigmas_type="sigma_min")
+  with pytest.raises(ValueError, match="algorithm_type='sde-dpmsolver' is not supported"):
+    jd.DPMSolverSinglestepScheduler(algorithm_type="sde-dpmsolver")
+  with pytest.raises(ValueError, match="sigma_schedule='linear' is not supported"):
+    jd.EDMEulerScheduler(sigma_schedule="linear")
   sched = jd.EulerAncestralDiscreteScheduler()
   x = initial_noise(0)
   with pytest.raises(ValueError, match="pass a PRNG key"):

@@ -73,6 +73,7 @@ def test_load_sd_pipeline(sd):
     # model the text barely changes the std that it rescales, 2 pixel levels).
     ("unipc", dict(guidance_rescale=0.7)),
     ("heun", {}),                                  # 2N - 1 U-Net calls
+    ("euler", dict(sigmas=[12.0, 6.0, 2.5, 1.0, 0.3, 0.0])),  # diffusers' custom sigmas=
 ])
 def test_sd_matches_diffusers(sd, scheduler, kw):
   _, ref, pipe = sd
