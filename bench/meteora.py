@@ -30,6 +30,7 @@ import jaxadapt as ja  # noqa: E402
 import kernels_pallas  # noqa: E402
 from jaxadapt import meteora  # noqa: E402
 from jaxadapt.adapters import hook as hook_lib  # noqa: E402
+from jaxadapt.adapters.lora import kernel_at  # noqa: E402
 from jaxadapt.causal_lm import CausalLM  # noqa: E402
 from jaxadapt.models.llama import LlamaConfig  # noqa: E402
 
@@ -88,7 +89,9 @@ def case(name: str, model: CausalLM, adapters, batch: int, seq: int, repeats: in
       fns[f"top{k}_{form}"] = _forced(form, m, ids, k)
   t = _median_ms(fns, repeats)
   n = len(adapters)
-  auto = {k: kernels_pallas.topk_impl(n, k) for k in (1, 2)}
+  shapes = [jnp.shape(kernel_at(model.params, p)) for p in m.paths]
+  auto = {k: f"dense on {sum(kernels_pallas.topk_impl(n, k, 16, d, o) == 'dense' for d, o in shapes)}"
+             f"/{len(shapes)}" for k in (1, 2)}
   parts = [f"{name}: N={n} tokens={batch}x{seq} one LoRA {t['one_lora']:.1f} ms"]
   for k in (1, 2):
     parts.append(

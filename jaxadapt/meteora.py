@@ -177,8 +177,8 @@ class Meteora:
                              self.gates, jnp.float32(self.temperature), ids, mask)
     return {p: g.reshape(ids.shape + (self.num_adapters,)) for p, g in logits.items()}
 
-  def save(self, directory: str) -> None:
-    save_meteora(self, directory)
+  def save(self, directory: str, *, copy_adapters: bool = True) -> None:
+    save_meteora(self, directory, copy_adapters=copy_adapters)
 
 
 def _forward_with_tape(graphdef, top_k, params, stacks, gates, temperature, ids, mask):
@@ -311,16 +311,26 @@ def _fingerprint(model) -> dict:
           "directory": where}
 
 
-def save_meteora(m: Meteora, directory: str) -> None:
-  """Writes `m` as a self-contained dir (module docstring: config, gates, adapters as PEFT)."""
+def save_meteora(m: Meteora, directory: str, *, copy_adapters: bool = True) -> None:
+  """Writes `m` as a dir (module docstring): the config, the gates and, with `copy_adapters`,
+  every adapter as a PEFT dir under `adapters/` (self-contained); without, the config names each
+  adapter by where it was loaded from (e.g. "default:reverse": the shipped default's gates)."""
   from safetensors.numpy import save_file
   from jaxadapt.io.peft import save_adapter
   directory = os.fspath(directory)
+  if not copy_adapters:
+    missing = [n for n, s in zip(m.names, m.sources) if s is None]
+    if missing:
+      raise ValueError(f"adapters {missing} were given as LoraAdapters, not loaded from a path: "
+                       f"save with copy_adapters=True")
   os.makedirs(directory, exist_ok=True)
   entries = []
-  for name, adapter in zip(m.names, m.adapters):
-    rel = os.path.join("adapters", name)
-    save_adapter(jax.device_get(adapter), os.path.join(directory, rel))
+  for name, adapter, source in zip(m.names, m.adapters, m.sources):
+    if copy_adapters:
+      rel = os.path.join("adapters", name)
+      save_adapter(jax.device_get(adapter), os.path.join(directory, rel))
+    else:
+      rel = source if source.startswith("default:") else os.path.abspath(source)
     entries.append({"name": name, "path": rel})
   save_file({p: np.asarray(jax.device_get(w), np.float32) for p, w in m.gates.items()},
             os.path.join(directory, GATES_FILE))
@@ -335,8 +345,8 @@ def save_meteora(m: Meteora, directory: str) -> None:
 
 def load_meteora(directory: str, model=None, *, top_k: Optional[int] = None,
                  temperature: Optional[float] = None) -> Meteora:
-  """A MeteoRA model from `save_meteora`'s dir, on `model` (default: the base the config names,
-  e.g. the embedded default).
+  """A MeteoRA model from `save_meteora`'s dir ("default": the gates shipped over the embedded
+  default's task adapters), on `model` (default: the base the config names).
 
   Raises:
     FileNotFoundError: no meteora_config.json / gates.safetensors in `directory`.
@@ -345,6 +355,9 @@ def load_meteora(directory: str, model=None, *, top_k: Optional[int] = None,
   """
   from safetensors.numpy import load_file
   directory = os.fspath(directory)
+  if directory == "default":
+    from jaxadapt import default as default_lib
+    directory = default_lib.meteora_dir()
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; a MeteoRA dir is written by "
@@ -368,7 +381,8 @@ def load_meteora(directory: str, model=None, *, top_k: Optional[int] = None,
     raise ValueError(f"{directory}: the gates were trained on a base with "
                      f"{ {k: base[k] for k in differs} }, this model has "
                      f"{ {k: mine[k] for k in differs} }")
-  specs = [os.path.join(directory, e["path"]) for e in config["adapters"]]
+  specs = [e["path"] if e["path"].startswith("default:") else os.path.join(directory, e["path"])
+           for e in config["adapters"]]
   names = [e["name"] for e in config["adapters"]]
   gates_path = os.path.join(directory, GATES_FILE)
   if not os.path.isfile(gates_path):

@@ -456,20 +456,26 @@ def batched_grouping(ids: jax.Array, seq: int, num_adapters: int):
   return make_grouping(rows, num_adapters, segments=ids.shape[0])
 
 
-# The dense form of the top-k mixture (every adapter's matmul, gated) costs N/K times the
-# flops of the top-k path but has no visit loop. On 2 CPU cores (op level, T = 64-3072 rows,
-# R = 16, D/O = 128-1024; bench/meteora.py end to end) it won while N <= ~6 K: N=8, K=2 dense
-# 0.4-0.6x the top-k path's time; N=8, K=1 about even; N=32 or 64 dense 2-8x slower. Other
-# backends are unmeasured (no accelerator here) and use the same rule.
-DENSE_TOPK_RATIO = 6
+# The dense form of the top-k mixture (every adapter's matmul, gated) does (N - K) R (D + O)
+# more multiply-adds per row than the top-k path but has no visit loop, whose fixed cost per
+# visit dominates small layers. Measured on 2 CPU cores (bench/meteora.py, whole forwards): the
+# default model (D, O = 128-384, N = 8, R = 16) dense 1.25x / 1.35x one LoRA at top-1 / top-2
+# against gather 2.0x / 3.6x; hidden 512 (D + O ~ 1500), N = 8: gather 1.04x / 1.19x against
+# dense 1.21x / 1.26x; N = 32: gather 0.86x / 1.33x against dense 1.59x / 1.88x. Dense runs
+# while (N - K) R (D + O) <= DENSE_TOPK_WORK. Other backends are unmeasured (no accelerator
+# here) and use the same rule.
+DENSE_TOPK_WORK = 65536
 
 
-def topk_impl(num_adapters: int, k: int, a_stack=None) -> str:
-  """"dense" or "gather": the cheaper form of `lora_topk` for N adapters and K slots (pool pages
-  are always read by the gather path)."""
+def topk_impl(num_adapters: int, k: int, rank: int = 16, din: int = 0, dout: int = 0,
+              a_stack=None) -> str:
+  """"dense" or "gather": the cheaper form of `lora_topk` for N adapters of rank R on a [D, O]
+  projection with K slots (see DENSE_TOPK_WORK; pool pages are always read by the gather
+  path)."""
   if isinstance(a_stack, PagedWeights):
     return "gather"
-  return "dense" if num_adapters <= DENSE_TOPK_RATIO * k else "gather"
+  extra = max(num_adapters - k, 0) * rank * (din + dout)
+  return "dense" if extra <= DENSE_TOPK_WORK else "gather"
 
 
 def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
@@ -504,7 +510,8 @@ def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
   if impl not in ("gather", "dense", "auto"):
     raise ValueError(f"lora_topk: impl must be 'gather', 'dense' or 'auto', got {impl!r}")
   if impl == "auto":
-    impl = topk_impl(n, topk_ids.shape[1], a_stack)
+    impl = topk_impl(n, topk_ids.shape[1], _source(a_stack, "a")[4], x.shape[1], y.shape[1],
+                     a_stack)
   if impl == "dense":
     if isinstance(a_stack, PagedWeights) or isinstance(b_stack, PagedWeights):
       raise ValueError("lora_topk: the dense form needs dense stacks, not pool pages")

@@ -126,7 +126,9 @@ def test_dense_topk_op_equals_the_spec():
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="impl must be 'gather', 'dense' or 'auto', got 'x'"):
     kernels_pallas.lora_topk(y, x, a, b, scales, ids, gates, impl="x")
-  assert kernels_pallas.topk_impl(8, 2) == "dense" and kernels_pallas.topk_impl(64, 2) == "gather"
+  assert kernels_pallas.topk_impl(8, 1, 16, 128, 384) == "dense"
+  assert kernels_pallas.topk_impl(8, 1, 16, 512, 1536) == "gather"
+  assert kernels_pallas.topk_impl(32, 2, 16, 128, 128) == "gather"
 
 
 def test_whole_forward_paths_agree_and_k_equal_n_at_high_temperature_is_the_average(setup):
@@ -204,6 +206,20 @@ def test_save_and_load_round_trip(setup, tmp_path):
     meteora.load_meteora(tmp_path / "m", other)
   with pytest.raises(FileNotFoundError, match="no meteora_config.json"):
     meteora.load_meteora(tmp_path, model)
+  with pytest.raises(ValueError, match="were given as LoraAdapters.*copy_adapters=True"):
+    m.save(tmp_path / "refs", copy_adapters=False)
+
+
+def test_the_shipped_default_gates_load_by_name():
+  """`load_meteora("default")`: gates over the default's task adapters, which the config names
+  ("default:<task>") instead of copying; each adapter equals the shipped one."""
+  m = ja.load_meteora("default")
+  assert m.names == ja.default.TASKS and len(m.gates) == 28 and m.top_k == 2
+  assert m.sources == tuple(f"default:{t}" for t in ja.default.TASKS)
+  shipped = ja.load_adapter("default:upper")
+  path = "model.layers.2.mlp.up_proj"
+  np.testing.assert_array_equal(np.asarray(m.adapters[2].weights[path]["a"]),
+                                np.asarray(shipped.weights[path]["a"]))
 
 
 def test_bad_arguments_are_refused(setup):

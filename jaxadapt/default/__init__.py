@@ -83,6 +83,21 @@ def model_dir() -> str:
   return path
 
 
+def meteora_dir() -> str:
+  """The shipped MeteoRA gates over the default model's task adapters (`jaxadapt.meteora`;
+  written by `python -m train.meteora --config train/configs/meteora_default.py`).
+
+  Raises:
+    FileNotFoundError: the package was installed without its data files.
+  """
+  path = os.path.join(_HERE, "meteora")
+  if not os.path.isfile(os.path.join(path, "meteora_config.json")):
+    raise FileNotFoundError(
+        f"{path}: the default MeteoRA gates are missing (no meteora_config.json). Reinstall "
+        f"jaxadapt, or rebuild them with `python -m train.meteora`.")
+  return path
+
+
 def adapter_dir(task: str) -> str:
   """The PEFT dir of the default model's adapter for `task` (one of `TASKS`).
 
