@@ -11,6 +11,7 @@ ja.save_adapter(adapter, "out_dir")
 ```
 """
 from jaxadapt import default
+from jaxadapt.adapters.combine import combine
 from jaxadapt.adapters.lora import LoraAdapter, LoraConfig
 from jaxadapt.context import Context
 from jaxadapt.adapters.merge import merge, unmerge
@@ -27,12 +28,14 @@ from jaxadapt.models.vae import load_vae
 
 
 def init_lora(model, config: LoraConfig, *, seed: int = 0, dtype="float32"):
-  """A fresh LoRA adapter for any jaxadapt model (B = 0: the adapted model equals the base)."""
+  """A fresh LoRA adapter for any jaxadapt model, equal to the base (as PEFT: B = 0 on linear
+  layers, A = 0 on embeddings and tied heads, which `config` may target by name)."""
   import jax
   from jaxadapt.adapters.lora import init_lora as _init
-  return _init(model.params, model.linear_paths, config, jax.random.key(seed), dtype=dtype)
+  return _init(model.params, model.linear_paths, config, jax.random.key(seed), dtype=dtype,
+               extra_paths=getattr(model, "extra_lora_paths", ()))
 
 
-__all__ = ["CausalLM", "Context", "default", "LoraAdapter", "LoraConfig", "init_lora", "load_adapter", "load_clip_text",
+__all__ = ["CausalLM", "Context", "combine", "default", "LoraAdapter", "LoraConfig", "init_lora", "load_adapter", "load_clip_text",
            "load_dit", "load_meteora", "load_model", "meteora", "load_pipeline", "load_unet", "load_vae", "merge",
            "save_adapter", "save_image_grid", "unmerge"]

@@ -232,3 +232,17 @@ def test_generate_with_embedding_and_head_lora_equals_peft(untied):
                          adapter_ids=[-1, 0])
   assert mixed.ids == theirs(adapter_names=["__base__", "default"])
   assert mixed.ids[0] != ours.ids[0]  # the adapter changes the tokens
+
+
+def test_ja_init_lora_targets_embeddings_like_peft(untied):
+  """`ja.init_lora` on `embed_tokens` and a linear layer: the same shapes as PEFT's fresh
+  adapter (A [vocab, r] zeros on the embedding), and the adapted model equals the base."""
+  model, *_ = untied
+  adapter = ja.init_lora(model, ja.LoraConfig(r=3, target_modules=["embed_tokens", "q_proj"]))
+  assert adapter.embedding_paths == ("model.embed_tokens",)
+  emb = adapter.weights["model.embed_tokens"]
+  assert emb["a"].shape == (model.config.vocab_size, 3) and not np.asarray(emb["a"]).any()
+  assert np.asarray(emb["b"]).std() > 0.5
+  ids = _IDS.numpy()[:2]
+  np.testing.assert_allclose(np.asarray(model(ids, adapter=adapter)), np.asarray(model(ids)),
+                             atol=1e-6)
