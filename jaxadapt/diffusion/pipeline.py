@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxadapt.diffusion import images as images_lib
+from jaxadapt.diffusion import lora_scales
 from jaxadapt.diffusion import sampling
 from jaxadapt.diffusion.schedulers import SCHEDULERS, scheduler_from_config
 from jaxadapt.diffusion.schedules import read_scheduler_config
@@ -90,6 +91,13 @@ def _dit_denoise(graphdef, params, ctx, x, t, labels):
 
 
 # ----------------------------------------------------------------------------- shared helpers
+
+def _scale_a(adapter, per_path: dict):
+  """`adapter` with each path's A multiplied by its scale (the same delta as scaling s)."""
+  return dataclasses.replace(adapter, weights={
+      p: {**w, "a": w["a"] * jnp.asarray(per_path[p], w["a"].dtype)}
+      for p, w in adapter.weights.items()})
+
 
 def _resolve_scheduler(scheduler, config: dict):
   """A jaxadapt scheduler from a name, a diffusers class name, a scheduler object or None."""
@@ -270,11 +278,22 @@ class _Pipeline:
       latents = latents.detach().cpu().float().numpy()
     return jnp.asarray(latents, jnp.float32)
 
-  def _lora(self, adapter, lora_scale=1.0):
-    """The adapter's forward context, each LoRA scale (alpha / r) times `lora_scale`."""
+  def _path_scales(self, adapter, lora_scale, model=None) -> dict | None:
+    """{path: scale} of a per-block U-Net spec (`lora_scales`), or None for a float."""
+    if not isinstance(lora_scale, Mapping):
+      return None
+    if getattr(self, "unet", None) is None or (model is not None and model is not self.unet):
+      raise ValueError(f"per-block LoRA scales ({dict(lora_scale)!r}) apply to a U-Net only;"
+                       " pass a float for this component.")
+    return lora_scales.path_scales(list(adapter.weights), lora_scale, self.unet.config)
+
+  def _lora(self, adapter, lora_scale=1.0, model=None):
+    """The adapter's forward context on `model` (default: the backbone), each LoRA scale
+    (alpha / r) times `lora_scale` (a float, or a per-block U-Net spec, `lora_scales`)."""
+    per_path = None if adapter is None else self._path_scales(adapter, lora_scale, model)
     number = (isinstance(lora_scale, (int, float, np.integer, np.floating))
               and not isinstance(lora_scale, (bool, np.bool_)) and np.isfinite(lora_scale))
-    if not number:
+    if not number and per_path is None:
       raise ValueError(f"lora_scale must be a finite float (1 = the adapter as trained, 0 = the"
                        f" base model); got {lora_scale!r}.")
     if adapter is None:
@@ -282,10 +301,11 @@ class _Pipeline:
         raise ValueError(f"lora_scale={lora_scale!r} scales adapter=, but no adapter was given;"
                          " pass adapter=ja.load_adapter(...) or drop lora_scale.")
       return None
-    ctx = self.backbone.make_context(adapter=adapter)
-    if lora_scale != 1:  # as PEFT's set_scale / diffusers' set_adapters(adapter_weights=...)
+    ctx = (model or self.backbone).make_context(adapter=adapter)
+    if per_path is not None or lora_scale != 1:  # PEFT's set_scale / diffusers' set_adapters
       ctx = dataclasses.replace(ctx, weights={
-          path: dataclasses.replace(c, scale=c.scale * jnp.float32(lora_scale))
+          path: dataclasses.replace(c, scale=c.scale * jnp.float32(
+              lora_scale if per_path is None else per_path[path]))
           for path, c in ctx.weights.items()})
     return ctx
 
@@ -331,11 +351,12 @@ class StableDiffusionPipeline(_Pipeline):
     self.tokenizer = tokenizer
     self._use_attention_mask = bool(text_encoder_config.get("use_attention_mask", False))
 
-  def encode_prompt(self, prompts: list[str]) -> jax.Array:
+  def encode_prompt(self, prompts: list[str], context=None) -> jax.Array:
     """CLIP text states [B, model_max_length, D] as diffusers' `encode_prompt` builds them.
 
     Tokens are padded to the tokenizer's `model_max_length` and truncated; the conditioning is
     the final `last_hidden_state` (attention mask only when the text config asks for it).
+    `context` is the text encoder's forward context (its LoRA), or None.
     """
     max_length = self.tokenizer.model_max_length
     tok = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
@@ -345,7 +366,104 @@ class StableDiffusionPipeline(_Pipeline):
       logger.warning("prompt(s) of %d tokens cut to the text encoder's %d (CLIP's limit), as"
                      " diffusers does.", max(lengths), max_length)
     mask = tok["attention_mask"] if self._use_attention_mask else None
-    return self.text_encoder.prompt_embeds(np.asarray(tok["input_ids"], np.int32), mask)
+    return self.text_encoder.prompt_embeds(np.asarray(tok["input_ids"], np.int32), mask,
+                                           context=context)
+
+  def _component_adapters(self, adapter) -> dict:
+    """{component: LoraAdapter} of one adapter= item (see `lora_contexts`)."""
+    from jaxadapt.io.diffusers_lora import SD_LORA_COMPONENTS, load_pipeline_lora
+    known = sorted(SD_LORA_COMPONENTS)
+    if isinstance(adapter, (str, os.PathLike)):
+      return load_pipeline_lora(adapter, dtype=jnp.dtype(self.unet.dtype).name)
+    if isinstance(adapter, Mapping):
+      adapters = {k: v for k, v in adapter.items() if v is not None}
+      if sorted(set(adapters) - set(known)):
+        raise ValueError(f"adapter= components must be among {known}; got"
+                         f" {sorted(set(adapters) - set(known))}.")
+      if "text_encoder" in adapters:
+        from jaxadapt.models.clip import adapter_for_clip
+        adapters["text_encoder"] = adapter_for_clip(adapters["text_encoder"])
+      return adapters
+    return {"unet": adapter}
+
+  @staticmethod
+  def _component_scales(lora_scale) -> dict:
+    """{component: scale} of one lora_scale= item: a float for all, or a dict (default 1)."""
+    from jaxadapt.io.diffusers_lora import SD_LORA_COMPONENTS
+    known = sorted(SD_LORA_COMPONENTS)
+    if isinstance(lora_scale, Mapping):
+      if sorted(set(lora_scale) - set(known)):
+        raise ValueError(f"lora_scale has components {sorted(set(lora_scale) - set(known))};"
+                         f" pass a float or a dict over {known} (diffusers' adapter_weights=).")
+      return {c: lora_scale.get(c, 1.0) for c in known}
+    return {c: lora_scale for c in known}
+
+  def lora_contexts(self, adapter, lora_scale=1.0):
+    """(U-Net context, text-encoder context) of `adapter`, scaled per component.
+
+    Args:
+      adapter: None; a `LoraAdapter` on the U-Net; {component: LoraAdapter} over "unet" and
+        "text_encoder"; a diffusers LoRA file (or its folder) as `save_lora_weights` writes
+        it, every component it holds (`jaxadapt.io.diffusers_lora.load_pipeline_lora`); or a
+        list of those, all active at once (diffusers' `set_adapters([...], adapter_weights=
+        [...])`): per component, the sum of each adapter's delta times its weight
+        (`jaxadapt.adapters.combine`, kind "cat").
+      lora_scale: a float for every component, or {component: float} as diffusers'
+        `set_adapters(..., adapter_weights={"unet": .., "text_encoder": ..})` (a component
+        left out keeps 1); each multiplies that LoRA's alpha / r. The U-Net's may be a
+        per-block spec {"down": .., "mid": .., "up": ..} (`jaxadapt.diffusion.lora_scales`).
+        With a list of adapters, one such value per adapter (or one for all).
+
+    Returns:
+      (U-Net context or None, text-encoder context or None).
+    """
+    if adapter is None:
+      if isinstance(lora_scale, (list, tuple)):
+        raise ValueError("lora_scale= is a list (one weight per adapter), but no adapter was"
+                         " given; pass adapter=[...] or drop lora_scale.")
+      return self._lora(None, 1.0 if isinstance(lora_scale, Mapping) else lora_scale), None
+    if isinstance(adapter, (list, tuple)):
+      items = [self._component_adapters(a) for a in adapter]
+      if isinstance(lora_scale, (list, tuple)):
+        if len(lora_scale) != len(items):
+          raise ValueError(f"lora_scale has {len(lora_scale)} weights for {len(items)}"
+                           " adapters; pass one per adapter (or one for all).")
+        scale_items = [self._component_scales(w) for w in lora_scale]
+      else:
+        scale_items = [self._component_scales(lora_scale)] * len(items)
+      adapters, scales = {}, {}
+      for comp in ("unet", "text_encoder"):
+        present = [(a[comp], w[comp]) for a, w in zip(items, scale_items) if comp in a]
+        if len(present) > 1:  # per-block weights: fold them into each adapter's A first
+          present = [(_scale_a(a, self._path_scales(a, w, getattr(self, comp))), 1.0)
+                     if isinstance(w, Mapping) else (a, w) for a, w in present]
+        if len(present) == 1:
+          adapters[comp], scales[comp] = present[0]
+        elif present:
+          from jaxadapt.adapters.combine import combine
+          adapters[comp] = combine([a for a, _ in present], [w for _, w in present], kind="cat")
+          scales[comp] = 1.0
+    else:
+      if isinstance(lora_scale, (list, tuple)):
+        raise ValueError("lora_scale= is a list (one weight per adapter); pass adapter= as a"
+                         " list too, or one float / {component: float}.")
+      adapters, scales = self._component_adapters(adapter), self._component_scales(lora_scale)
+    # A scale for a component without a LoRA is ignored (diffusers' set_adapters warns).
+    scales = {c: (w if c in adapters else 1.0) for c, w in scales.items()}
+    try:
+      unet_ctx = self._lora(adapters.get("unet"), scales.get("unet", 1.0), self.unet)
+    except ValueError as e:
+      if "not linear layers" in str(e) and "unet" in adapters and "text_encoder" not in adapters:
+        try:
+          self.text_encoder.check_adapter(adapters["unet"])
+        except (TypeError, ValueError):
+          raise e from None
+        raise ValueError(f"{e}. It fits the text encoder: pass adapter={{'text_encoder':"
+                         " adapter}, or the diffusers LoRA file itself.") from None
+      raise
+    text_ctx = self._lora(adapters.get("text_encoder"), scales.get("text_encoder", 1.0),
+                          self.text_encoder)
+    return unet_ctx, text_ctx
 
   def generate(self, prompt=None, *, class_labels=None, num_steps: int = 50,
                guidance_scale=7.5, seed: int = 0, scheduler=None, latents=None,
@@ -378,9 +496,13 @@ class StableDiffusionPipeline(_Pipeline):
       height, width: image size in pixels (multiples of f); default the U-Net's
         `sample_size * f`, or the size of `latents`.
       num_images_per_prompt: images per prompt; image i*n + j is prompt i's j-th.
-      adapter: a `LoraAdapter` on the U-Net (e.g. `ja.load_adapter(peft_dir)`).
-      lora_scale: multiplies the adapter's scale (alpha / r), as PEFT's `set_scale` and
-        diffusers' `set_adapters(..., adapter_weights=)`; 0 gives the base model.
+      adapter: a `LoraAdapter` on the U-Net (e.g. `ja.load_adapter(peft_dir)`),
+        {"unet": .., "text_encoder": ..} adapters, a diffusers LoRA file / folder
+        (`pytorch_lora_weights.safetensors` with `unet.` and `text_encoder.` keys, as
+        `save_lora_weights` writes it), or a list of those at once: see `lora_contexts`.
+      lora_scale: multiplies the adapters' scales (alpha / r), as PEFT's `set_scale` and
+        diffusers' `set_adapters(..., adapter_weights=)`: a float for every component or
+        {"unet": .., "text_encoder": ..} (one per adapter for a list); 0 gives the base.
       eta: DDIM's noise weight (Song et al. 2021 Eq. 16), diffusers' `eta=`; None keeps the
         scheduler's own (0). Other schedulers refuse eta > 0.
       guidance_rescale: phi in [0, 1] of rescaled guidance (Lin et al. 2024 Sec. 3.4, Eq. 16),
@@ -421,12 +543,13 @@ class StableDiffusionPipeline(_Pipeline):
         raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)}"
                          " prompts; pass one, or one per prompt.")
 
-    cond = jnp.repeat(self.encode_prompt(prompts), n, axis=0)
+    unet_ctx, text_ctx = self.lora_contexts(adapter, lora_scale)
+    cond = jnp.repeat(self.encode_prompt(prompts, text_ctx), n, axis=0)
     uncond = None
     if scale is not None:
-      uncond = jnp.repeat(self.encode_prompt(negatives), n, axis=0)
+      uncond = jnp.repeat(self.encode_prompt(negatives, text_ctx), n, axis=0)
     denoise = jax.tree_util.Partial(_unet_denoise, self.unet.graphdef, self.unet.params,
-                                    self._lora(adapter, lora_scale))
+                                    unet_ctx)
     return self._run(denoise, cond, uncond, scale, latents=latents, shape=shape,
                      num_steps=num_steps, seed=seed, scheduler=scheduler, mesh=mesh,
                      progress=progress, eta=eta, guidance_rescale=guidance_rescale,

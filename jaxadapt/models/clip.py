@@ -14,6 +14,7 @@ path. Checkpoints written with the older `text_model.` prefix (e.g. Stable Diffu
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
@@ -230,6 +231,43 @@ class CLIPTextEncoder(dl.FrozenModel):
       raise ValueError(f"clip_skip must be in [1, {len(out.hidden_states) - 1}], got {clip_skip}")
     h = out.hidden_states[-(clip_skip + 1)]
     return dl.apply(self.graphdef, self.params, "final_layer_norm", h)
+
+
+# transformers 4.x nests the text transformer under `text_model.`; diffusers' LoRA files of SD
+# 1.x/2.x (`text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight`) and PEFT
+# dirs of such a model name its modules so.
+TRANSFORMERS_PREFIX = "text_model."
+
+
+def adapter_for_clip(adapter):
+  """`adapter` with transformers' `text_model.`-prefixed module paths in this family's names.
+
+  jaxadapt's CLIP paths (as transformers 5.x's) start at `embeddings.` / `encoder.`; a LoRA
+  saved from a 4.x `CLIPTextModel` has `text_model.encoder.layers.0.self_attn.q_proj`. The
+  weights' paths lose the prefix, and so do the config's module names, exclusions and
+  rank/alpha patterns (as names or as escaped regexes). Without prefixed paths the adapter is
+  returned as it is.
+  """
+  p, p_re = TRANSFORMERS_PREFIX, re.escape(TRANSFORMERS_PREFIX)
+  if not any(k.startswith(p) for k in adapter.weights):
+    return adapter
+
+  def strip(s):
+    if not isinstance(s, str):
+      return s
+    return s[len(p_re):] if s.startswith(p_re) else s[len(p):] if s.startswith(p) else s
+
+  def names(v):
+    return tuple(strip(x) for x in v) if isinstance(v, (list, tuple)) else strip(v)
+
+  c = adapter.config
+  config = dataclasses.replace(
+      c, target_modules=names(c.target_modules), exclude_modules=names(c.exclude_modules),
+      rank_pattern=tuple((strip(k), v) for k, v in c.rank_pattern),
+      alpha_pattern=tuple((strip(k), v) for k, v in c.alpha_pattern))
+  return dataclasses.replace(adapter, weights={strip(k): w for k, w in adapter.weights.items()},
+                             config=config,
+                             embedding_paths=tuple(strip(e) for e in adapter.embedding_paths))
 
 
 def _clip_name_fn(prefix: str):
