@@ -8,6 +8,7 @@
                                 (serve/api.py; jaxadapt serve --help)
   jaxadapt train lora [ARGS]    LoRA fine-tuning (train/lora.py)
   jaxadapt train pretrain [ARGS]  full-parameter training of a small base (train/pretrain.py)
+  jaxadapt train meteora [ARGS]   MeteoRA gate training + evaluation (train/meteora.py)
   jaxadapt info DIR             what jaxadapt reads from a dir: a Hugging Face model (Llama,
                                 Mistral, Qwen2, CLIP text), a PEFT LoRA adapter, a diffusers
                                 pipeline (model_index.json) or one diffusers model (UNet, DiT, VAE)
@@ -17,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
-TRAIN_RECIPES = ("lora", "pretrain")  # modules of train/ with a main(argv)
+TRAIN_RECIPES = ("lora", "pretrain", "meteora")  # modules of train/ with a main(argv)
 
 INFO_USAGE = "usage: jaxadapt info DIR   (a model, PEFT adapter or diffusers pipeline dir)"
 _EXPECTED = ("a model dir (config.json), a PEFT adapter dir (adapter_config.json) or a diffusers "
@@ -126,8 +127,8 @@ def main(argv=None) -> int:
     return api.main(rest)
   if cmd == "train":
     if rest and rest[0] in ("-h", "--help"):
-      print("usage: jaxadapt train {lora,pretrain} [ARGS]   (jaxadapt train lora --help lists "
-            "the ARGS)")
+      print(f"usage: jaxadapt train {{{','.join(TRAIN_RECIPES)}}} [ARGS]   (jaxadapt train lora "
+            f"--help lists the ARGS)")
       return 0
     if not rest or rest[0] not in TRAIN_RECIPES:
       print(f"jaxadapt train: expected a recipe name ({', '.join(TRAIN_RECIPES)}), got "
