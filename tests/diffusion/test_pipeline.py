@@ -48,8 +48,7 @@ def _swap_scheduler(ref, cls):
 
 SWAP = {None: diffusers.DDIMScheduler, "ddim": diffusers.DDIMScheduler,
         "dpm++2m": diffusers.DPMSolverMultistepScheduler,
-        "euler": diffusers.EulerDiscreteScheduler, "unipc": diffusers.UniPCMultistepScheduler,
-        "heun": diffusers.HeunDiscreteScheduler}
+        "euler": diffusers.EulerDiscreteScheduler, "unipc": diffusers.UniPCMultistepScheduler}
 
 
 # ----------------------------------------------------------------------------- Stable Diffusion
@@ -72,7 +71,6 @@ def test_load_sd_pipeline(sd):
     # Lin et al. 2024 Eq. 16 (that it moves the result: test_diffusion_samplers; on this tiny
     # model the text barely changes the std that it rescales, 2 pixel levels).
     ("unipc", dict(guidance_rescale=0.7)),
-    ("heun", {}),                                  # 2N - 1 U-Net calls
     ("euler", dict(sigmas=[12.0, 6.0, 2.5, 1.0, 0.3, 0.0])),  # diffusers' custom sigmas=
 ])
 def test_sd_matches_diffusers(sd, scheduler, kw):
