@@ -50,6 +50,7 @@ from jaxadapt.context import Context, PagedKV, make_routing
 from jaxadapt.models.frozen import apply
 from kernels_pallas import attention as paged_attention
 from serve.pool import PagedPool
+from serve.detokenize import IncrementalText
 from serve.scheduler import Scheduler, _Seq
 from serve.store import AdapterBusy, AdapterError, AdapterExists, AdapterStore, UnknownAdapter
 
@@ -607,21 +608,40 @@ class Engine:
       ids = ids[:-1]
     return tok.decode(ids, skip_special_tokens=True)
 
+  def _streamed_text(self, seq: _Seq) -> Optional[str]:
+    """The text so far, decoded a few tokens per step (serve/detokenize.py), an incomplete
+    character at the end held back."""
+    tok = self.model.tokenizer
+    if tok is None:
+      return None
+    if seq.stream_text is None:
+      seq.stream_text = IncrementalText(tok)
+    ids = seq.tokens[seq.prompt_len:]
+    if ids and ids[-1] in seq.eos:
+      ids = ids[:-1]
+    return seq.stream_text.update(ids)
+
   def _emit(self, seq: _Seq, token: int) -> None:
     r = seq.handle.request
     reason = None
     text = None
     stops = list(r.stop or ())
+    cut = False  # the text ends at a stop string
     if token in seq.eos:
       reason = "stop"
     if stops or self.model.tokenizer is not None:
-      text = self._text(seq)
+      text = self._streamed_text(seq)
     if stops and text is not None:
-      hits = [text.find(x) for x in stops if x in text]
+      # Only the new text (and the longest stop's length before it) can hold a new match.
+      start = max(seq.searched - max(len(x) for x in stops) + 1, 0)
+      hits = [i for i in (text.find(x, start) for x in stops) if i >= 0]
+      seq.searched = len(text)
       if hits:
-        text, reason = text[:min(hits)], "stop"
+        text, reason, cut = text[:min(hits)], "stop", True
     if reason is None and seq.generated >= r.max_tokens:
       reason = "length"
+    if reason is not None and not cut and text is not None:
+      text = self._text(seq)  # the end: one whole decode (a held character included)
     delta = ""
     if text is not None:
       hold = 0 if reason else max([len(x) - 1 for x in stops] + [0])

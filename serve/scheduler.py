@@ -43,6 +43,8 @@ class _Seq:
   first_token: Optional[float] = None
   preemptions: int = 0
   sent_text: int = 0            # chars of text streamed so far
+  stream_text: object = None    # its serve.detokenize.IncrementalText (made on first use)
+  searched: int = 0             # chars of text already searched for stop strings
   error: Optional[str] = None
   logprobs: list = dataclasses.field(default_factory=list)
   top_logprobs: list = dataclasses.field(default_factory=list)
