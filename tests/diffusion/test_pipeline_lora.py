@@ -27,6 +27,7 @@ from safetensors import safe_open  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from test_pipeline import STEPS, TOL, _diff, _noise, _uint8  # noqa: E402
 
+import jaxadapt as ja  # noqa: E402
 from jaxadapt.io.diffusers_lora import load_pipeline_lora  # noqa: E402
 from jaxadapt.io.peft import DIFFUSERS_LORA_FILE  # noqa: E402
 
@@ -174,6 +175,32 @@ def test_per_block_unet_scales_match_diffusers(sd_lora, sd):
                   num_steps=1)
   with pytest.raises(ValueError, match="apply to a U-Net only"):
     pipe.generate(PROMPTS, adapter=d, lora_scale={"text_encoder": {"down": 1.0}}, num_steps=1)
+
+
+def test_several_adapters_sum_their_weighted_deltas(sd):
+  """adapter=[a, b], lora_scale=[wa, wb]: each U-Net projection's delta is
+  wa s_a A_a B_a + wb s_b A_b B_b, rsLoRA adapters (s = alpha / sqrt(r)) included."""
+  import jax
+  _, _, pipe = sd
+  paths = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+           "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_v")
+  made = []
+  for seed, (r, rslora) in enumerate([(2, True), (3, False)]):
+    cfg = ja.LoraConfig(r=r, lora_alpha=4.0, target_modules=paths, use_rslora=rslora)
+    w = ja.init_lora(pipe.unet, cfg).weights
+    leaves, tree = jax.tree_util.tree_flatten(w)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    made.append(ja.LoraAdapter(weights=jax.tree_util.tree_unflatten(
+        tree, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]), config=cfg))
+  weights = [0.7, {"unet": 1.5}]
+  ctx, text_ctx = pipe.lora_contexts(made, weights)
+  assert text_ctx is None
+  for path in paths:
+    c = ctx.weights[path]
+    got = float(c.scale) * np.asarray(c.a) @ np.asarray(c.b)
+    want = sum(w * a.scale(path) * np.asarray(a.weights[path]["a"]) @
+               np.asarray(a.weights[path]["b"]) for a, w in zip(made, (0.7, 1.5)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_adapter_forms_and_refusals(sd_lora, sd, tmp_path):
