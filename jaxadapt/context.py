@@ -252,6 +252,10 @@ class Router:
   temperature: jax.Array            # [] T (1 for single tasks, 15-30 for composites)
   top_k: int = 1
   tape: Optional[GateTape] = None   # receives (path, g) when set (training, analysis)
+  # Serving (a MeteoRA model beside plain adapters in one batch): the stack's index of gate
+  # column n, and the rows the gate routes; the other rows follow the context's routing.
+  slots: Optional[jax.Array] = None  # [N] int32
+  rows: Optional[jax.Array] = None   # [T] bool
 
 
 # -- Attention state --------------------------------------------------------------------------

@@ -388,6 +388,8 @@ def load_meteora(directory: str, model=None, *, top_k: Optional[int] = None,
   if not os.path.isfile(gates_path):
     raise FileNotFoundError(f"{directory}: no {GATES_FILE}")
   gates = load_file(gates_path)
-  return build_meteora(model, specs, names=names, gates=gates,
-                       top_k=config["top_k"] if top_k is None else top_k,
-                       temperature=config["temperature"] if temperature is None else temperature)
+  m = build_meteora(model, specs, names=names, gates=gates,
+                    top_k=config["top_k"] if top_k is None else top_k,
+                    temperature=config["temperature"] if temperature is None else temperature)
+  m.directory = directory
+  return m

@@ -507,6 +507,8 @@ class _Server:
     """
     if model is None or model == self.model_name:
       return None
+    if model == self.engine.meteora_name:  # the MeteoRA model: its adapters pinned, gated
+      return model
     if model in self.engine.store:
       try:
         state = self.engine.adapter_info(model).get("state")
@@ -530,6 +532,8 @@ class _Server:
       APIError: 422 with the reason.
     """
     from serve.store import AdapterError
+    if name == self.engine.meteora_name:
+      return  # loaded and checked when the engine started
     try:
       stored = self.engine.store.get(name)
       self.engine.pool.check_adapter(name, stored.adapter)
@@ -552,6 +556,10 @@ class _Server:
     info = self.engine.adapter_info(name)
     card.update(id=name, root=info["path"], parent=self.model_name,
                 residency=info["residency"], state=info["state"])
+    if info.get("kind") == "meteora":
+      card.update(kind="meteora", adapters=info["adapters"], top_k=info["top_k"],
+                  temperature=info["temperature"])
+      return card
     if "rank" in info:
       card.update(rank=info["rank"], ranks=info["ranks"], targets=info["targets"],
                   nbytes=info["nbytes"], digest=info["digest"])
@@ -783,6 +791,8 @@ def make_app(engine, *, model_name: str = "default", api_key: Optional[str] = No
     """The base and every adapter (parent, rank, targets, residency, state)."""
     def cards():
       out = [srv.model_card(None)]
+      if engine.meteora_name is not None:
+        out.append(srv.model_card(engine.meteora_name))
       for name in engine.store.names():
         with contextlib.suppress(ValueError):  # unregistered meanwhile
           out.append(srv.model_card(name))
@@ -1307,6 +1317,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--model", default="default",
                  help="a Hugging Face model dir, a .gguf file, or 'default' (the embedded model "
                       "with its task adapters)")
+  p.add_argument("--meteora", default=None, metavar="DIR",
+                 help="also serve a MeteoRA model (jaxadapt.meteora: its adapters pinned in the "
+                      "pool, every token routed by its gates) as model 'meteora'; 'default' = "
+                      "the embedded default's gates")
   p.add_argument("--served-model-name", default=None,
                  help="the base's name in requests (default: --model as given)")
   p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
@@ -1378,8 +1392,10 @@ def build(args) -> tuple:
     with open(args.chat_template) as f:
       template = f.read()
   model = ja.load_model(args.model, dtype=args.dtype)
+  if args.meteora is not None and name == "meteora":
+    raise ValueError("the base's name 'meteora' is the MeteoRA model's; pass --served-model-name")
   engine = Engine(model, adapters=adapters, pool_mb=args.pool_mb, max_seqs=args.max_seqs,
-                  max_queue=args.max_queue, reserve=args.reserve, **tp)
+                  max_queue=args.max_queue, reserve=args.reserve, meteora=args.meteora, **tp)
   return engine, dict(model_name=name,
                       api_key=args.api_key or os.environ.get("JAXADAPT_API_KEY") or None,
                       allowed_dirs=list(args.adapter_dir) + list(args.allowed_adapter_dir),

@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import os
 import queue
 import threading
 import time
@@ -46,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxadapt import generate as gen_lib
-from jaxadapt.context import Context, PagedKV, make_routing
+from jaxadapt.context import Context, PagedKV, Router, make_routing
 from jaxadapt.models.frozen import apply
 from kernels_pallas import attention as paged_attention
 from serve.pool import PagedPool
@@ -236,7 +237,7 @@ class Engine:
                max_seqs: int = 32, max_step_tokens: int = 256, max_adapters: int = 64,
                max_rank: int = 64, host_cache_mb: float = 1024, reserve: str = "worst",
                prefetch: bool = True, prefix_cache: bool = True, max_queue: int = 4096,
-               tensor_parallel: int = 1):
+               tensor_parallel: int = 1, meteora=None, meteora_name: str = "meteora"):
     if reserve not in ("worst", "none"):
       raise ValueError(f"reserve must be 'worst' or 'none', got {reserve!r}")
     if max_seqs < 1 or max_step_tokens < max_seqs:
@@ -278,6 +279,9 @@ class Engine:
     self.scheduler = Scheduler(self.pool, self.store, self._finish, self._stats,
                                max_seqs=max_seqs, max_step_tokens=max_step_tokens,
                                reserve=reserve, prefix_cache=prefix_cache)
+    self.meteora, self.meteora_name = None, None
+    if meteora is not None:
+      self._pin_meteora(meteora, meteora_name, tensor_parallel)
     self._wake_event = threading.Event()
     self._loop_thread = None
     self._stop_loop = False
@@ -286,6 +290,41 @@ class Engine:
       self._prefetch_thread = threading.Thread(target=_prefetch_loop, args=(weakref.ref(self),),
                                                daemon=True, name="jaxadapt-prefetch")
       self._prefetch_thread.start()
+
+  def _pin_meteora(self, meteora, name: str, tensor_parallel: int) -> None:
+    """Serves a MeteoRA model (jaxadapt.meteora) as adapter `name`: its N adapters are loaded
+    into the pool once and stay (pinned: never idle, never evicted); its requests' tokens are
+    routed by the gates in the same batched forward as the plain adapters' (MeteoRA Eq. 3-4)."""
+    from jaxadapt import meteora as meteora_lib
+    if tensor_parallel != 1:
+      raise ValueError("a MeteoRA model is served without tensor parallelism (the gated "
+                       "mixture runs on one device); drop --tensor-parallel or --meteora")
+    if isinstance(meteora, (str, os.PathLike)):
+      meteora = meteora_lib.load_meteora(meteora, self.model)
+    if not isinstance(meteora, meteora_lib.Meteora):
+      raise TypeError(f"meteora= takes a jaxadapt Meteora or its dir, got "
+                      f"{type(meteora).__name__}")
+    if name in self.store:
+      raise ValueError(f"the MeteoRA model's name {name!r} is also an adapter's; pass another "
+                       f"meteora_name")
+    if meteora.num_adapters > self.pool.max_adapters:
+      raise ValueError(f"the MeteoRA model has {meteora.num_adapters} adapters; the pool holds "
+                       f"{self.pool.max_adapters} (max_adapters)")
+    need = sum(self.pool.adapter_pages_needed(a) for a in meteora.adapters)
+    if need > self.pool.free_pages:
+      raise ValueError(f"the MeteoRA model's {meteora.num_adapters} adapters need {need} pool "
+                       f"pages, {self.pool.free_pages} are free; a larger pool (pool_mb)")
+    slots = []
+    for sub, adapter in zip(meteora.names, meteora.adapters):
+      res = self.pool.load((f"{name}/{sub}", "pinned"), jax.device_get(adapter))
+      res.users += 1  # pinned for the engine's life
+      slots.append(res.slot)
+    self.meteora, self.meteora_name = meteora, name
+    self._meteora_slots = jnp.asarray(slots, jnp.int32)
+    self.scheduler.routed_names = frozenset({name})
+
+  def _routed(self, name: Optional[str]) -> bool:
+    return name is not None and name == self.meteora_name
 
   # -- submission ------------------------------------------------------------------------------
 
@@ -341,7 +380,8 @@ class Engine:
     if request.adapter in self._retiring:
       raise AdapterBusy(f"adapter {request.adapter!r} is being unloaded; it takes no new "
                         f"requests")
-    if request.adapter is not None and request.adapter not in self.store:
+    if (request.adapter is not None and request.adapter not in self.store
+        and not self._routed(request.adapter)):
       names = self.store.names()
       raise UnknownAdapter(f"unknown adapter {request.adapter!r}; {len(names)} registered"
                          f"{' (e.g. ' + ', '.join(names[:5]) + ')' if names else ''}")
@@ -509,6 +549,7 @@ class Engine:
     token_seq = np.zeros(t, np.int32)
     valid = np.zeros(t, bool)
     slots = np.full(t, -1, np.int32)
+    routed = np.zeros(t, bool)  # tokens of MeteoRA requests: the gates route them
     tables = np.zeros((pool.layers, s, pps), np.int32)
     kv_lens = np.zeros(s, np.int32)
     cu = np.zeros(s + 1, np.int32)
@@ -526,6 +567,7 @@ class Engine:
       token_seq[at:at + n] = i
       valid[at:at + n] = True
       slots[at:at + n] = seq.slot
+      routed[at:at + n] = self._routed(seq.handle.request.adapter)
       blocks = np.asarray(seq.blocks, np.int32).reshape(-1, pool.layers)
       tables[:, i, :blocks.shape[0]] = blocks.T
       kv_lens[i] = lo + n
@@ -547,10 +589,17 @@ class Engine:
                  long_seqs=_bucket(long) if 0 < long and _bucket(long) < s else
                  (0 if long == 0 else None))
     views = pool.views()
+    routers = None
+    if routed.any():  # MeteoRA rows in this step (jaxadapt.context.Router with rows/slots)
+      m = self.meteora
+      rows, temp_m = jnp.asarray(routed), jnp.float32(m.temperature)
+      routers = {p: Router(w_gate=w, temperature=temp_m, top_k=m.top_k,
+                           slots=self._meteora_slots, rows=rows)
+                 for p, w in m.gates.items() if p in views}
     ctx = Context(weights=views or None, pool=dataclasses.replace(pool.adapter_pool(),
                                                                   pages=None),
                   routing=make_routing("token", slots, pool.max_adapters) if views else None,
-                  attention=kv)
+                  routers=routers, attention=kv)
     samp = (jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(seeds),
             jnp.asarray(counts))
     arrays = (pool.pages, ctx, jnp.asarray(tokens[None]), jnp.asarray(positions[None]),
@@ -738,7 +787,7 @@ class Engine:
 
   def _servable(self, name: Optional[str]) -> None:
     """Raises AdapterBusy / UnknownAdapter if adapter `name` is being unloaded or is gone."""
-    if name is None:
+    if name is None or self._routed(name):
       return
     if name in self._retiring:
       raise AdapterBusy(f"adapter {name!r} is being unloaded; it takes no new requests")
@@ -758,7 +807,13 @@ class Engine:
 
   def adapter_info(self, name: str) -> dict:
     """The store's `info(name)` with `residency` "device" when its pages are in the pool (else
-    "host" or "disk") and `state` "serving" or "unloading"."""
+    "host" or "disk") and `state` "serving" or "unloading"; for the MeteoRA model, its
+    adapters (always resident)."""
+    if self._routed(name):
+      m = self.meteora
+      return {"name": name, "kind": "meteora", "adapters": list(m.names), "top_k": m.top_k,
+              "temperature": m.temperature, "residency": "device", "state": "serving",
+              "path": getattr(m, "directory", None)}
     info = self.store.info(name)
     key = self.scheduler.resident_key(name)
     if key is not None and self.store.unchanged(name, key[1]):

@@ -87,6 +87,7 @@ class Scheduler:
     self._name_key: dict = {}  # adapter name -> the key (name, digest) last made resident
     self._prefix: collections.OrderedDict = collections.OrderedDict()  # key -> _Block
     self._idle_blocks: collections.OrderedDict = collections.OrderedDict()  # refs == 0, LRU
+    self.routed_names: frozenset = frozenset()  # a MeteoRA model's name: adapters pinned
 
   def release(self, seq: _Seq) -> None:
     """Takes a finished request off the queues and frees what it holds."""
@@ -120,6 +121,9 @@ class Scheduler:
     A bad adapter finishes `seq` with an error and returns False."""
     name = seq.handle.request.adapter
     if name is None:
+      return True
+    if name in self.routed_names:  # its adapters are pinned; its own prefix-cache identity
+      seq.key, seq.slot = ("routed", name), -1
       return True
     key = self._name_key.get(name)
     if key in self.pool.resident and self.store.unchanged(name, key[1]):

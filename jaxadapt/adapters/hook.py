@@ -170,6 +170,32 @@ def _route(x, router: Router, n: int, path: Optional[str] = None):
   return ids.astype(jnp.int32), gates
 
 
+def _routed_rows(x, base, view: Stack, router: Router, routing: Routing, path):
+  """A batch where the gate routes some rows (a MeteoRA model served beside plain adapters,
+  S-LoRA's engine) and the context's per-token routing the others: the gated rows take the
+  top-k of `g = x W_g` (MeteoRA Eq. 3-4), mapped to stack slots by `router.slots`; a plain row
+  takes its one adapter with gate 1. K shrink/expand pairs over the stack (or pool pages)."""
+  x2, y2 = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
+  n = router.w_gate.shape[1]
+  ids_k, gates_k = _route(x2, router, n, path)
+  k = ids_k.shape[1]
+  rows = router.rows[:, None]
+  plain = jnp.concatenate([routing.ids[:, None], jnp.full((x2.shape[0], k - 1), -1, jnp.int32)],
+                          axis=1)
+  ids = jnp.where(rows, router.slots[ids_k], plain)
+  gates = jnp.where(rows, gates_k, jnp.concatenate(
+      [jnp.ones((x2.shape[0], 1)), jnp.zeros((x2.shape[0], k - 1))], axis=1))
+  a, b = _cast(view.a, x.dtype), _cast(view.b, x.dtype)
+  out = y2
+  for j in range(k):
+    grouping = kernels_pallas.make_grouping(ids[:, j], view.num_adapters)
+    h = kernels_pallas.lora_shrink(x2, a, ids[:, j], ranks=view.ranks, grouping=grouping)
+    h = _fit_rank(h.astype(jnp.float32) * gates[:, j:j + 1], _rank_slots(b, "b"))
+    out = kernels_pallas.lora_expand(out, h.astype(x.dtype), b, ids[:, j], view.scale,
+                                     ranks=view.ranks, grouping=grouping)
+  return out.reshape(base.shape)
+
+
 def _gated(x, base, view: Stack, ids, gates, groupings=None):
   if view.dora_scale is not None:
     raise ValueError("a gated (MeteoRA) mixture of DoRA adapters is not supported; use LoRA")
@@ -255,7 +281,9 @@ def project(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None,
   elif isinstance(view, SingleLoRA):
     out = _single(x, kernel, base, view)
   elif isinstance(view, Stack):
-    if router is not None:
+    if router is not None and router.rows is not None:
+      out = _routed_rows(x, base, view, router, routing, path)
+    elif router is not None:
       ids, gates = _route(x, router, view.num_adapters, path)
       out = _gated(x, base, view, ids, gates)
     elif routing is None:
