@@ -102,3 +102,16 @@ def test_tiny_run_writes_everything(tmp_path):
   # --eval re-evaluates a finished run (`train` with eval_only); on a dir with no run it says so.
   empty = ["--config", "meteora_tiny", "--out_dir", str(tmp_path / "none"), "--eval"]
   assert tm.main(empty) == 2
+
+
+def test_gate_training_on_a_data_parallel_mesh_equals_one_device(default_meteora, tmp_path):
+  """The batch split over 2 (simulated) devices: the same losses and gates as on one."""
+  base = tm.MeteoraConfig(tasks=TASKS, composite_sizes=(2,), steps=2, batch_size=4, seq_len=96,
+                          warmup_steps=1, learning_rate=3e-2, checkpoint_every=2, log_every=1,
+                          out_dir=str(tmp_path / "one"), progress=False)
+  two = dataclasses.replace(base, data_parallel=2, out_dir=str(tmp_path / "two"))
+  g1, r1 = tm.train_gates(base, default_meteora, ja.sharding.make_mesh(1, 1))
+  g2, r2 = tm.train_gates(two, default_meteora, ja.sharding.make_mesh(2, 1))
+  np.testing.assert_allclose([r["loss"] for r in r2], [r["loss"] for r in r1], rtol=1e-5)
+  for p in g1:
+    np.testing.assert_allclose(g2[p], g1[p], rtol=1e-4, atol=1e-6)
