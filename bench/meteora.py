@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,6 +32,7 @@ from jaxadapt.adapters import hook as hook_lib  # noqa: E402
 from jaxadapt.adapters.lora import kernel_at  # noqa: E402
 from jaxadapt.causal_lm import CausalLM  # noqa: E402
 from jaxadapt.models.llama import LlamaConfig  # noqa: E402
+from train.meteora import median_ms  # noqa: E402
 
 
 def _per_expert_gated(x, base, view, ids, gates, groupings=None):
@@ -45,18 +45,6 @@ def _per_expert_gated(x, base, view, ids, gates, groupings=None):
     delta = (x2 @ view.a[n]) @ view.b[n] * view.scale[n]
     out = out + w * delta
   return out.astype(base.dtype).reshape(base.shape)
-
-
-def _median_ms(fns: dict, repeats: int) -> dict:
-  times = {k: [] for k in fns}
-  for f in fns.values():
-    jax.block_until_ready(f())
-  for _ in range(repeats):
-    for k, f in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(f())
-      times[k].append(1e3 * (time.perf_counter() - t))
-  return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def _forced(form: str, m, ids, k):
@@ -87,7 +75,7 @@ def case(name: str, model: CausalLM, adapters, batch: int, seq: int, repeats: in
   for k in (1, 2):
     for form in ("dense", "gather", "auto", "loop"):
       fns[f"top{k}_{form}"] = _forced(form, m, ids, k)
-  t = _median_ms(fns, repeats)
+  t = median_ms(fns, repeats)
   n = len(adapters)
   shapes = [jnp.shape(kernel_at(model.params, p)) for p in m.paths]
   auto = {k: f"dense on {sum(kernels_pallas.topk_impl(n, k, 16, d, o) == 'dense' for d, o in shapes)}"

@@ -32,6 +32,7 @@ Directory layout (`save_meteora` / `load_meteora`):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -181,27 +182,21 @@ class Meteora:
     save_meteora(self, directory, copy_adapters=copy_adapters)
 
 
-def _forward_with_tape(graphdef, top_k, params, stacks, gates, temperature, ids, mask):
+def forward_with_gate_logits(graphdef, params, stacks, gates, input_ids, attention_mask=None, *,
+                             temperature=1.0, top_k: int = 1):
+  """(logits [B, S, V], {path: gate logits g [B*S, N]}) of one MeteoRA forward, for use inside
+  a user's own jit/grad (the gate loss of `train/meteora.py`)."""
   from jaxadapt.causal_lm import forward
   tape = GateTape()
   ctx = routed(stacks, gates, temperature=temperature, top_k=top_k, tape=tape)
-  logits = forward(graphdef, params, ids, mask, None, ctx)
+  logits = forward(graphdef, params, input_ids, attention_mask, None, ctx)
   return logits, dict(tape.logits)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _routing_logits(graphdef, top_k, params, stacks, gates, temperature, ids, mask):
-  return _forward_with_tape(graphdef, top_k, params, stacks, gates, temperature, ids, mask)[1]
-
-
-def forward_with_gate_logits(graphdef, params, stacks, gates, input_ids, attention_mask=None, *,
-                             temperature=1.0, top_k: int = 1):
-  """(logits [B, S, V], {path: gate logits g [B*S, N]}) of one MeteoRA forward, for use inside
-  a user's own jit/grad (the gate loss of `train/meteora.py`)."""
-  logits, tape = _forward_with_tape(graphdef, top_k, params, stacks, gates,
-                                    jnp.asarray(temperature, jnp.float32), input_ids,
-                                    attention_mask)
-  return logits, tape
+  return forward_with_gate_logits(graphdef, params, stacks, gates, ids, mask,
+                                  temperature=temperature, top_k=top_k)[1]
 
 
 def gate_cross_entropy(gate_logits: Mapping[str, jax.Array], labels: jax.Array) -> jax.Array:
@@ -301,11 +296,9 @@ def _fingerprint(model) -> dict:
   from jaxadapt import default as default_lib
   c = model.config
   where = getattr(model, "directory", None)
-  try:
+  with contextlib.suppress(FileNotFoundError):  # no shipped default: the dir is not it
     if where and os.path.realpath(where) == os.path.realpath(default_lib.model_dir()):
       where = "default"
-  except FileNotFoundError:
-    pass
   return {"model_type": c.model_type, "hidden_size": c.hidden_size,
           "num_hidden_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
           "directory": where}

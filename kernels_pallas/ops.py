@@ -458,7 +458,8 @@ def batched_grouping(ids: jax.Array, seq: int, num_adapters: int):
 
 # The dense form of the top-k mixture (every adapter's matmul, gated) does (N - K) R (D + O)
 # more multiply-adds per row than the top-k path but has no visit loop, whose fixed cost per
-# visit dominates small layers. Measured on 2 CPU cores (bench/meteora.py, whole forwards): the
+# visit dominates small layers. Measured in one run on 2 CPU cores (bench/meteora.py, whole
+# forwards; docs/benchmarks.md has the spread over three runs): the
 # default model (D, O = 128-384, N = 8, R = 16) dense 1.25x / 1.35x one LoRA at top-1 / top-2
 # against gather 2.0x / 3.6x; hidden 512 (D + O ~ 1500), N = 8: gather 1.04x / 1.19x against
 # dense 1.21x / 1.26x; N = 32: gather 0.86x / 1.33x against dense 1.59x / 1.88x. Dense runs
@@ -467,7 +468,7 @@ def batched_grouping(ids: jax.Array, seq: int, num_adapters: int):
 DENSE_TOPK_WORK = 65536
 
 
-def topk_impl(num_adapters: int, k: int, rank: int = 16, din: int = 0, dout: int = 0,
+def topk_impl(num_adapters: int, k: int, rank: int, din: int, dout: int,
               a_stack=None) -> str:
   """"dense" or "gather": the cheaper form of `lora_topk` for N adapters of rank R on a [D, O]
   projection with K slots (see DENSE_TOPK_WORK; pool pages are always read by the gather
@@ -517,6 +518,7 @@ def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
       raise ValueError("lora_topk: the dense form needs dense stacks, not pool pages")
     return xla.dense_topk(y, x, a_stack, b_stack, scales, topk_ids, gates, ranks)
   out = y.astype(jnp.float32)
+  r_b = _source(b_stack, "b")[4]
   for j in range(topk_ids.shape[1]):
     ids = topk_ids[:, j]
     if groupings is not None:
@@ -524,6 +526,9 @@ def lora_topk(y: jax.Array, x: jax.Array, a_stack, b_stack, scales: jax.Array,
     else:  # one per slot, shared by its shrink and expand
       grouping = make_grouping(ids, n) if x.shape[0] else None
     h = lora_shrink(x, a_stack, ids, ranks=ranks, grouping=grouping).astype(jnp.float32)
+    # Pool pages may hold different numbers of rank rows on the A and B sides: h [T, R_a] cut
+    # or zero-padded to B's R_b (every slot past an adapter's rank is zero anyway).
+    h = h[:, :r_b] if h.shape[1] >= r_b else jnp.pad(h, ((0, 0), (0, r_b - h.shape[1])))
     out = lora_expand(out, h * gates[:, j:j + 1].astype(jnp.float32), b_stack, ids, scales,
                       ranks=ranks, grouping=grouping)
   return out.astype(y.dtype)

@@ -395,16 +395,33 @@ def hand_routed_answers(model: CausalLM, stacks, segments_list, task_index: dict
     token, cache = _routed_step(model.graphdef, model.params, stacks, jnp.asarray(tok[:, None]),
                                 None, jnp.asarray(pos[:, None], jnp.int32), cache,
                                 jnp.asarray(cur[:, None]))
-  texts = []
-  for row in out:
-    ended = bool(row) and row[-1] == tasks_lib.EOS_ID
-    text = bytes(t for t in (row[:-1] if ended else row) if t < 256).decode("utf-8", "replace")
-    texts.append(text if ended else text + " <no eos>")
-  return texts
+  return [dm.answer_of(row) for row in out]
 
 
 def _accuracy(answers: Sequence[str], segments_list) -> float:
   return float(np.mean([a == tasks_lib.answer_text(s) for a, s in zip(answers, segments_list)]))
+
+
+def padded_examples(segments_list, task_index: dict) -> dict:
+  """`routed_example` of each example, one per row from position 0, right-padded:
+  {ids, mask, target, gate_label, route} [len, longest]."""
+  exs = [routed_example(s, task_index) for s in segments_list]
+  width = max(len(e[0]) for e in exs)
+  out = {"ids": np.full((len(exs), width), tasks_lib.PAD_ID, np.int32),
+         "mask": np.zeros((len(exs), width), np.int32),
+         "target": np.zeros((len(exs), width), bool),
+         "gate_label": np.full((len(exs), width), -1, np.int32),
+         "route": np.zeros((len(exs), width), np.int32)}
+  for r, ex in enumerate(exs):
+    n = len(ex[0])
+    for name, value in zip(("ids", "target", "gate_label", "route"), ex):
+      out[name][r, :n] = value
+    out["mask"][r, :n] = 1
+  return out
+
+
+def _layer(path: str) -> int:
+  return int(path.split("layers.")[1].split(".")[0])
 
 
 def routing_accuracy(m: meteora_lib.Meteora, segments_list, task_index: dict,
@@ -413,17 +430,10 @@ def routing_accuracy(m: meteora_lib.Meteora, segments_list, task_index: dict,
   answer token) whose top-1 gate picks the next token's task; and the mean per layer."""
   hits, total = {}, 0
   for i in range(0, len(segments_list), batch_rows):
-    exs = [routed_example(s, task_index) for s in segments_list[i:i + batch_rows]]
-    width = max(len(e[0]) for e in exs)
-    ids = np.full((len(exs), width), tasks_lib.PAD_ID, np.int32)
-    mask = np.zeros_like(ids)
-    label = np.full_like(ids, -1)
-    for r, (e_ids, e_target, e_gate, _) in enumerate(exs):
-      n = len(e_ids)
-      ids[r, :n], mask[r, :n] = e_ids, 1
-      answer_next = np.concatenate([e_target[1:], [False]])
-      label[r, :n] = np.where(answer_next, e_gate, -1)
-    logits = m.routing(ids, mask)
+    b = padded_examples(segments_list[i:i + batch_rows], task_index)
+    answer_next = np.pad(b["target"][:, 1:], ((0, 0), (0, 1)))
+    label = np.where(answer_next, b["gate_label"], -1)
+    logits = m.routing(b["ids"], b["mask"])
     keep = label >= 0
     total += int(keep.sum())
     for path, g in logits.items():
@@ -432,8 +442,7 @@ def routing_accuracy(m: meteora_lib.Meteora, segments_list, task_index: dict,
   per_path = {p: h / max(total, 1) for p, h in hits.items()}
   layers = {}
   for p, v in per_path.items():
-    layer = int(p.split("layers.")[1].split(".")[0])
-    layers.setdefault(layer, []).append(v)
+    layers.setdefault(_layer(p), []).append(v)
   return {"per_path": per_path,
           "per_layer": {k: float(np.mean(v)) for k, v in sorted(layers.items())},
           "mean": float(np.mean(list(per_path.values()))), "tokens": total}
@@ -443,17 +452,10 @@ def teacher_forced_exact(model: CausalLM, ctx_for, segments_list, task_index: di
   """Share of examples whose every answer token is the argmax under teacher forcing (greedy
   decoding's exact match, in one forward), with the context `ctx_for(route [B, S])` builds
   from each token's hand route."""
-  exs = [routed_example(s, task_index) for s in segments_list]
-  width = max(len(e[0]) for e in exs)
-  ids = np.full((len(exs), width), tasks_lib.PAD_ID, np.int32)
-  mask, target = np.zeros_like(ids), np.zeros(ids.shape, bool)
-  route = np.zeros_like(ids)
-  for r, (e_ids, e_target, _, e_route) in enumerate(exs):
-    n = len(e_ids)
-    ids[r, :n], mask[r, :n], target[r, :n], route[r, :n] = e_ids, 1, e_target, e_route
-  logits = model(ids, mask, context=ctx_for(route))
+  b = padded_examples(segments_list, task_index)
+  logits = model(b["ids"], b["mask"], context=ctx_for(b["route"]))
   pred = np.asarray(jnp.argmax(logits[:, :-1], axis=-1))
-  return float(((pred == ids[:, 1:]) | ~target[:, 1:]).all(axis=1).mean())
+  return float(((pred == b["ids"][:, 1:]) | ~b["target"][:, 1:]).all(axis=1).mean())
 
 
 def routing_sensitivity(m: meteora_lib.Meteora, task_index: dict, per_task: int = 48) -> dict:
@@ -469,24 +471,19 @@ def routing_sensitivity(m: meteora_lib.Meteora, task_index: dict, per_task: int 
                                     np.ones((route.size, 1), np.float32))
       return dataclasses.replace(ctx, routers={p: full.routers[p] for p in paths} or None)
     return build
-  layers = sorted({int(p.split("layers.")[1].split(".")[0]) for p in m.paths})
+  layers = sorted({_layer(p) for p in m.paths})
   out = {"hand-routed": teacher_forced_exact(m.model, ctx_for([]), segs, task_index)}
   for layer in layers:
-    paths = [p for p in m.paths if f"layers.{layer}." in p]
+    paths = [p for p in m.paths if _layer(p) == layer]
     out[f"layer {layer} gated"] = teacher_forced_exact(m.model, ctx_for(paths), segs,
                                                        task_index)
   out["all gated"] = teacher_forced_exact(m.model, ctx_for(m.paths), segs, task_index)
   return out
 
 
-def forward_speed(m: meteora_lib.Meteora, adapter, batch: int, seq_len: int,
-                  repeats: int = 5) -> dict:
-  """Milliseconds of one jitted forward ([batch, seq_len] tokens): the base, one LoRA, MeteoRA
-  top-1 and top-2 (the hook's cost dispatch), measured interleaved, medians."""
-  ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, seq_len)), jnp.int32)
-  model = m.model
-  fns = {"base": lambda: model(ids), "one_lora": lambda: model(ids, adapter=adapter),
-         "meteora_top1": lambda: m(ids, top_k=1), "meteora_top2": lambda: m(ids, top_k=2)}
+def median_ms(fns: dict, repeats: int) -> dict:
+  """{name: median milliseconds of `fn()`} (each blocked until ready), the functions run once
+  to compile and then interleaved `repeats` times, so a noisy machine hits them alike."""
   times = {k: [] for k in fns}
   for f in fns.values():
     jax.block_until_ready(f())
@@ -496,6 +493,17 @@ def forward_speed(m: meteora_lib.Meteora, adapter, batch: int, seq_len: int,
       jax.block_until_ready(f())
       times[k].append(1e3 * (time.perf_counter() - t))
   return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def forward_speed(m: meteora_lib.Meteora, adapter, batch: int, seq_len: int,
+                  repeats: int = 5) -> dict:
+  """Milliseconds of one jitted forward ([batch, seq_len] tokens): the base, one LoRA, MeteoRA
+  top-1 and top-2 (the hook's cost dispatch), measured interleaved, medians."""
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, seq_len)), jnp.int32)
+  model = m.model
+  return median_ms({"base": lambda: model(ids), "one_lora": lambda: model(ids, adapter=adapter),
+                    "meteora_top1": lambda: m(ids, top_k=1),
+                    "meteora_top2": lambda: m(ids, top_k=2)}, repeats)
 
 
 def evaluate(config: MeteoraConfig, m: meteora_lib.Meteora, union) -> dict:
@@ -747,10 +755,6 @@ class RunResult:
   seconds: dict
 
 
-def _base(config: MeteoraConfig) -> CausalLM:
-  return load_model(config.base)
-
-
 def train(config: MeteoraConfig, *, command: Optional[str] = None) -> RunResult:
   """Trains the gates and the union LoRA (unless `eval_only`), evaluates, writes the report."""
   t0 = time.time()
@@ -759,7 +763,7 @@ def train(config: MeteoraConfig, *, command: Optional[str] = None) -> RunResult:
     mesh = sharding_lib.make_mesh(config.data_parallel, 1)
   except ValueError as e:
     raise RunError(f"{e}; set --data_parallel to at most the device count") from None
-  model = _base(config)
+  model = load_model(config.base)
   out_m = os.path.join(config.out_dir, "meteora")
   out_u = os.path.join(config.out_dir, "union_lora")
   losses, first = [], 1

@@ -174,34 +174,20 @@ def _routed_rows(x, base, view: Stack, router: Router, routing: Routing, path):
   """A batch where the gate routes some rows (a MeteoRA model served beside plain adapters,
   S-LoRA's engine) and the context's per-token routing the others: the gated rows take the
   top-k of `g = x W_g` (MeteoRA Eq. 3-4), mapped to stack slots by `router.slots`; a plain row
-  takes its one adapter with gate 1. K shrink/expand pairs over the stack (or pool pages)."""
-  x2, y2 = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
-  n = router.w_gate.shape[1]
-  ids_k, gates_k = _route(x2, router, n, path)
-  k = ids_k.shape[1]
+  takes its one adapter with gate 1 (and no adapter in the other slots)."""
+  ids_k, gates_k = _route(x, router, router.w_gate.shape[1], path)
+  t, k = ids_k.shape
   rows = router.rows[:, None]
-  plain = jnp.concatenate([routing.ids[:, None], jnp.full((x2.shape[0], k - 1), -1, jnp.int32)],
-                          axis=1)
+  plain = jnp.concatenate([routing.ids[:, None], jnp.full((t, k - 1), -1, jnp.int32)], axis=1)
   ids = jnp.where(rows, router.slots[ids_k], plain)
-  gates = jnp.where(rows, gates_k, jnp.concatenate(
-      [jnp.ones((x2.shape[0], 1)), jnp.zeros((x2.shape[0], k - 1))], axis=1))
-  a, b = _cast(view.a, x.dtype), _cast(view.b, x.dtype)
-  out = y2
-  for j in range(k):
-    grouping = kernels_pallas.make_grouping(ids[:, j], view.num_adapters)
-    h = kernels_pallas.lora_shrink(x2, a, ids[:, j], ranks=view.ranks, grouping=grouping)
-    h = _fit_rank(h.astype(jnp.float32) * gates[:, j:j + 1], _rank_slots(b, "b"))
-    out = kernels_pallas.lora_expand(out, h.astype(x.dtype), b, ids[:, j], view.scale,
-                                     ranks=view.ranks, grouping=grouping)
-  return out.reshape(base.shape)
+  gates = jnp.where(rows, gates_k, (jnp.arange(k) == 0).astype(jnp.float32)[None, :])
+  return _gated(x, base, view, ids, gates)
 
 
 def _gated(x, base, view: Stack, ids, gates, groupings=None):
   if view.dora_scale is not None:
     raise ValueError("a gated (MeteoRA) mixture of DoRA adapters is not supported; use LoRA")
   a, b = _cast(view.a, x.dtype), _cast(view.b, x.dtype)
-  if _rank_slots(a, "a") != _rank_slots(b, "b"):
-    raise ValueError("a gated mixture over pool pages needs equal A and B rank slots")
   return kernels_pallas.lora_topk(
       base.reshape(-1, base.shape[-1]), x.reshape(-1, x.shape[-1]), a, b, view.scale, ids, gates,
       ranks=view.ranks, groupings=groupings, impl="auto").reshape(base.shape)

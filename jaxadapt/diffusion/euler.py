@@ -87,8 +87,29 @@ def scale_by_sigma(state, sample: jax.Array, step_index) -> jax.Array:
   return (sample / jnp.sqrt(sigma**2 + 1)).astype(sample.dtype)
 
 
+class _SigmaTableScheduler(base.SchedulerBase):
+  """A sampler over a table of noise levels (`_tables(N) -> (timesteps [N], sigmas [N + 1])`)
+  whose model input is x / sqrt(sigma^2 + 1): the Euler samplers' shared state and scaling.
+  Subclasses define `_tables`."""
+
+  def set_timesteps(self, num_steps: int) -> np.ndarray:
+    """float32 [N] timesteps, equal to the diffusers class's ``set_timesteps``."""
+    return self._tables(num_steps)[0]
+
+  def init_state(self, num_steps: int, sample: jax.Array | None = None) -> EulerState:
+    """The state of a ``num_steps`` run. ``sample`` is unused (no history)."""
+    del sample
+    ts, sigmas = self._tables(num_steps)
+    return EulerState(timesteps=jnp.asarray(ts), sigmas=jnp.asarray(sigmas),
+                      init_noise_sigma=jnp.float32(initial_sigma(self, sigmas)))
+
+  def scale_model_input(self, state: EulerState, sample: jax.Array, step_index) -> jax.Array:
+    """x / sqrt(sigma_i^2 + 1): the VP model's input at noise level sigma_i (Karras Table 1)."""
+    return scale_by_sigma(state, sample, step_index)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EulerDiscreteScheduler(base.SchedulerBase):
+class EulerDiscreteScheduler(_SigmaTableScheduler):
   """Euler sampler, equal to diffusers' ``EulerDiscreteScheduler`` with s_churn = 0.
 
   The stochastic "churn" of Karras Alg. 2 (diffusers' step arguments s_churn, s_tmin, s_tmax,
@@ -129,24 +150,6 @@ class EulerDiscreteScheduler(base.SchedulerBase):
       ts = 0.25 * np.log(sigmas[:-1])
     return ts.astype(np.float32), sigmas
 
-  def set_timesteps(self, num_steps: int) -> np.ndarray:
-    """float32 [N] timesteps, equal to diffusers' ``EulerDiscreteScheduler.set_timesteps``."""
-    return self._tables(num_steps)[0]
-
-  def init_state(self, num_steps: int, sample: jax.Array | None = None) -> EulerState:
-    """The state of a ``num_steps`` run. ``sample`` is unused (Euler keeps no history)."""
-    del sample
-    ts, sigmas = self._tables(num_steps)
-    return EulerState(
-        timesteps=jnp.asarray(ts),
-        sigmas=jnp.asarray(sigmas),
-        init_noise_sigma=jnp.float32(initial_sigma(self, sigmas)),
-    )
-
-  def scale_model_input(self, state: EulerState, sample: jax.Array, step_index) -> jax.Array:
-    """x / sqrt(sigma_i^2 + 1): the VP model's input at noise level sigma_i (Karras Table 1)."""
-    return scale_by_sigma(state, sample, step_index)
-
   def step(
       self,
       state: EulerState,
@@ -182,7 +185,7 @@ class EulerDiscreteScheduler(base.SchedulerBase):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EulerAncestralDiscreteScheduler(base.SchedulerBase):
+class EulerAncestralDiscreteScheduler(_SigmaTableScheduler):
   """Euler ancestral sampler, equal to diffusers' ``EulerAncestralDiscreteScheduler``.
 
   Each step goes down by Euler to sigma_down, then adds fresh noise of std sigma_up, where
@@ -204,21 +207,6 @@ class EulerAncestralDiscreteScheduler(base.SchedulerBase):
   def _tables(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     ts, sigmas = karras_or_spaced_sigmas(self, num_steps, False)
     return ts.astype(np.float32), np.concatenate([sigmas, [0.0]]).astype(np.float32)
-
-  def set_timesteps(self, num_steps: int) -> np.ndarray:
-    """float32 [N] timesteps, equal to diffusers' ``EulerAncestralDiscreteScheduler``'s."""
-    return self._tables(num_steps)[0]
-
-  def init_state(self, num_steps: int, sample: jax.Array | None = None) -> EulerState:
-    """The state of a ``num_steps`` run. ``sample`` is unused (no history)."""
-    del sample
-    ts, sigmas = self._tables(num_steps)
-    return EulerState(timesteps=jnp.asarray(ts), sigmas=jnp.asarray(sigmas),
-                      init_noise_sigma=jnp.float32(initial_sigma(self, sigmas)))
-
-  def scale_model_input(self, state: EulerState, sample: jax.Array, step_index) -> jax.Array:
-    """x / sqrt(sigma_i^2 + 1) (Karras Table 1)."""
-    return scale_by_sigma(state, sample, step_index)
 
   def step(
       self,
