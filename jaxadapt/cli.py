@@ -9,6 +9,8 @@
   jaxadapt train lora [ARGS]    LoRA fine-tuning (train/lora.py)
   jaxadapt train pretrain [ARGS]  full-parameter training of a small base (train/pretrain.py)
   jaxadapt train meteora [ARGS]   MeteoRA gate training + evaluation (train/meteora.py)
+  jaxadapt train agd [collect|train|eval] [ARGS]  AGD: CFG trajectories, guidance adapters,
+                                the digits reproduction (train/agd.py)
   jaxadapt info DIR             what jaxadapt reads from a dir: a Hugging Face model (Llama,
                                 Mistral, Qwen2, CLIP text), a PEFT LoRA adapter, a diffusers
                                 pipeline (model_index.json) or one diffusers model (UNet, DiT, VAE)
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 
-TRAIN_RECIPES = ("lora", "pretrain", "meteora")  # modules of train/ with a main(argv)
+TRAIN_RECIPES = ("lora", "pretrain", "meteora", "agd")  # modules of train/ with a main(argv)
 
 INFO_USAGE = "usage: jaxadapt info DIR   (a model, PEFT adapter or diffusers pipeline dir)"
 _EXPECTED = ("a model dir (config.json), a PEFT adapter dir (adapter_config.json) or a diffusers "

@@ -390,6 +390,12 @@ class Context:
     """The context with its pool's pages replaced (the new version after a KV write)."""
     return dataclasses.replace(self, pool=dataclasses.replace(self.pool, pages=pages))
 
+  def with_insert_inputs(self, **inputs) -> "Context":
+    """The context with entries added to its `insert_inputs` (a model publishing its own
+    conditioning to the insertion points: DiT's timestep and class embeddings, the U-Net's
+    time embedding)."""
+    return dataclasses.replace(self, insert_inputs={**(self.insert_inputs or {}), **inputs})
+
   def with_inserts(self, inserts: Optional[Mapping[str, Any]]) -> "Context":
     """The context with insertion-point functions added (as traced `Partial`s)."""
     if not inserts:
@@ -404,16 +410,23 @@ def prepare(ctx: Optional[Context], rows: Optional[int] = None) -> Optional[Cont
   return None if ctx is None else ctx.prepare(rows)
 
 
+def publish(ctx: Optional[Context], **inputs) -> Optional[Context]:
+  """`ctx` with `inputs` added to its insert inputs when it has insertion-point functions (a
+  model's conditioning for them); `ctx` itself otherwise, so a plain forward pays nothing."""
+  if ctx is None or not ctx.inserts:
+    return ctx
+  return ctx.with_insert_inputs(**inputs)
+
+
 def insert(ctx: Optional[Context], name: str, out: jax.Array, hidden_in: jax.Array,
            cond: Optional[jax.Array] = None) -> jax.Array:
   """Applies the module registered at insertion point `name`, if any.
 
-  The function is called `fn(out, hidden_in, cond)`, or `fn(out, hidden_in, cond, inputs)` with
-  the context's `insert_inputs` when it has some (AGD's guidance scale, FACT's face tokens).
+  The function is called `fn(out, hidden_in, cond, inputs)`: `out` the module's output,
+  `hidden_in` its input tokens, `cond` its cross-attention context (or None) and `inputs` the
+  context's `insert_inputs` (a dict, empty when there are none): the caller's (AGD's guidance
+  scale, FACT's face tokens) and the model's own conditioning (`publish`).
   """
   if ctx is None or not ctx.inserts or name not in ctx.inserts:
     return out
-  fn = ctx.inserts[name]
-  if ctx.insert_inputs:
-    return fn(out, hidden_in, cond, ctx.insert_inputs)
-  return fn(out, hidden_in, cond)
+  return ctx.inserts[name](out, hidden_in, cond, dict(ctx.insert_inputs or {}))

@@ -90,6 +90,14 @@ def _dit_denoise(graphdef, params, ctx, x, t, labels):
   return frozen.apply(graphdef, params, "__call__", x, t, labels, ctx=ctx)
 
 
+def _agd_denoise(graphdef, params, ctx, agd_inserts, x, t, cond):
+  """The backbone with AGD adapters at guidance scale `cond["w"]` [B] (one pass, no uncond):
+  `cond["c"]` is its conditioning (class labels or text states). Pure."""
+  from jaxadapt.context import Context
+  ctx = (ctx or Context()).with_inserts(agd_inserts).with_insert_inputs(guidance_scale=cond["w"])
+  return frozen.apply(graphdef, params, "__call__", x, t, cond["c"], ctx=ctx)
+
+
 # ----------------------------------------------------------------------------- shared helpers
 
 def _scale_a(adapter, per_path: dict):
@@ -164,12 +172,32 @@ def _seed(seed) -> int:
   return int(seed)
 
 
-def _guidance(guidance_scale, groups: int, per_group: int) -> np.ndarray | None:
-  """The per-image guidance scale [B], or None when no image is guided.
+GUIDANCE = ("cfg", "agd")
 
-  As diffusers, a scale <= 1 turns guidance off (the conditional prediction alone); a per-sample
-  value <= 1 is therefore used as 1, which gives exactly the conditional prediction.
-  """
+
+def _check_agd(guidance, agd, backbone, guidance_rescale=0.0):
+  """Validates generate's `guidance=` / `agd=` pair; returns True for AGD sampling."""
+  if guidance not in GUIDANCE:
+    raise ValueError(f"guidance must be one of {GUIDANCE} ('cfg': two network passes per step;"
+                     f" 'agd': one pass through AGD adapters, agd=...); got {guidance!r}.")
+  if guidance == "cfg":
+    if agd is not None:
+      raise ValueError("agd= adapters are used with guidance='agd'; pass guidance='agd' (or drop"
+                       " agd= for classifier-free guidance).")
+    return False
+  from jaxadapt.agd import AGDAdapter
+  if not isinstance(agd, AGDAdapter):
+    raise TypeError(f"guidance='agd' needs agd= an AGD adapter (ja.agd.load_agd(dir)); got"
+                    f" {type(agd).__name__}.")
+  agd.check_model(backbone)
+  if guidance_rescale:
+    raise ValueError("guidance_rescale rescales a CFG prediction against its conditional"
+                     " half; AGD makes one prediction. Drop guidance_rescale with guidance='agd'.")
+  return True
+
+
+def _guidance_values(guidance_scale, groups: int, per_group: int) -> np.ndarray:
+  """The guidance scale of every image [groups * per_group] (float32), checked."""
   try:
     g = np.asarray(guidance_scale, np.float64)
   except (TypeError, ValueError):
@@ -181,13 +209,21 @@ def _guidance(guidance_scale, groups: int, per_group: int) -> np.ndarray | None:
   g = g.astype(np.float32)
   batch = groups * per_group
   if g.ndim == 0:
-    return None if g <= 1 else np.full((batch,), g, np.float32)
+    return np.full((batch,), g, np.float32)
   if g.ndim != 1 or g.shape[0] not in (groups, batch):
     raise ValueError(
         f"guidance_scale must be a float or one value per prompt/label ({groups}) or per image"
         f" ({batch}); got shape {g.shape}.")
-  if g.shape[0] != batch:
-    g = np.repeat(g, per_group)
+  return np.repeat(g, per_group) if g.shape[0] != batch else g
+
+
+def _guidance(guidance_scale, groups: int, per_group: int) -> np.ndarray | None:
+  """The per-image guidance scale [B], or None when no image is guided.
+
+  As diffusers, a scale <= 1 turns guidance off (the conditional prediction alone); a per-sample
+  value <= 1 is therefore used as 1, which gives exactly the conditional prediction.
+  """
+  g = _guidance_values(guidance_scale, groups, per_group)
   if (g <= 1).all():
     return None
   return np.maximum(g, 1.0)
@@ -224,7 +260,10 @@ class _Pipeline:
 
   @property
   def vae_scale_factor(self) -> int:
-    """Pixels per latent cell: 2 ** (number of VAE levels - 1), as diffusers' pipelines."""
+    """Pixels per latent cell: 2 ** (number of VAE levels - 1), as diffusers' pipelines; 1 for
+    a pixel-space pipeline (no VAE)."""
+    if self.vae is None:
+      return 1
     return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
   @property
@@ -325,6 +364,8 @@ class _Pipeline:
       uncond, guidance_rescale = None, 0.0
     z = sampling.sample(denoise, sched, x, cond, uncond, scale, int(num_steps), step_key,
                         mesh=mesh, progress=progress, guidance_rescale=guidance_rescale)
+    if self.vae is None:  # pixel space: the backbone's samples are the images, in [-1, 1]
+      return images_lib.to_uint8(z)
     # LDM (Rombach et al. 2022): the diffusion model works on latents * scaling_factor.
     return images_lib.to_uint8(self.vae.decode(z / self.vae.config.scaling_factor))
 
@@ -475,7 +516,8 @@ class StableDiffusionPipeline(_Pipeline):
                negative_prompt=None, height: int | None = None, width: int | None = None,
                num_images_per_prompt: int = 1, adapter=None, lora_scale: float = 1.0,
                eta: float | None = None, guidance_rescale: float = 0.0, timesteps=None,
-               sigmas=None, mesh=None, progress: bool = True) -> np.ndarray:
+               sigmas=None, guidance: str = "cfg", agd=None, mesh=None,
+               progress: bool = True) -> np.ndarray:
     """Generates images for text prompts; returns uint8 numpy [N, H, W, 3].
 
     Classifier-free guidance (Ho & Salimans 2022, Eq. 6 with s = 1 + w):
@@ -515,12 +557,17 @@ class StableDiffusionPipeline(_Pipeline):
       timesteps: custom timesteps [N] (largest first) for schedulers whose diffusers class takes
         them (DDPM, Euler, Heun, DPM-Solver), as diffusers' `timesteps=`; sets num_steps.
       sigmas: custom noise levels [N + 1] (Euler), as diffusers' `sigmas=`; sets num_steps.
+      guidance: "cfg" (classifier-free guidance, two network passes per step) or "agd"
+        (adapter guidance distillation, Jensen & Sadat 2025: ONE pass per step through the
+        `agd=` adapters at `guidance_scale`; the negative prompt is not used).
+      agd: a `jaxadapt.agd.AGDAdapter` for guidance="agd".
       mesh: a mesh whose "data" axis splits the batch.
       progress: show a tqdm bar over the steps.
 
     Returns:
       uint8 numpy [N, H, W, 3], N = P * num_images_per_prompt.
     """
+    use_agd = _check_agd(guidance, agd, self.unet, guidance_rescale)
     if class_labels is not None:
       raise ValueError("This is a text-to-image Stable Diffusion pipeline: pass prompt=..., not"
                        " class_labels= (class labels are for DiT pipelines).")
@@ -550,6 +597,13 @@ class StableDiffusionPipeline(_Pipeline):
 
     unet_ctx, text_ctx = self.lora_contexts(adapter, lora_scale)
     cond = jnp.repeat(self.encode_prompt(prompts, text_ctx), n, axis=0)
+    if use_agd:
+      w = jnp.asarray(_guidance_values(guidance_scale, len(prompts), n))
+      denoise = jax.tree_util.Partial(_agd_denoise, self.unet.graphdef, self.unet.params,
+                                      unet_ctx, agd.inserts())
+      return self._run(denoise, {"c": cond, "w": w}, None, None, latents=latents, shape=shape,
+                       num_steps=num_steps, seed=seed, scheduler=scheduler, mesh=mesh,
+                       progress=progress, eta=eta, timesteps=timesteps, sigmas=sigmas)
     uncond = None
     if scale is not None:
       uncond = jnp.repeat(self.encode_prompt(negatives, text_ctx), n, axis=0)
@@ -612,8 +666,9 @@ class DiTPipeline(_Pipeline):
                guidance_scale=4.0, seed: int = 0, scheduler=None, latents=None,
                negative_prompt=None, height: int | None = None, width: int | None = None,
                num_images_per_prompt: int = 1, adapter=None, lora_scale: float = 1.0,
-               eta: float | None = None, mesh=None, progress: bool = True) -> np.ndarray:
-    """Generates images of classes; returns uint8 numpy [N, H, W, 3].
+               eta: float | None = None, guidance: str = "cfg", agd=None, mesh=None,
+               progress: bool = True) -> np.ndarray:
+    """Generates images of classes; returns uint8 numpy [N, H, W, C] (C = 3 after a VAE).
 
     Classifier-free guidance (Ho & Salimans 2022, Eq. 6) with the null class `num_classes` as
     the unconditional branch, on the noise channels of the learned-sigma output (the variance
@@ -638,12 +693,17 @@ class DiTPipeline(_Pipeline):
       adapter: a `LoraAdapter` on the DiT.
       lora_scale: multiplies the adapter's scale, as `StableDiffusionPipeline.generate`.
       eta: DDIM's noise weight, as `StableDiffusionPipeline.generate`.
+      guidance: "cfg" (two network passes per step) or "agd" (one pass through the `agd=`
+        adapters at `guidance_scale`; Jensen & Sadat 2025).
+      agd: a `jaxadapt.agd.AGDAdapter` for guidance="agd".
       mesh: a mesh whose "data" axis splits the batch.
       progress: show a tqdm bar over the steps.
 
     Returns:
-      uint8 numpy [N, H, W, 3], N = P * num_images_per_prompt.
+      uint8 numpy [N, H, W, C], N = P * num_images_per_prompt; C = 3 after a VAE, the model's
+      channels for a pixel-space pipeline (no VAE).
     """
+    use_agd = _check_agd(guidance, agd, self.transformer)
     if prompt is not None or negative_prompt is not None:
       raise ValueError("This is a class-conditional DiT pipeline: it takes class_labels=... (ids"
                        f" in [0, {self.num_classes}) or id2label names), not text prompts.")
@@ -656,6 +716,14 @@ class DiTPipeline(_Pipeline):
     h, w = self._latent_size(height, width, latents)
     shape = (len(ids) * n, self.latent_channels, h, w)
     cond = jnp.asarray(np.repeat(ids, n))
+    if use_agd:
+      w = jnp.asarray(_guidance_values(guidance_scale, len(ids), n))
+      denoise = jax.tree_util.Partial(_agd_denoise, self.transformer.graphdef,
+                                      self.transformer.params, self._lora(adapter, lora_scale),
+                                      agd.inserts())
+      return self._run(denoise, {"c": cond, "w": w}, None, None, latents=latents, shape=shape,
+                       num_steps=num_steps, seed=seed, scheduler=scheduler, mesh=mesh,
+                       progress=progress, eta=eta)
     uncond = jnp.full_like(cond, self.num_classes)
     denoise = jax.tree_util.Partial(_dit_denoise, self.transformer.graphdef,
                                     self.transformer.params, self._lora(adapter, lora_scale))
@@ -680,7 +748,8 @@ def load_pipeline(directory: str | os.PathLike, *, dtype="float32", sharding=Non
   Recognised folders (by `model_index.json` and their sub-folders):
   - Stable Diffusion 1.x / 2.x (`StableDiffusionPipeline`): unet/, vae/, text_encoder/,
     tokenizer/, scheduler/ -> `StableDiffusionPipeline` (LDM, Rombach et al. 2022).
-  - DiT (`DiTPipeline`): transformer/, vae/, scheduler/ and `id2label` when present ->
+  - DiT (`DiTPipeline`): transformer/, vae/, scheduler/ and `id2label` when present (no vae/
+    when model_index.json says `"vae": [null, null]`: a pixel-space DiT) ->
     `DiTPipeline` (Peebles & Xie 2023).
 
   Args:
@@ -719,8 +788,11 @@ def load_pipeline(directory: str | os.PathLike, *, dtype="float32", sharding=Non
                        f" ({_describe(directory, index)}); expected sub-folders {list(parts)}.")
 
   if index is not None and name == "DiTPipeline":
-    require(DIT_COMPONENTS)
-    return DiTPipeline(directory, load_dit(path("transformer"), **kw), load_vae(path("vae"), **kw),
+    # "vae": [null, null]: a pixel-space DiT, its samples are the images (train/digits.py).
+    pixel = "vae" in index and index["vae"] in (None, [None, None])
+    require([c for c in DIT_COMPONENTS if not (pixel and c == "vae")])
+    return DiTPipeline(directory, load_dit(path("transformer"), **kw),
+                       None if pixel else load_vae(path("vae"), **kw),
                        read_scheduler_config(path("scheduler")), index,
                        index.get("id2label"))
 

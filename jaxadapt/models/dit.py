@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxadapt import context as context_lib
 from jaxadapt.io.hf import read_config
 from jaxadapt.models import diffusion_layers as dl
 from jaxadapt.models.layers import Linear
@@ -181,9 +182,14 @@ class CombinedTimestepLabelEmbeddings(nnx.Module):
                                                   dtype=dtype, rngs=rngs)
     self.class_embedder = LabelEmbedding(c.num_embeds_ada_norm, c.inner_dim, dtype, rngs)
 
-  def __call__(self, timestep, class_labels, dtype, ctx):
+  def parts(self, timestep, class_labels, dtype, ctx):
+    """(timestep embedding, class embedding), each [B, D]; `c` is their sum."""
     t = dl.timestep_embedding(timestep, 256, flip_sin_to_cos=True, downscale_freq_shift=1)
-    return self.timestep_embedder(t.astype(dtype), ctx) + self.class_embedder(class_labels)
+    return self.timestep_embedder(t.astype(dtype), ctx), self.class_embedder(class_labels)
+
+  def __call__(self, timestep, class_labels, dtype, ctx):
+    t_emb, c_emb = self.parts(timestep, class_labels, dtype, ctx)
+    return t_emb + c_emb
 
 
 class AdaLayerNormZero(nnx.Module):
@@ -197,11 +203,11 @@ class AdaLayerNormZero(nnx.Module):
     self.norm = dl.LayerNorm(d, eps=1e-6, elementwise_affine=False)
 
   def __call__(self, x, timestep, class_labels, ctx):
-    cond = self.emb(timestep, class_labels, x.dtype, ctx)
-    mods = jnp.split(self.linear(jax.nn.silu(cond), ctx), 6, axis=-1)
+    t_emb, c_emb = self.emb.parts(timestep, class_labels, x.dtype, ctx)
+    mods = jnp.split(self.linear(jax.nn.silu(t_emb + c_emb), ctx), 6, axis=-1)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
     x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-    return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+    return x, gate_msa, shift_mlp, scale_mlp, gate_mlp, (t_emb, c_emb)
 
 
 class DiTBlock(nnx.Module):
@@ -220,8 +226,11 @@ class DiTBlock(nnx.Module):
                              rngs=rngs)
 
   def __call__(self, x, timestep, class_labels, ctx):
-    h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, timestep, class_labels, ctx)
-    x = x + gate_msa[:, None] * self.attn1(h, ctx=ctx)
+    h, gate_msa, shift_mlp, scale_mlp, gate_mlp, (t_emb, c_emb) = self.norm1(
+        x, timestep, class_labels, ctx)
+    # The insertion point sees this block's own conditioning (AGD's offset adapter reads it).
+    attn_ctx = context_lib.publish(ctx, timestep_emb=t_emb, class_emb=c_emb)
+    x = x + gate_msa[:, None] * self.attn1(h, ctx=attn_ctx)
     h = self.norm3(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     return x + gate_mlp[:, None] * self.ff(h, ctx)
 
@@ -235,7 +244,8 @@ class DiTTransformer2DModel(nnx.Module):
     timestep: [B] (or scalar) diffusion timesteps, int or float.
     class_labels: [B] int labels in [0, num_classes]; `num_classes` is the null label (CFG).
     ctx: the forward `Context` (`jaxadapt.context`), or None; its `inserts` are keyed by
-      `transformer_blocks.{i}.attn1`.
+      `transformer_blocks.{i}.attn1` and see, besides the context's `insert_inputs`, the
+      block's `timestep_emb` and `class_emb` ([B, D] each, their sum conditions adaLN).
   Returns:
     [B, C_out, H, W]; with learned sigma, channels `[:C_in]` are the noise prediction and
     `[C_in:]` the variance interpolation values.
@@ -280,6 +290,11 @@ class DiT(dl.FrozenModel):
   """A frozen DiT: `config`, `graphdef`, `params` (pure dict); calls are jitted."""
 
   batch_item = "sample"
+
+  @property
+  def insertion_points(self) -> list[str]:
+    """Every insertion point: each block's self-attention, `transformer_blocks.{i}.attn1`."""
+    return [f"transformer_blocks.{i}.attn1" for i in range(self.config.num_layers)]
 
   def __call__(self, sample, timestep, class_labels, *, adapter=None, adapters=None,
                adapter_ids=None, context=None, inserts=None):

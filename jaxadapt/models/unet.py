@@ -34,6 +34,7 @@ from typing import Any, Mapping, Optional
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxadapt import context as context_lib
 from jaxadapt.io.files import read_json_object
 from jaxadapt.io.hf import read_config
 from jaxadapt.models import diffusion_layers as dl
@@ -435,7 +436,9 @@ class UNet2DConditionModel(nnx.Module):
     encoder_hidden_states: [B, L, cross_attention_dim] text-encoder states.
     ctx: the forward `Context` (`jaxadapt.context`), or None. Its `inserts` map attention
       paths (`...transformer_blocks.0.attn1`/`attn2`) to
-      `fn(out [B, N, C], hidden_in [B, N, C], context [B, L, D] or None) -> out`.
+      `fn(out [B, N, C], hidden_in [B, N, C], context [B, L, D] or None, inputs) -> out`;
+      `inputs` holds the context's `insert_inputs` and the time embedding `timestep_emb`
+      [B, time_embed_dim].
   Returns:
     [B, C_out, H, W] model output in the parameter dtype (noise, or v for v-prediction).
   """
@@ -481,6 +484,7 @@ class UNet2DConditionModel(nnx.Module):
                                downscale_freq_shift=c.freq_shift).astype(dtype)
     emb = self.time_embedding(t_emb, ctx)
     context = encoder_hidden_states.astype(dtype)
+    ctx = context_lib.publish(ctx, timestep_emb=emb)  # insertion points see the time embedding
 
     # 1. Encoder: every intermediate output is a skip connection.
     x = self.conv_in(x)
@@ -557,7 +561,7 @@ class UNet(dl.FrozenModel):
       adapter: one `LoraAdapter` for the whole batch.
       adapters: a list of adapters, with `adapter_ids` one id per batch element (-1 = base).
       context: a ready forward `Context` (instead of adapter/adapters).
-      inserts: {attention path: fn(out, hidden_in, context) -> out}; see
+      inserts: {attention path: fn(out, hidden_in, context, inputs) -> out}; see
         `UNet2DConditionModel`. A `jax.tree_util.Partial(fn, params)` traces `params`.
     """
     sample = jnp.asarray(sample)

@@ -129,7 +129,7 @@ def test_insert_at_attention_output_matches_editing_out_proj_bias(clip):
   seen = {}
   delta = jnp.linspace(-0.5, 0.5, 32)
 
-  def add_const(out, hidden_in, context):
+  def add_const(out, hidden_in, context, inputs):
     seen["shapes"] = (out.shape, hidden_in.shape, context)
     return out + delta
 

@@ -113,7 +113,7 @@ def test_insert_receives_attention_output_and_input(dit):
   delta = jnp.linspace(-1.0, 1.0, d)
   seen = {}
 
-  def add(out, hidden_in, context):
+  def add(out, hidden_in, context, inputs):
     seen["args"] = (out, hidden_in, context)
     return out + delta
 
@@ -145,7 +145,7 @@ def test_insert_tensors_equal_diffusers_attention(dit):
     handle.remove()
   seen = {}
 
-  def spy(out, hidden_in, context):
+  def spy(out, hidden_in, context, inputs):
     seen.update(out=out, inp=hidden_in)
     return out
 

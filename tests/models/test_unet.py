@@ -217,7 +217,7 @@ def test_insertion_points(sd15):
   got, shapes = {}, {}
 
   def probe(name):
-    def fn(delta, out, hidden_in, context):
+    def fn(delta, out, hidden_in, context, inputs):
       shapes[name] = (out.shape, hidden_in.shape, None if context is None else context.shape)
       jax.debug.callback(lambda o, h: got.__setitem__(name, (np.asarray(o), np.asarray(h))),
                          out, hidden_in)
@@ -264,7 +264,7 @@ def test_insertion_points(sd15):
     for h in handles:
       h.remove()
   with pytest.raises(ValueError, match="not attention modules"):
-    unet(sample, t, ehs, inserts={"down_blocks.0.attn9": lambda o, h, c: o})
+    unet(sample, t, ehs, inserts={"down_blocks.0.attn9": lambda o, h, c, i: o})
 
 
 @pytest.mark.parametrize("option,value", [

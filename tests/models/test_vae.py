@@ -105,7 +105,7 @@ def test_insert_at_mid_block_attention(vae):
     handle.remove()
   seen = {}
 
-  def spy(out, hidden_in, context):
+  def spy(out, hidden_in, context, inputs):
     seen.update(out=out, inp=hidden_in, context=context)
     return out
 
@@ -120,7 +120,7 @@ def test_insert_at_mid_block_attention(vae):
   np.testing.assert_allclose(np.asarray(seen["out"]), tokens(out), atol=1e-4, rtol=0)
 
   delta = jnp.linspace(-0.5, 0.5, 16)
-  got = model.decode(z.numpy(), inserts={name: lambda o, h, c: o + delta})
+  got = model.decode(z.numpy(), inserts={name: lambda o, h, c, i: o + delta})
   params = jax.tree_util.tree_map(lambda v: v, model.params)
   o = params["decoder"]["mid_block"]["attentions"][0]["to_out"][0]
   o["bias"] = o["bias"] + delta

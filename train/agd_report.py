@@ -1,0 +1,252 @@
+"""The AGD reproduction's evaluation and its page (`docs/agd.md`): what `train.agd` measures.
+
+For each evaluation guidance scale w (`eval_guidance`; the last one outside the training range):
+  * gap: the share of the eps_cond -> eps_cfg gap the adapted model closes on held-out CFG
+    trajectories (`jaxadapt.agd.gap_recovered`: 1 - sum ||eps_A - eps_cfg|| / sum ||eps_c -
+    eps_cfg||, per-example L2 norms);
+  * samples from the same noise and labels for every row (no guidance, CFG, each AGD adapter):
+    pixel RMSE to the CFG sample (on the [0, 1] intensity scale), the Fréchet distance to the
+    held-out real digits in the features of the repo's digits classifier (Heusel et al. 2017),
+    that classifier's accuracy on the samples for their label, network evaluations per sample
+    and wall time per sample (median of `timing_repeats` timed runs after a compile run);
+  * adapter parameters as a share of the base's.
+References: Jensen & Sadat 2025 (AGD), Sec. 4 (the paper's DiT-XL/2 and SD 2.1 tables: FID, and
+one network evaluation per step instead of two); Ho & Salimans 2022 Eq. 6 (CFG).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxadapt import agd as agd_lib
+from jaxadapt.diffusion import sampling
+from jaxadapt.diffusion.pipeline import _agd_denoise, _resolve_scheduler
+from jaxadapt.models import frozen as frozen_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_DOCS = os.path.join(REPO, "docs", "agd.md")
+GAP_TARGET, FD_TARGET, TIME_TARGET = 0.70, 0.10, 0.55
+
+
+def _predict(model, adapter, arrays, batch: int = 512) -> np.ndarray:
+  """The adapted model's eps on every record of `arrays` (one forward pass each)."""
+  @jax.jit
+  def run(params, x, t, c, w):
+    ctx = agd_lib.context(adapter.config, params, w)
+    out = frozen_lib.apply(model.graphdef, model.params, "__call__", x, t, c, ctx=ctx)
+    return out[:, :x.shape[1]]
+  outs = []
+  for i in range(0, len(arrays["t"]), batch):
+    sl = slice(i, i + batch)
+    outs.append(np.asarray(run(adapter.params, arrays["x"][sl], arrays["t"][sl],
+                               arrays["cond"][sl], arrays["w"][sl])))
+  return np.concatenate(outs)
+
+
+def _dit_denoise(graphdef, params, x, t, labels):
+  return frozen_lib.apply(graphdef, params, "__call__", x, t, labels)
+
+
+def _timed(fn, repeats: int):
+  """(result, median seconds of `repeats` runs after one compile run)."""
+  out = jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return out, float(np.median(times))
+
+
+def classifier(config):
+  """The digits judge: trained once per out_dir, then loaded."""
+  from train import digits
+  path = os.path.join(config.out_dir, "classifier.safetensors")
+  if os.path.exists(path):
+    return digits.DigitsClassifier.load(path)
+  clf = digits.train_classifier(seed=config.seed)
+  if jax.process_index() == 0:
+    clf.save(path)
+  return clf
+
+
+def evaluate(config, pipe, adapters: dict, held) -> dict:
+  """Every number of the report (module docstring); `held`: the held-out trajectories."""
+  from train import digits
+  model = pipe.transformer
+  base_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
+  results = {"base_params": base_params,
+             "params": {n: {"count": a.num_params, "fraction": a.fraction_of(model)}
+                        for n, a in adapters.items()},
+             "gap": {}, "samples": {}}
+  arrays = held.arrays()
+  for name, adapter in adapters.items():
+    pred = _predict(model, adapter, arrays)
+    results["gap"][name] = {}
+    for w in config.eval_guidance:
+      m = np.isclose(arrays["w"], w)
+      results["gap"][name][str(w)] = agd_lib.gap_recovered(pred[m], arrays["eps_cond"][m],
+                                                           arrays["eps_cfg"][m])
+  clf = classifier(config)
+  real, _ = digits.load_digits("held_out")
+  real_feats = clf.features(real)
+  sched = _resolve_scheduler(config.scheduler, pipe.scheduler_config)
+  c = model.config
+  n = config.eval_samples
+  noise = np.random.default_rng([config.seed, 99]).standard_normal(
+      (n, c.in_channels, c.sample_size, c.sample_size)).astype(np.float32)
+  labels = jnp.asarray(np.arange(n) % pipe.num_classes, jnp.int32)
+  null = jnp.full_like(labels, pipe.num_classes)
+  plain = jax.tree_util.Partial(_dit_denoise, model.graphdef, model.params)
+  steps = config.num_steps
+
+  def score(images, reference=None):
+    out = {"fd": digits.frechet_distance(clf.features(images), real_feats),
+           "accuracy": float(np.mean(clf.predict(images) == np.asarray(labels)))}
+    if reference is not None:  # RMSE on the [0, 1] intensity scale
+      out["rmse_to_cfg"] = float(np.sqrt(np.mean(((images - reference) / 2) ** 2)))
+    return out
+
+  unguided, secs = _timed(lambda: sampling.sample(plain, sched, noise, labels, None, None, steps,
+                                                  None), config.timing_repeats)
+  unguided = np.asarray(unguided)
+  samples_for_grid = {"no guidance": unguided}
+  for w in config.eval_guidance:
+    row = {}
+    cfg, cfg_secs = _timed(lambda: sampling.sample(plain, sched, noise, labels, null,
+                                                   jnp.float32(w), steps, None),
+                           config.timing_repeats)
+    cfg = np.asarray(cfg)
+    row["cfg"] = {**score(cfg, cfg), "nfe": 2 * steps, "seconds_per_sample": cfg_secs / n}
+    row["no guidance"] = {**score(unguided, cfg), "nfe": steps, "seconds_per_sample": secs / n}
+    grids = {"cfg": cfg}
+    for name, adapter in adapters.items():
+      fn = jax.tree_util.Partial(_agd_denoise, model.graphdef, model.params, None,
+                                 adapter.inserts())
+      cond = {"c": labels, "w": jnp.full((n,), w, jnp.float32)}
+      imgs, agd_secs = _timed(lambda: sampling.sample(fn, sched, noise, cond, None, None, steps,
+                                                      None), config.timing_repeats)
+      imgs = np.asarray(imgs)
+      row[name] = {**score(imgs, cfg), "nfe": steps, "seconds_per_sample": agd_secs / n,
+                   "time_vs_cfg": agd_secs / cfg_secs}
+      grids[name] = imgs
+    results["samples"][str(w)] = row
+    samples_for_grid[str(w)] = grids
+  results["grid"] = _save_grid(config, samples_for_grid, pipe.num_classes)
+  results["targets"] = targets(config, results)
+  return results
+
+
+def targets(config, results) -> dict:
+  """The issue's targets on the default adapter, for w in [1.5, 5]: gap >= 70%, FD within 10%
+  of CFG's, wall time <= 0.55x CFG's."""
+  name = config.default_kind
+  inside = [w for w in config.eval_guidance if config.guidance_min <= w <= config.guidance_max]
+  out = {}
+  for w in inside:
+    s = results["samples"][str(w)]
+    out[str(w)] = {
+        "gap": results["gap"][name][str(w)] >= GAP_TARGET,
+        "fd": s[name]["fd"] <= (1 + FD_TARGET) * s["cfg"]["fd"],
+        "time": s[name]["time_vs_cfg"] <= TIME_TARGET}
+  return out
+
+
+def _upscale(images: np.ndarray, factor: int = 4) -> np.ndarray:
+  return np.repeat(np.repeat(images, factor, axis=2), factor, axis=3)
+
+
+def _save_grid(config, samples: dict, num_classes: int) -> str:
+  """A PNG: for each evaluation w, rows CFG and each adapter (first `num_classes` samples, one
+  per label, from the same noise), then the unguided row."""
+  from jaxadapt.diffusion import images as images_lib
+  rows = [samples["no guidance"][:num_classes]]
+  for w in config.eval_guidance:
+    for name in ["cfg"] + [k for k in samples[str(w)] if k != "cfg"]:
+      rows.append(samples[str(w)][name][:num_classes])
+  pix = images_lib.to_uint8(_upscale(np.concatenate(rows)))
+  report = config.report or REPO_DOCS
+  path = os.path.join(os.path.dirname(os.path.abspath(report)), "agd_samples.png")
+  if jax.process_index() == 0:
+    images_lib.save_image_grid(pix, path, cols=num_classes)
+  return path
+
+
+def _fmt(v, pct=False):
+  return f"{100 * v:.1f}%" if pct else (f"{v:.3g}" if isinstance(v, float) else str(v))
+
+
+def write_report(config, pipe, adapters, results, seconds, command: str) -> str:
+  """Writes the results page (config.report, default docs/agd.md); returns its path."""
+  path = config.report or REPO_DOCS
+  ws = [str(w) for w in config.eval_guidance]
+  outside = [w for w in config.eval_guidance
+             if not config.guidance_min <= w <= config.guidance_max]
+  names = list(adapters)
+  rows = ["no guidance", "cfg"] + names
+  label = lambda r: {"cfg": "CFG", "no guidance": "no guidance"}.get(r, f"AGD {r}")  # noqa: E731
+  lines = [
+      "# AGD: adapter guidance distillation on scikit-learn's digits",
+      "",
+      "Jensen & Sadat 2025, \"Efficient Distillation of Classifier-Free Guidance using "
+      "Adapters\". A small class-conditional DiT trained in the repo on the 8x8 digits (label "
+      "dropout, `train/digits.py`); CFG trajectories collected with w ~ U[{:g}, {:g}] "
+      "(Algorithm 1); adapters trained on them with the base frozen (Algorithm 2); evaluated "
+      "on held-out trajectories and on samples from the same noise.".format(
+          config.guidance_min, config.guidance_max),
+      "",
+      f"Command: `{command}` ({seconds.get('total', 0) / 60:.1f} min on this machine, load "
+      f"average {seconds.get('load_start', 0):.1f} -> {seconds.get('load_end', 0):.1f}; "
+      + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()
+                  if k not in ("total", "load_start", "load_end")) + ").",
+      "",
+      f"Sampler: {config.scheduler}, {config.num_steps} steps; {config.num_trajectories} "
+      f"training trajectories ({config.num_trajectories * config.num_steps} records); "
+      f"{config.eval_trajectories} held-out trajectories per w; {config.eval_samples} samples "
+      f"per w and row; adapters: {config.steps} steps of batch {config.batch_size}, width "
+      f"{config.hidden}. w = {', '.join(f'{w:g}' for w in outside)} is outside the training "
+      "range.",
+      "",
+      "## Share of the eps_cond -> eps_cfg gap recovered (held-out trajectories)",
+      "",
+      "| adapter | params (share of base) | " + " | ".join(f"w={w}" for w in ws) + " |",
+      "|---|---|" + "---|" * len(ws),
+  ]
+  for n in names:
+    p = results["params"][n]
+    lines.append(f"| {n} | {p['count']} ({100 * p['fraction']:.2f}%) | "
+                 + " | ".join(_fmt(results["gap"][n][w], True) for w in ws) + " |")
+  for metric, title, pct in (("fd", "Fréchet distance to held-out digits (classifier features; "
+                                    "lower is better)", False),
+                             ("accuracy", "Classifier accuracy on the samples for their label",
+                              True),
+                             ("rmse_to_cfg", "Pixel RMSE to the CFG sample from the same noise "
+                                             "([0, 1] scale)", False),
+                             ("seconds_per_sample", "Wall time per sample (ms; median of "
+                                                    f"{config.timing_repeats} runs)", False)):
+    lines += ["", f"## {title}", "", "| row | NFE | " + " | ".join(f"w={w}" for w in ws) + " |",
+              "|---|---|" + "---|" * len(ws)]
+    for r in rows:
+      cells = []
+      for w in ws:
+        v = results["samples"][w][r][metric]
+        cells.append(f"{1000 * v:.2f}" if metric == "seconds_per_sample" else _fmt(v, pct))
+      lines.append(f"| {label(r)} | {results['samples'][ws[0]][r]['nfe']} | "
+                   + " | ".join(cells) + " |")
+  lines += ["", "## Targets (default adapter: " + config.default_kind + ")", "",
+            "| w | gap >= 70% | FD within 10% of CFG | time <= 0.55x CFG |", "|---|---|---|---|"]
+  for w, t in results["targets"].items():
+    lines.append(f"| {w} | " + " | ".join("met" if t[k] else "**not met**"
+                                          for k in ("gap", "fd", "time")) + " |")
+  rel = os.path.relpath(results["grid"], os.path.dirname(os.path.abspath(path)))
+  lines += ["", f"![samples]({rel})", "",
+            "Grid: the first row is unguided; then, for each w, CFG and each adapter (one "
+            "sample per label, the same noise in every row).", ""]
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
