@@ -180,15 +180,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(collected, tmp_path):
-  """`python -m train.agd train` on two processes (4 devices each, data axis over all 8) writes
-  the losses and adapter of a one-process 8-device run."""
-  config, pipe = collected
-  multi = tmp_path / "multi"
-  shutil.copytree(os.path.join(config.out_dir, "trajectories"), multi / "trajectories")
-  flags = {**FLAGS, "data_parallel": 8, "pipeline": config.pipeline}
-  argv = ["train", "--config=agd_tiny"] + [f"--{k}={','.join(v) if isinstance(v, tuple) else v}"
-                      for k, v in flags.items()] + [f"--out_dir={multi}"]
+def _two_processes(argv, cwd):
+  """Runs `python -m train.agd ARGV` as two processes (4 CPU devices each) on loopback."""
   port = _free_port()
   procs = []
   for pid in range(2):
@@ -196,7 +189,7 @@ def test_two_processes_equal_one(collected, tmp_path):
                XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen([sys.executable, "-m", "train.agd", *argv], cwd=str(tmp_path),
+    procs.append(subprocess.Popen([sys.executable, "-m", "train.agd", *argv], cwd=str(cwd),
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True))
   logs = []
@@ -207,10 +200,27 @@ def test_two_processes_equal_one(collected, tmp_path):
     for p in procs:
       p.kill()
   assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+
+
+def test_two_processes_equal_one(collected, tmp_path):
+  """`python -m train.agd collect` then `train` on two processes (4 devices each, the data axis
+  over all 8): each process makes its share of the shards, and together they write the
+  trajectories, losses and adapter of one process."""
+  config, pipe = collected
+  multi = tmp_path / "multi"
+  flags = {**FLAGS, "data_parallel": 8, "pipeline": config.pipeline, "out_dir": multi}
+  argv = ["--config=agd_tiny"] + [f"--{k}={','.join(v) if isinstance(v, tuple) else v}"
+                                  for k, v in flags.items()]
+  _two_processes(["collect"] + argv, tmp_path)
+  mine = train_agd.TrajectoryShards(str(multi / "trajectories")).arrays()
+  single = train_agd.TrajectoryShards(os.path.join(config.out_dir, "trajectories")).arrays()
+  for k in single:  # the same draws; float noise of another compile (XLA options, 4 devices)
+    np.testing.assert_allclose(mine[k], single[k], atol=1e-4, rtol=1e-4, err_msg=k)
+  _two_processes(["train"] + argv, tmp_path)
   with open(multi / "runs" / "token" / "metrics.jsonl") as f:
     losses = [json.loads(line)["loss"] for line in f]
-  single = dataclasses.replace(config, out_dir=str(tmp_path / "single"), data_parallel=8)
-  adapter, fit = train_agd.train_adapter(single, pipe, "token",
+  one = dataclasses.replace(config, out_dir=str(tmp_path / "single"), data_parallel=8)
+  adapter, fit = train_agd.train_adapter(one, pipe, "token",
                                          os.path.join(config.out_dir, "trajectories"),
                                          sharding_lib.make_mesh(8, 1))
   np.testing.assert_allclose(losses, fit.losses, atol=1e-5, rtol=0)
