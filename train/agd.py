@@ -58,6 +58,7 @@ from train.loop import RunError
 STAGES = ("all", "collect", "train", "eval")
 FIELDS = ("x", "t", "w", "cond", "eps_cond", "eps_cfg")
 MANIFEST = "manifest.json"
+CONDITIONS = "conditions.npy"  # Stable Diffusion: the prompts' text states, by condition id
 RESUMABLE_CHANGES = ("out_dir", "report", "checkpoint_every", "log_every", "progress",
                      "data_parallel", "stage", "eval_samples", "eval_trajectories",
                      "eval_guidance", "collect_batch", "timing_repeats")
@@ -66,8 +67,9 @@ RESUMABLE_CHANGES = ("out_dir", "report", "checkpoint_every", "log_every", "prog
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AGDTrainConfig:
   """Everything an AGD run depends on; `train/configs/agd_*.py` return one from `get_config()`."""
-  pipeline: str = ""                     # the frozen base: a DiTPipeline dir; "" = train the
-                                         # digits base (`base_config`) into out_dir/base first
+  pipeline: str = ""                     # the frozen base: a DiTPipeline or Stable Diffusion
+                                         # dir; "" = train the digits base (`base_config`) first
+  prompts: str = ""                      # Stable Diffusion: a text file, one prompt per line
   base_config: str = "digits_dit"        # train/configs module of the digits base (pipeline "")
   out_dir: str = "runs/agd"              # trajectories, adapters, checkpoints, results.json
   report: Optional[str] = None           # the results page (reproduction); None = docs/agd.md
@@ -141,48 +143,101 @@ class AGDTrainConfig:
     names = list(self.kinds)
     return names + [f"{self.default_kind}_forward_noised"] if self.ablation else names
 
-  def agd_config(self, model, kind: str) -> agd_lib.AGDConfig:
-    return agd_lib.config_for(model, kind=kind, hidden=self.hidden, heads=self.heads,
+  def agd_config(self, pipe, kind: str) -> agd_lib.AGDConfig:
+    extra = {}
+    if kind == "cross_attention" and getattr(pipe, "tokenizer", None) is not None:
+      extra["context_tokens"] = int(pipe.tokenizer.model_max_length)  # the prompt length
+    return agd_lib.config_for(pipe.backbone, kind=kind, hidden=self.hidden, heads=self.heads,
                               fourier_features=self.fourier_features,
                               fourier_std=self.fourier_std, seed=self.seed,
-                              guidance_range=(self.guidance_min, self.guidance_max))
+                              guidance_range=(self.guidance_min, self.guidance_max), **extra)
 
 
 # --- the base -----------------------------------------------------------------------------------
 
 def load_base(directory: str):
-  """The frozen DiTPipeline of `directory` (RunError when it is missing or not a DiT)."""
-  from jaxadapt.diffusion.pipeline import DiTPipeline, load_pipeline
+  """The frozen pipeline of `directory`: a DiTPipeline (class labels) or a Stable Diffusion
+  pipeline (prompts); RunError when it is missing."""
+  from jaxadapt.diffusion.pipeline import load_pipeline
   if not os.path.isdir(directory):
-    raise RunError(f"pipeline {directory}: no such dir (a diffusers DiTPipeline folder; leave "
-                   f"--pipeline empty to train the digits base first)")
-  pipe = load_pipeline(directory)
-  if not isinstance(pipe, DiTPipeline):
-    raise RunError(f"pipeline {directory} is a {type(pipe).__name__}; train.agd collects "
-                   f"class-conditional DiT trajectories (a DiTPipeline)")
-  return pipe
+    raise RunError(f"pipeline {directory}: no such dir (a diffusers DiTPipeline or Stable "
+                   f"Diffusion folder; leave --pipeline empty to train the digits base first)")
+  return load_pipeline(directory)
+
+
+def read_prompts(path: str) -> list[str]:
+  """The prompts of a Stable Diffusion run: one per non-empty line of `path`."""
+  if not path:
+    raise RunError("a Stable Diffusion pipeline needs --prompts (a text file, one prompt per "
+                   "line): the conditions its trajectories are drawn from")
+  if not os.path.isfile(path):
+    raise RunError(f"--prompts {path}: no such file (one prompt per line)")
+  with open(path) as f:
+    prompts = [line.strip() for line in f if line.strip()]
+  if not prompts:
+    raise RunError(f"--prompts {path} holds no prompt")
+  return prompts
+
+
+@dataclasses.dataclass
+class Conditions:
+  """What a trajectory is conditioned on, as an integer id per trajectory.
+
+  DiT: the class label, null = `num_classes`. Stable Diffusion: a prompt index into `states`
+  [P + 1, L, D] (the text encoder's states; row P is the empty prompt, the null condition).
+  """
+  count: int                        # ids a trajectory draws from: [0, count)
+  null: int                         # the unconditional id
+  states: Optional[np.ndarray] = None  # SD: [P + 1, L, D]
+
+  def lookup(self, ids):
+    """What the backbone takes for `ids`: the labels themselves, or their text states."""
+    return ids if self.states is None else jnp.asarray(self.states)[ids]
+
+
+def conditions(pipe, prompts: Optional[Sequence[str]] = None) -> Conditions:
+  from jaxadapt.diffusion.pipeline import DiTPipeline
+  if isinstance(pipe, DiTPipeline):
+    if prompts:
+      raise RunError("--prompts is for Stable Diffusion pipelines; a DiT draws class labels")
+    return Conditions(count=pipe.num_classes, null=pipe.num_classes)
+  if not prompts:
+    raise RunError("a Stable Diffusion pipeline needs --prompts (a text file, one prompt per "
+                   "line)")
+  states = np.asarray(pipe.encode_prompt(list(prompts) + [""]), np.float32)
+  return Conditions(count=len(prompts), null=len(prompts), states=states)
+
+
+def sample_shape(pipe) -> tuple:
+  """The backbone's sample [C, H, W] at its default size."""
+  h, w = pipe._latent_size(None, None, None)
+  return (pipe.latent_channels, h, w)
 
 
 def _fingerprint(pipe) -> dict:
   """What identifies the base: its config and a checksum of its weights."""
-  leaves = jax.tree.leaves(pipe.transformer.params)
+  leaves = jax.tree.leaves(pipe.backbone.params)
   checksum = float(sum(float(jnp.sum(jnp.abs(x.astype(jnp.float32)))) for x in leaves))
-  return {"base_config": dataclasses.asdict(pipe.transformer.config),
+  return {"base_config": json.loads(json.dumps(dataclasses.asdict(pipe.backbone.config),
+                                               default=str)),
           "base_checksum": round(checksum, 3)}
 
 
-def _denoise_fn(model):
-  return jax.tree_util.Partial(_dit_denoise, model.graphdef, model.params)
+def _denoise_fn(model, cond: Conditions):
+  """`denoise(x, t, ids)`: the backbone on condition ids (labels, or prompt states by index)."""
+  states = None if cond.states is None else jnp.asarray(cond.states)
+  return jax.tree_util.Partial(_ids_denoise, model.graphdef, model.params, states)
 
 
-def _dit_denoise(graphdef, params, x, t, labels):
-  return frozen_lib.apply(graphdef, params, "__call__", x, t, labels)
+def _ids_denoise(graphdef, params, states, x, t, ids):
+  c = ids if states is None else states[ids]
+  return frozen_lib.apply(graphdef, params, "__call__", x, t, c)
 
 
 # --- Algorithm 1: trajectories on disk ------------------------------------------------------------
 
 def _trajectory_draws(i: int, seed: int, shape: tuple, num_classes: int, w_range, w_values):
-  """Trajectory i's (noise, class, w): a pure function of (seed, i)."""
+  """Trajectory i's (noise, condition id, w): a pure function of (seed, i)."""
   rng = np.random.default_rng([seed, i])
   noise = rng.standard_normal(shape).astype(np.float32)
   label = int(rng.integers(num_classes))
@@ -202,6 +257,7 @@ class CollectSpec:
   seed: int
   guidance_range: tuple      # (lo, hi), used when guidance_values is None
   guidance_values: Optional[tuple] = None  # fixed w per trajectory (i mod len): evaluation sets
+  prompts: Optional[tuple] = None  # Stable Diffusion: the prompts (condition id = index)
 
 
 # Algorithm 1 on a batch of trajectories, compiled once per (scheduler, steps, shapes).
@@ -227,12 +283,13 @@ def collect(pipe, out_dir: str, spec: CollectSpec, *, batch: int, progress: bool
 
   Resumable (finished shards are kept) and multi-host (process p makes shards p, p + P, ...;
   the batch is split over the process's local devices). `real_images` [M, C, H, W]: the x_0
-  pool of the forward-noised mode.
+  pool of the forward-noised mode. A Stable Diffusion pipeline draws prompts (`spec.prompts`)
+  and writes their text states once, `conditions.npy` [P + 1, L, D] (the last row: "").
   """
   from tqdm.auto import tqdm
-  model = pipe.transformer
-  c = model.config
-  shape = (c.in_channels, c.sample_size, c.sample_size)
+  model = pipe.backbone
+  shape = sample_shape(pipe)
+  cond = conditions(pipe, spec.prompts)
   manifest = {"spec": dataclasses.asdict(spec), "fields": list(FIELDS),
               "sample_shape": list(shape), **_fingerprint(pipe)}
   manifest = json.loads(json.dumps(manifest))
@@ -246,6 +303,8 @@ def collect(pipe, out_dir: str, spec: CollectSpec, *, batch: int, progress: bool
       raise RunError(f"{out_dir} holds trajectories of another collection (differs in {diff}); "
                      f"resuming would mix them. Use another --out_dir, or the same settings.")
   elif jax.process_index() == 0:
+    if cond.states is not None:
+      np.save(os.path.join(out_dir, CONDITIONS), cond.states)
     with open(path + ".tmp", "w") as f:
       json.dump(manifest, f, indent=1)
     os.replace(path + ".tmp", path)
@@ -257,8 +316,8 @@ def collect(pipe, out_dir: str, spec: CollectSpec, *, batch: int, progress: bool
   mesh = sharding_lib.make_mesh(len(devices), 1, devices=devices)
   rows = NamedSharding(mesh, P(sharding_lib.DATA))
   batch = -(-batch // len(devices)) * len(devices)
-  denoise = _denoise_fn(model)
-  null = pipe.num_classes
+  denoise = _denoise_fn(model, cond)
+  null = cond.null
   state = sched.init_state(spec.num_steps, jnp.zeros((1,) + shape))
   timesteps = np.asarray(state.timesteps)
   alphas = jnp.asarray(_alphas_cumprod(sched))
@@ -273,8 +332,8 @@ def collect(pipe, out_dir: str, spec: CollectSpec, *, batch: int, progress: bool
     parts = {f: [] for f in FIELDS}
     for start in range(lo, hi, batch):
       ids = list(range(start, min(start + batch, hi)))
-      draws = [_trajectory_draws(i, spec.seed, shape, null, spec.guidance_range, w_values)
-               for i in ids]
+      draws = [_trajectory_draws(i, spec.seed, shape, cond.count, spec.guidance_range,
+                                 w_values) for i in ids]
       pad = batch - len(ids)
       noise = np.stack([d[0] for d in draws] + [draws[0][0]] * pad)
       labels = np.asarray([d[1] for d in draws] + [draws[0][1]] * pad, np.int32)
@@ -362,6 +421,9 @@ class TrajectoryShards:
     self.shards = [{f: np.load(os.path.join(_shard_dir(directory, k), f"{f}.npy"),
                                mmap_mode="r") for f in FIELDS} for k in range(num_shards)]
     self.offsets = np.cumsum([0] + [len(s["t"]) for s in self.shards])
+    path = os.path.join(directory, CONDITIONS)
+    # What the backbone takes as "cond": the label itself, or the prompt's text states.
+    self.conditions = np.load(path, mmap_mode="r") if os.path.exists(path) else None
 
   def __len__(self) -> int:
     return int(self.offsets[-1])
@@ -372,10 +434,13 @@ class TrajectoryShards:
       raise IndexError(f"record {i} of {len(self)}")
     k = int(np.searchsorted(self.offsets, i, side="right") - 1)
     j = i - int(self.offsets[k])
-    return {f: np.asarray(self.shards[k][f][j]) for f in FIELDS}
+    rec = {f: np.asarray(self.shards[k][f][j]) for f in FIELDS}
+    if self.conditions is not None:
+      rec["cond"] = np.asarray(self.conditions[int(rec["cond"])])
+    return rec
 
   def arrays(self) -> dict:
-    """Every record's fields, concatenated (evaluation sets are small)."""
+    """Every record's fields, concatenated (evaluation sets are small); "cond" holds the ids."""
     return {f: np.concatenate([np.asarray(s[f]) for s in self.shards]) for f in FIELDS}
 
 
@@ -438,9 +503,9 @@ def train_adapter(config: AGDTrainConfig, pipe, name: str, data_dir: str, mesh, 
   """Trains adapter `name` (a kind, or `<kind>_forward_noised`) on the records of `data_dir`;
   returns (AGDAdapter, FitResult). Resumes from `out_dir/runs/<name>` when it has a checkpoint."""
   kind = name.split("_forward_noised")[0]
-  model = pipe.transformer
-  adapter = agd_lib.AGDAdapter(config.agd_config(model, kind),
-                               agd_lib.init_params(config.agd_config(model, kind)))
+  model = pipe.backbone
+  agd_config = config.agd_config(pipe, kind)
+  adapter = agd_lib.AGDAdapter(agd_config, agd_lib.init_params(agd_config))
   source = TrajectoryShards(data_dir)
   batch_sharding = NamedSharding(mesh, P(loop.DATA_AXIS))
   batches = RecordBatches(source, config.batch_size, config.seed, batch_sharding)
@@ -472,11 +537,16 @@ class RunResult:
   seconds: dict
 
 
+def _prompts(config: AGDTrainConfig) -> Optional[tuple]:
+  return tuple(read_prompts(config.prompts)) if config.prompts else None
+
+
 def train_spec(config: AGDTrainConfig, mode: str = "trajectories") -> CollectSpec:
   return CollectSpec(mode=mode, num_trajectories=config.num_trajectories,
                      shard_size=config.shard_size, num_steps=config.num_steps,
                      scheduler=config.scheduler, seed=config.seed,
-                     guidance_range=(config.guidance_min, config.guidance_max))
+                     guidance_range=(config.guidance_min, config.guidance_max),
+                     prompts=_prompts(config))
 
 
 def eval_spec(config: AGDTrainConfig) -> CollectSpec:
@@ -486,7 +556,8 @@ def eval_spec(config: AGDTrainConfig) -> CollectSpec:
                      num_steps=config.num_steps, scheduler=config.scheduler,
                      seed=config.seed + 10_000,
                      guidance_range=(config.guidance_min, config.guidance_max),
-                     guidance_values=tuple(float(w) for w in config.eval_guidance))
+                     guidance_values=tuple(float(w) for w in config.eval_guidance),
+                     prompts=_prompts(config))
 
 
 def _real_images(config: AGDTrainConfig, pipe) -> Optional[np.ndarray]:
@@ -519,6 +590,10 @@ def train(config: AGDTrainConfig, *, command: Optional[str] = None) -> RunResult
   if config.stage in ("all", "collect"):
     seconds.update(_ensure_base(config))
   pipe = load_base(config.pipeline_dir())
+  from train import agd_report
+  if config.ablation and not agd_report.is_digits(pipe):
+    raise RunError("the forward-noised ablation draws x_0 from the digits; for another base "
+                   "set --ablation=false (real latents for it are not collected yet)")
   traj = os.path.join(config.out_dir, "trajectories")
   held = os.path.join(config.out_dir, "eval_trajectories")
   noised = os.path.join(config.out_dir, "forward_noised")
@@ -545,17 +620,15 @@ def train(config: AGDTrainConfig, *, command: Optional[str] = None) -> RunResult
       seconds[f"train_{name}"] = time.time() - t1
   results = {}
   if config.stage in ("all", "eval"):
-    from train import agd_report
     t1 = time.time()
     if not adapters:
       adapters = {n: agd_lib.load_agd(os.path.join(config.out_dir, "adapters", n),
-                                      pipe.transformer) for n in config.adapter_names()}
+                                      pipe.backbone) for n in config.adapter_names()}
     results = agd_report.evaluate(config, pipe, adapters, TrajectoryShards(held))
     seconds["eval"] = time.time() - t1
   seconds["total"] = time.time() - t0
   seconds["load_end"] = os.getloadavg()[0]
   if results and jax.process_index() == 0:
-    from train import agd_report
     previous = os.path.join(config.out_dir, "results.json")
     if config.stage == "eval" and os.path.isfile(previous):  # keep the training run's times
       with open(previous) as f:
