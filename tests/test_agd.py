@@ -328,3 +328,29 @@ def test_adapter_loads_onto_a_derived_checkpoint(dit, tmp_path):
   want = np.asarray(dl.apply(styled.graphdef, styled.params, "__call__", x, t, y,
                              ctx=ja.Context().with_inserts(ref)))
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_paper_configs_are_about_two_percent_of_their_bases():
+  """The shipped DiT-XL/2 and SD 2.1 configs' adapters, counted on the real architectures
+  (abstract shapes, nothing allocated): ~2% of the base, as the paper's adapters."""
+  from train.configs import agd_dit_xl2, agd_sd21
+  xl = DiTConfig()  # DiT-XL/2: 28 blocks of width 1152
+  g, st = nnx.split(nnx.eval_shape(lambda: DiTTransformer2DModel(xl, rngs=nnx.Rngs(0))))
+  dit = DiT(xl, g, nnx.to_pure_dict(st))
+  cfg = agd_dit_xl2.get_config()
+  shares = {}
+  for kind in cfg.kinds:
+    c = agd_lib.config_for(dit, kind=kind, hidden=cfg.hidden, heads=cfg.heads)
+    shares[kind] = agd_lib.num_params(agd_lib.init_params_shapes(c)) / sum(
+        x.size for x in jax.tree.leaves(dit.params))
+  sd = UNetConfig(sample_size=96, block_out_channels=(320, 640, 1280, 1280),
+                  attention_head_dim=(5, 10, 20, 20), cross_attention_dim=(1024,) * 4,
+                  use_linear_projection=True)
+  g, st = nnx.split(nnx.eval_shape(lambda: UNet2DConditionModel(sd, rngs=nnx.Rngs(0))))
+  unet = UNet(sd, g, nnx.to_pure_dict(st))
+  cfg = agd_sd21.get_config()
+  c = agd_lib.config_for(unet, hidden=cfg.hidden, heads=cfg.heads, context_tokens=77)
+  assert len(c.points) == 16  # every cross-attention module of SD 2.x
+  shares["sd21"] = agd_lib.num_params(agd_lib.init_params_shapes(c)) / sum(
+      x.size for x in jax.tree.leaves(unet.params))
+  assert all(0.01 < s < 0.03 for s in shares.values()), shares
