@@ -24,6 +24,11 @@ leaves the base exactly as it is. Three kinds (`KINDS`):
   the cross-attention adapter it needs no softmax over a handful of image-independent values.
   `docs/agd.md` reports whether it wins.
 
+`scale_by_guidance=True` (ours, off by default; not in the paper) multiplies every adapter's
+output by (w - 1). CFG's correction is exactly (w - 1)(eps_c - eps_u), zero at w = 1; with the
+factor the adapted model equals the base at w = 1 for any weights, and an adapter error shrinks
+with the gap it corrects instead of staying as large at w = 1.5 as at w = 5.
+
 Use:
 ```python
 agd = ja.agd.init_agd(dit, kind="offset", hidden=32)
@@ -76,6 +81,8 @@ class AGDConfig:
   fourier_features: int = 64           # random Fourier features of w (half sin, half cos)
   fourier_std: float = 1.0             # std of their frequencies (cycles per unit of w)
   guidance_range: tuple = (1.0, 6.0)   # the w range the adapter is (to be) trained on
+  scale_by_guidance: bool = False      # multiply every adapter output by (w - 1) (ours, not the
+                                       # paper's): exactly the base at w = 1, as CFG is
   seed: int = 0                        # draws the Fourier frequencies and the initial weights
 
   def __post_init__(self):
@@ -259,25 +266,32 @@ def _conditioning(p, params, w, temb, cemb):
   return e
 
 
-def _offset(point, class_dim, p, params, out, hidden_in, cond, inputs):
+def _add(out, delta, w, gain: bool):
+  """`out + delta` [B, N, D] (delta [B, N or 1, D]), times (w - 1) per sample with `gain`."""
+  if gain:
+    delta = delta * (w - 1.0)[:, None, None]
+  return out + delta.astype(out.dtype)
+
+
+def _offset(point, class_dim, gain, p, params, out, hidden_in, cond, inputs):
   """Offset adapter: one vector per sample, `out + W_o silu(e) + b_o` broadcast over tokens."""
   del hidden_in, cond
   w, temb, cemb = _inputs(inputs, out.shape[0], (class_dim,), point)
   e = _conditioning(p, params, w, temb, cemb)
   delta = jax.nn.silu(e) @ p["out"] + p["out_b"]  # [B, D]
-  return out + delta[:, None, :].astype(out.dtype)
+  return _add(out, delta[:, None, :], w, gain)
 
 
-def _token(point, class_dim, p, params, out, hidden_in, cond, inputs):
+def _token(point, class_dim, gain, p, params, out, hidden_in, cond, inputs):
   """Token adapter (ours): `out + W_o gelu(LN(h_i) W_h + e) + b_o` for every token i."""
   del cond
   w, temb, cemb = _inputs(inputs, out.shape[0], (class_dim,), point)
   e = _conditioning(p, params, w, temb, cemb)
   z = _layer_norm(hidden_in.astype(jnp.float32)) @ p["h"] + e[:, None, :]
-  return out + (jax.nn.gelu(z) @ p["out"] + p["out_b"]).astype(out.dtype)
+  return _add(out, jax.nn.gelu(z) @ p["out"] + p["out_b"], w, gain)
 
 
-def _cross_attention(point, class_dim, heads, p, params, out, hidden_in, cond, inputs):
+def _cross_attention(point, class_dim, gain, heads, p, params, out, hidden_in, cond, inputs):
   """Cross-attention adapter: queries from the tokens' hidden states, keys/values from the
   token set [w embedding, t embedding, class embedding | prompt tokens] + positions."""
   b = out.shape[0]
@@ -302,15 +316,15 @@ def _cross_attention(point, class_dim, heads, p, params, out, hidden_in, cond, i
   scores = jnp.einsum("bnhd,bmhd->bhnm", split(q), split(k)) / np.sqrt(hd)
   att = jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(scores, -1), split(v))
   att = att.reshape(att.shape[0], att.shape[1], -1)
-  return out + (att @ p["out"] + p["out_b"]).astype(out.dtype)
+  return _add(out, att @ p["out"] + p["out_b"], w, gain)
 
 
 @functools.lru_cache(maxsize=None)
-def _point_fn(kind: str, point: str, class_dim: int, heads: int):
+def _point_fn(kind: str, point: str, class_dim: int, gain: bool, heads: int):
   """The insert function of one point (one object per distinct value: compiles are reused)."""
   if kind == "cross_attention":
-    return functools.partial(_cross_attention, point, class_dim, heads)
-  return functools.partial(_offset if kind == "offset" else _token, point, class_dim)
+    return functools.partial(_cross_attention, point, class_dim, gain, heads)
+  return functools.partial(_offset if kind == "offset" else _token, point, class_dim, gain)
 
 
 def inserts(config: AGDConfig, params: Mapping) -> dict:
@@ -319,7 +333,8 @@ def inserts(config: AGDConfig, params: Mapping) -> dict:
   The params are Partial arguments (traced), so new weights reuse the compiled forward.
   """
   shared = {"fourier": params["fourier"], "w_mlp": params["w_mlp"]}
-  return {pt: jax.tree_util.Partial(_point_fn(config.kind, pt, config.class_dim, config.heads),
+  return {pt: jax.tree_util.Partial(_point_fn(config.kind, pt, config.class_dim,
+                                              config.scale_by_guidance, config.heads),
                                     params["points"][pt], shared)
           for pt in config.points}
 

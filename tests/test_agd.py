@@ -354,3 +354,24 @@ def test_paper_configs_are_about_two_percent_of_their_bases():
   shares["sd21"] = agd_lib.num_params(agd_lib.init_params_shapes(c)) / sum(
       x.size for x in jax.tree.leaves(unet.params))
   assert all(0.01 < s < 0.03 for s in shares.values()), shares
+
+
+@pytest.mark.parametrize("kind", agd_lib.KINDS)
+def test_scale_by_guidance(dit, kind):
+  """With `scale_by_guidance` each point adds (w - 1) times what it adds without, so the
+  adapted model is exactly the base at w = 1 whatever the weights."""
+  plain = _trained(agd_lib.init_agd(dit, kind=kind, hidden=8, heads=2))
+  gained = agd_lib.AGDAdapter(dataclasses.replace(plain.config, scale_by_guidance=True),
+                              plain.params)
+  point = plain.config.points[1]
+  out = jax.random.normal(jax.random.key(4), (2, 16, dit.config.inner_dim))
+  hidden = jax.random.normal(jax.random.key(5), out.shape)
+  inputs = {"guidance_scale": jnp.array([1.0, 4.0]), "timestep_emb": jnp.ones((2, 16)),
+            "class_emb": -jnp.ones((2, 16))}
+  a = plain.inserts()[point](out, hidden, None, inputs) - out
+  b = gained.inserts()[point](out, hidden, None, inputs) - out
+  np.testing.assert_allclose(np.asarray(b), np.asarray(a * jnp.array([0.0, 3.0])[:, None, None]),
+                             atol=1e-5)
+  x, t, y = _inputs()
+  np.testing.assert_array_equal(np.asarray(dit(x, t, y, context=gained.context(1.0))),
+                                np.asarray(dit(x, t, y)))

@@ -61,7 +61,8 @@ MANIFEST = "manifest.json"
 CONDITIONS = "conditions.npy"  # Stable Diffusion: the prompts' text states, by condition id
 RESUMABLE_CHANGES = ("out_dir", "report", "checkpoint_every", "log_every", "progress",
                      "data_parallel", "stage", "eval_samples", "eval_trajectories",
-                     "eval_guidance", "collect_batch", "timing_repeats")
+                     "eval_guidance", "collect_batch", "timing_repeats", "style_steps",
+                     "style_rank")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,6 +82,7 @@ class AGDTrainConfig:
   heads: int = 4                         # cross-attention adapter heads
   fourier_features: int = 64             # random Fourier features of w
   fourier_std: float = 1.0               # their frequencies' std (cycles per unit of w)
+  scale_by_guidance: bool = False        # adapters' outputs times (w - 1) (ours; see jaxadapt.agd)
   guidance_min: float = 1.0              # w ~ U[guidance_min, guidance_max] per trajectory
   guidance_max: float = 6.0
   scheduler: str = "ddim"                # the sampler of the trajectories and of evaluation
@@ -101,6 +103,9 @@ class AGDTrainConfig:
   grad_clip: float = 1.0
   checkpoint_every: int = 500
   log_every: int = 50
+  style_steps: int = 300                 # the derived-checkpoint check: a style LoRA trained this
+                                         # long on bold digits, merged into the base (0 = off)
+  style_rank: int = 4                    # its rank
   seed: int = 0                          # trajectories, adapter init and batches
   data_parallel: int = 1                 # devices on the data axis (all hosts together)
   progress: bool = True                  # progress bars
@@ -110,7 +115,7 @@ class AGDTrainConfig:
         "hidden", "heads", "fourier_features", "num_steps", "num_trajectories", "shard_size",
         "collect_batch", "eval_trajectories", "eval_samples", "timing_repeats", "steps",
         "batch_size", "checkpoint_every", "log_every", "data_parallel"),
-        ints=("warmup_steps", "seed"),
+        ints=("warmup_steps", "seed", "style_steps", "style_rank"),
         finite=("fourier_std", "guidance_min", "guidance_max", "learning_rate",
                 "final_lr_fraction", "weight_decay", "grad_clip"))
     if self.stage not in STAGES:
@@ -150,6 +155,7 @@ class AGDTrainConfig:
     return agd_lib.config_for(pipe.backbone, kind=kind, hidden=self.hidden, heads=self.heads,
                               fourier_features=self.fourier_features,
                               fourier_std=self.fourier_std, seed=self.seed,
+                              scale_by_guidance=self.scale_by_guidance,
                               guidance_range=(self.guidance_min, self.guidance_max), **extra)
 
 
@@ -525,6 +531,73 @@ def train_adapter(config: AGDTrainConfig, pipe, name: str, data_dir: str, mesh, 
   return agd_lib.AGDAdapter(adapter.config, params), fit
 
 
+# --- a checkpoint derived from the base: the base + a style LoRA merged in -------------------------
+
+STYLE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+def bold(images: np.ndarray) -> np.ndarray:
+  """The style: digits with thicker strokes (a 2x2 max filter, images in [-1, 1] NCHW)."""
+  p = np.pad(images, ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=-1.0)
+  return np.maximum.reduce([p[..., dy:dy + 8, dx:dx + 8] for dy in (0, 1) for dx in (0, 1)])
+
+
+@dataclasses.dataclass(frozen=True)
+class StyleLoRALoss:
+  """The digits DDPM loss (`train.digits.DDPMLoss`, label dropout included) of the base with a
+  LoRA merged in; only the LoRA trains."""
+  ddpm: object
+  lora_config: object
+
+  def __call__(self, trainable, frozen, batch, rng):
+    from jaxadapt.adapters import lora as lora_lib
+    merged, _ = lora_lib.merge_params(frozen["base"], lora_lib.LoraAdapter(
+        weights=trainable, config=self.lora_config))
+    return self.ddpm(merged, {}, batch, rng)
+
+
+def train_style_lora(config: AGDTrainConfig, pipe, mesh):
+  """A style LoRA on the digits base (bold strokes, `style_steps` steps): the checkpoint
+  "derived from the same base" that the paper says AGD adapters combine with."""
+  import jaxadapt as ja
+  from jaxadapt.adapters.lora import LoraConfig
+  from train import digits
+  model = pipe.backbone
+  base_cfg = flags.load_config_module(config.base_config)
+  lora_cfg = LoraConfig(r=config.style_rank, lora_alpha=float(config.style_rank),
+                        target_modules=STYLE_TARGETS)
+  lora = ja.init_lora(model, lora_cfg, seed=config.seed)
+  ddpm = digits.DDPMLoss(model.graphdef, base_cfg.num_train_timesteps, base_cfg.beta_start,
+                         base_cfg.beta_end, base_cfg.label_dropout)
+  plain = digits.digit_batches(config.seed, 128)
+
+  def batches(position):
+    b = plain(position)
+    return {"images": bold(b["images"]), "labels": b["labels"]}
+  tx = loop.AdamW(learning_rate=3e-3, steps=config.style_steps,
+                  warmup_steps=min(50, config.style_steps))
+  with loop.Trainer(os.path.join(config.out_dir, "runs", "style_lora"), steps=config.style_steps,
+                    checkpoint_every=config.style_steps, keep_checkpoints=1,
+                    log_every=config.log_every, progress=config.progress,
+                    desc="style lora") as trainer:
+    start = jax.tree.map(lambda a: jnp.array(a, copy=True), lora.weights)
+    fit = trainer.fit(StyleLoRALoss(ddpm, lora_cfg), tx, start, {"base": model.params},
+                      batches, mesh=mesh, batch_size=128, seed=config.seed,
+                      record={"config": {"style_steps": config.style_steps,
+                                         "style_rank": config.style_rank, "seed": config.seed},
+                              "adapter": "style_lora", **_fingerprint(pipe)})
+  return dataclasses.replace(lora, weights=jax.device_get(fit.trainable))
+
+
+def styled_pipeline(pipe, lora):
+  """`pipe` with `lora` merged into its backbone (a new checkpoint derived from the base)."""
+  import copy
+  import jaxadapt as ja
+  styled = copy.copy(pipe)
+  setattr(styled, pipe.backbone_name, ja.merge(pipe.backbone, lora))
+  return styled
+
+
 # --- the run --------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -618,13 +691,34 @@ def train(config: AGDTrainConfig, *, command: Optional[str] = None) -> RunResult
         adapter.save(os.path.join(config.out_dir, "adapters", name))
       adapters[name] = adapter
       seconds[f"train_{name}"] = time.time() - t1
+  style = None
+  style_dir = os.path.join(config.out_dir, "style_lora")
+  if config.style_steps and agd_report.is_digits(pipe) and config.stage in ("all", "train"):
+    from jaxadapt.io.peft import save_adapter
+    t1 = time.time()
+    style = train_style_lora(config, pipe, mesh)
+    if jax.process_index() == 0:
+      save_adapter(style, style_dir)
+    seconds["style_lora"] = time.time() - t1
   results = {}
   if config.stage in ("all", "eval"):
     t1 = time.time()
     if not adapters:
       adapters = {n: agd_lib.load_agd(os.path.join(config.out_dir, "adapters", n),
                                       pipe.backbone) for n in config.adapter_names()}
+    if style is None and config.style_steps and os.path.isdir(style_dir):
+      from jaxadapt.io.peft import load_adapter
+      style = load_adapter(style_dir)
+    styled = None
+    if style is not None:  # held-out CFG trajectories of the derived checkpoint
+      styled = styled_pipeline(pipe, style)
+      collect(styled, os.path.join(config.out_dir, "style_eval_trajectories"),
+              eval_spec(config), batch=config.collect_batch, progress=config.progress)
     results = agd_report.evaluate(config, pipe, adapters, TrajectoryShards(held))
+    if styled is not None:
+      results["style"] = agd_report.evaluate_derived(
+          config, pipe, styled, adapters[config.default_kind],
+          TrajectoryShards(os.path.join(config.out_dir, "style_eval_trajectories")))
     seconds["eval"] = time.time() - t1
   seconds["total"] = time.time() - t0
   seconds["load_end"] = os.getloadavg()[0]

@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCHED = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
          "beta_end": 0.02, "beta_schedule": "linear", "clip_sample": False,
          "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "epsilon"}
-FLAGS = dict(kinds=("token",), default_kind="token", ablation=False, hidden=8,
+FLAGS = dict(kinds=("token",), default_kind="token", ablation=False, hidden=8, style_steps=0,
              fourier_features=8, num_steps=3, num_trajectories=12, shard_size=4,
              collect_batch=4, eval_trajectories=2, steps=4, batch_size=8, warmup_steps=1,
              checkpoint_every=2, log_every=1, progress=False, learning_rate=3e-3)
@@ -253,3 +253,6 @@ def test_the_whole_run_writes_its_report(base, tmp_path):
   assert "| offset |" in page and "AGD token_forward_noised" in page
   assert os.path.exists(tmp_path / "docs" / "agd_samples.png")
   assert "2.0" in res["targets"] and "8.0" not in res["targets"]  # 8 is outside the range
+  # the derived checkpoint (a style LoRA merged in) has its own trajectories and numbers
+  assert set(res["style"]["gap"]) == {"2.0", "8.0"} and "derived checkpoint" in page
+  assert os.path.exists(tmp_path / "docs" / "agd_style.png")

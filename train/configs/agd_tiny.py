@@ -15,4 +15,4 @@ def get_config() -> AGDTrainConfig:
                         shard_size=4, collect_batch=4, eval_guidance=(2.0, 8.0),
                         eval_trajectories=2, eval_samples=20, timing_repeats=1, steps=3,
                         batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1,
-                        out_dir="runs/agd_tiny", progress=False)
+                        style_steps=2, out_dir="runs/agd_tiny", progress=False)
