@@ -1,6 +1,6 @@
-"""scikit-learn's digits as a pixel-space diffusion task: data, a class-conditional DiT base, a judge.
+"""scikit-learn's digits as a pixel-space diffusion task: data, a class-conditional DiT, a judge.
 
-  python -m train.digits [--config digits_dit] [--out_dir runs/digits_dit] [--steps 3000] ...
+  python -m train.digits [--config digits_dit] [--out_dir runs/digits_dit] [--steps 2000] ...
 
 The pieces the AGD reproduction (`train/agd.py`, issue #13) stands on:
 
@@ -11,8 +11,9 @@ The pieces the AGD reproduction (`train/agd.py`, issue #13) stands on:
   (Ho et al. 2020, Eq. 14) on t ~ U{0..999} of a linear beta schedule, with the label replaced by
   the null label 10 with probability `label_dropout`, so one network is conditional and
   unconditional and classifier-free guidance works (Ho & Salimans 2022, Sec. 3.2 / Alg. 1). No
-  augmentation: shifted or flipped digits change what a digit is, and 1442 training images at
-  this model size do not overfit within the run (the held-out Frechet distance says so).
+  augmentation, as it does not help here: the run is too short to overfit the 1442 training
+  images (after 2000 steps the loss on held-out digits was 0.072 against 0.067 on the training
+  ones), and flips or shifts would teach digits the data never shows (a flipped 2 is no digit).
   The result is written as a diffusers `DiTPipeline` folder, `out_dir/pipeline/` (below).
 - `DigitsClassifier` / `train_classifier`: a small CNN trained in seconds (the judge): its
   accuracy on samples for their label, and the Frechet distance (Heusel et al. 2017) in its
@@ -140,9 +141,9 @@ class DigitsDiTConfig:
   beta_end: float = 0.02                # beta_T
   label_dropout: float = 0.1            # P(label -> null label) per example (CFG, Ho & Salimans)
   # Training (AdamW with warmup + cosine on the shared trainer).
-  steps: int = 3000                     # optimizer steps in the whole run
-  batch_size: int = 128                 # global batch (images); divisible by data_parallel
-  learning_rate: float = 1e-3           # peak learning rate (after warmup)
+  steps: int = 2000                     # optimizer steps in the whole run
+  batch_size: int = 64                  # global batch (images); divisible by data_parallel
+  learning_rate: float = 3e-3           # peak learning rate (after warmup)
   warmup_steps: int = 100               # linear warmup from 0 to learning_rate
   final_lr_fraction: float = 0.05       # cosine decays to learning_rate * this at the last step
   weight_decay: float = 0.0             # AdamW decoupled decay on matrices (not norms/biases)
@@ -155,7 +156,7 @@ class DigitsDiTConfig:
   log_every: int = 50                   # fetch losses to the host / log / progress bar
   progress: bool = True                 # show the tqdm progress bar
   # Evaluation after training (`python -m train.digits` only; not part of the loss curve).
-  eval_per_class: int = 20              # samples per digit at each guidance scale; 0 = no eval
+  eval_per_class: int = 30              # samples per digit at each guidance scale; 0 = no eval
   eval_steps: int = 25                  # DDIM steps per sample
   eval_guidance: tuple[float, ...] = (1.0, 3.0, 5.0)  # CFG scales (1 = conditional alone)
 
@@ -200,10 +201,16 @@ class DigitsDiTConfig:
                      num_embeds_ada_norm=NUM_CLASSES)
 
   def scheduler_config(self) -> dict:
-    """The pipeline's diffusers `DDIMScheduler` config: the training betas (DDIM, Song 2021)."""
+    """The pipeline's diffusers `DDIMScheduler` config: the training betas (DDIM, Song 2021).
+
+    `clip_sample` is off: DDIM clips x0 but steps with the unclipped (guided) epsilon, and
+    under CFG that mismatch greys the background (measured: at w=3 the judge's accuracy fell
+    from 100% to 61% and the FD rose from 51 to 179); sample_digits clips the final image.
+    "trailing" spacing starts at t=999, where the training noise is (Lin et al. 2024 Table 2).
+    """
     return {"_class_name": "DDIMScheduler", "num_train_timesteps": self.num_train_timesteps,
             "beta_start": self.beta_start, "beta_end": self.beta_end,
-            "beta_schedule": "linear", "trained_betas": None, "clip_sample": True,
+            "beta_schedule": "linear", "trained_betas": None, "clip_sample": False,
             "clip_sample_range": 1.0, "set_alpha_to_one": True, "steps_offset": 0,
             "prediction_type": "epsilon", "thresholding": False,
             "timestep_spacing": "trailing", "rescale_betas_zero_snr": False}
@@ -392,10 +399,18 @@ def save_dit(model: DiT, directory: str):
 
   The tensors are in torch layout under diffusers' names (`jaxadapt.io.hf.torch_name`
   inverted), so `load_dit` and diffusers' `DiTTransformer2DModel.from_pretrained` load it.
+  Multi-host: every process must call it (the params are gathered); the chief writes.
   """
   from safetensors.numpy import save_file
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    host = multihost_utils.process_allgather(model.params, tiled=True)
+  else:
+    host = jax.device_get(model.params)
+  if jax.process_index() != 0:
+    return
   tensors = {}
-  for kp, value in jax.tree_util.tree_flatten_with_path(jax.device_get(model.params))[0]:
+  for kp, value in jax.tree_util.tree_flatten_with_path(host)[0]:
     name, transform = torch_name(keypath_str(kp))
     value = np.asarray(value, np.float32)
     tensors[name] = np.ascontiguousarray(_torch_layout(value) if transform else value)
@@ -408,8 +423,13 @@ def save_dit(model: DiT, directory: str):
 
 def save_pipeline(model: DiT, directory: str, scheduler_config: dict):
   """Writes a diffusers `DiTPipeline` folder in pixel space: transformer/, scheduler/ and
-  model_index.json (`"vae": [null, null]`, `id2label` with the digits' names)."""
+  model_index.json (`"vae": [null, null]`, `id2label` with the digits' names).
+
+  Multi-host: every process must call it; the chief writes.
+  """
   save_dit(model, os.path.join(directory, "transformer"))
+  if jax.process_index() != 0:
+    return
   os.makedirs(os.path.join(directory, "scheduler"), exist_ok=True)
   with open(os.path.join(directory, "scheduler", "scheduler_config.json"), "w") as f:
     json.dump({**scheduler_config, "_diffusers_version": "0.30.0"}, f, indent=2)
