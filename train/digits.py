@@ -13,7 +13,8 @@ The pieces the AGD reproduction (`train/agd.py`, issue #13) stands on:
   unconditional and classifier-free guidance works (Ho & Salimans 2022, Sec. 3.2 / Alg. 1). No
   augmentation, as it does not help here: the run is too short to overfit the 1442 training
   images (after digits_dit's 2000 steps the loss on held-out digits is 0.076 against 0.072 on
-  the training ones), and flips or shifts would teach digits the data never shows (a flipped 2 is no digit).
+  the training ones), and flips or shifts would teach digits the data never shows (a flipped
+  2 is no digit).
   The result is written as a diffusers `DiTPipeline` folder, `out_dir/pipeline/` (below).
 - `DigitsClassifier` / `train_classifier`: a small CNN trained in seconds (the judge): its
   accuracy on samples for their label, and the Frechet distance (Heusel et al. 2017) in its

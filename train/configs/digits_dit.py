@@ -14,8 +14,8 @@ x0 clipping) from the same noise at each guidance scale w = 1, 3, 5.
 Takes under 5 min on 2 CPU cores (measured while another job shared them: training 267 s,
 ~120 ms/step after the compile; then classifier + evaluation 16 s).
 
-Expect (measured; out_dir/eval.json and samples_w*.png): the loss falls from ~0.98 to ~0.08 (mean of the last 100 steps: 0.079);
-the judge's accuracy on samples for their label / Frechet distance (classifier features) to
+Expect (measured; out_dir/eval.json and samples_w*.png): the loss falls from ~0.98 to ~0.08
+(mean of the last 100 steps: 0.079); the judge's accuracy on samples for their label / Frechet distance (classifier features) to
 the held-out digits:
   w = 1:   93.7% / FD 17.0   (the conditional model alone)
   w = 1.5: 99.3% / FD 13.2
