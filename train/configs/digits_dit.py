@@ -15,8 +15,8 @@ Takes under 5 min on 2 CPU cores (measured while another job shared them: traini
 ~120 ms/step after the compile; then classifier + evaluation 16 s).
 
 Expect (measured; out_dir/eval.json and samples_w*.png): the loss falls from ~0.98 to ~0.08
-(mean of the last 100 steps: 0.079); the judge's accuracy on samples for their label / Frechet distance (classifier features) to
-the held-out digits:
+(mean of the last 100 steps: 0.079); the judge's accuracy on samples for their label / Frechet
+distance (classifier features) to the held-out digits:
   w = 1:   93.7% / FD 17.0   (the conditional model alone)
   w = 1.5: 99.3% / FD 13.2
   w = 2:   100%  / FD 25.0
