@@ -18,11 +18,11 @@ leaves the base exactly as it is. Three kinds (`KINDS`):
 * "cross_attention" (the paper's U-Net adapter): queries from the block's hidden states,
   keys/values from a small token set [embedding of w, timestep embedding, projected class
   embedding or prompt tokens] with learned positions.
-* "token" (ours, not in the paper): the offset adapter's conditioning vector added to a
-  projection of each token's own hidden state, then an MLP per token. Unlike the offset it can
-  move each token differently (CFG's correction eps_c - eps_u depends on the image); unlike
-  the cross-attention adapter it needs no softmax over a handful of image-independent values.
-  `docs/agd.md` reports whether it wins.
+* "token" (ours, not in the paper): the offset adapter's conditioning vector added to
+  projections of each token's hidden state and of its attention output, then an MLP per token.
+  Unlike the offset it can move each token differently (CFG's correction eps_c - eps_u depends
+  on the image); unlike the cross-attention adapter it needs no softmax over a handful of
+  image-independent values. `docs/agd.md` reports whether it wins.
 
 `scale_by_guidance=True` (ours, off by default; not in the paper) multiplies every adapter's
 output by (w - 1). CFG's correction is exactly (w - 1)(eps_c - eps_u), zero at w = 1; with the
@@ -204,7 +204,7 @@ def init_params(config: AGDConfig) -> dict:
     if c.class_dim:
       p["c"] = _dense(next(ks), c.class_dim, h)
     if c.kind == "token":
-      p["h"] = _dense(next(ks), d, h)
+      p["h"], p["a"] = _dense(next(ks), d, h), _dense(next(ks), d, h)
     if c.kind == "cross_attention":
       p.update(q=_dense(next(ks), d, h), k=_dense(next(ks), h, h), v=_dense(next(ks), h, h),
                pos=0.02 * jax.random.normal(next(ks), (c.num_tokens, h), jnp.float32))
@@ -283,11 +283,13 @@ def _offset(point, class_dim, gain, p, params, out, hidden_in, cond, inputs):
 
 
 def _token(point, class_dim, gain, p, params, out, hidden_in, cond, inputs):
-  """Token adapter (ours): `out + W_o gelu(LN(h_i) W_h + e) + b_o` for every token i."""
+  """Token adapter (ours): `out + W_o gelu(LN(h_i) W_h + LN(o_i) W_a + e) + b_o` for every
+  token i (h_i its input to the attention module, o_i the attention's output)."""
   del cond
   w, temb, cemb = _inputs(inputs, out.shape[0], (class_dim,), point)
   e = _conditioning(p, params, w, temb, cemb)
-  z = _layer_norm(hidden_in.astype(jnp.float32)) @ p["h"] + e[:, None, :]
+  z = (_layer_norm(hidden_in.astype(jnp.float32)) @ p["h"]
+       + _layer_norm(out.astype(jnp.float32)) @ p["a"] + e[:, None, :])
   return _add(out, jax.nn.gelu(z) @ p["out"] + p["out_b"], w, gain)
 
 

@@ -99,7 +99,8 @@ def _reference_insert(adapter, point, w):
         e = e + jax.nn.silu(cemb) @ p["c"]
       if c.kind == "offset":
         return out + (jax.nn.silu(e) @ p["out"] + p["out_b"])[:, None]
-      return out + jax.nn.gelu(_ln(hidden_in) @ p["h"] + e[:, None]) @ p["out"] + p["out_b"]
+      z = _ln(hidden_in) @ p["h"] + _ln(out) @ p["a"] + e[:, None]
+      return out + jax.nn.gelu(z) @ p["out"] + p["out_b"]
     toks = [ew, jax.nn.silu(temb) @ p["t"] + p["b"]]
     if cemb is not None:
       toks.append(jax.nn.silu(cemb) @ p["c"])

@@ -100,10 +100,18 @@ def evaluate(config, pipe, adapters: dict, held) -> dict:
   for name, adapter in adapters.items():
     pred = _predict(model, adapter, arrays)
     results["gap"][name] = {}
+    results.setdefault("gap_by_step", {})[name] = {}
+    steps_t = np.unique(arrays["t"])[::-1]  # the sampler's timesteps, first step first
     for w in config.eval_guidance:
       m = np.isclose(arrays["w"], w)
       results["gap"][name][str(w)] = agd_lib.gap_recovered(pred[m], arrays["eps_cond"][m],
                                                            arrays["eps_cfg"][m])
+      # where along the trajectory the error sits: the gap recovered at each sampler step
+      results["gap_by_step"][name][str(w)] = [
+          agd_lib.gap_recovered(pred[m & (arrays["t"] == t)],
+                                arrays["eps_cond"][m & (arrays["t"] == t)],
+                                arrays["eps_cfg"][m & (arrays["t"] == t)]) for t in steps_t]
+    results["steps_t"] = [float(t) for t in steps_t]
   judge = is_digits(pipe)
   if judge:
     clf = classifier(config)
@@ -290,6 +298,18 @@ def write_report(config, pipe, adapters, results, seconds, command: str) -> str:
     p = results["params"][n]
     lines.append(f"| {n} | {p['count']} ({100 * p['fraction']:.2f}%) | "
                  + " | ".join(_fmt(results["gap"][n][w], True) for w in ws) + " |")
+  d = config.default_kind
+  if d in results.get("gap_by_step", {}):
+    steps_t = results["steps_t"]
+    pick = sorted({0, len(steps_t) // 4, len(steps_t) // 2, 3 * len(steps_t) // 4,
+                   len(steps_t) - 1})
+    lines += ["", f"Gap recovered by the default adapter ({d}) along the trajectory (sampler "
+              "step: timestep):", "",
+              "| w | " + " | ".join(f"step {i + 1}: t={steps_t[i]:g}" for i in pick) + " |",
+              "|---|" + "---|" * len(pick)]
+    for w in ws:
+      per = results["gap_by_step"][d][w]
+      lines.append(f"| {w} | " + " | ".join(_fmt(per[i], True) for i in pick) + " |")
   for metric, title, pct in (("fd", "Fréchet distance to held-out digits (classifier features; "
                                     "lower is better)", False),
                              ("accuracy", "Classifier accuracy on the samples for their label",
