@@ -8,9 +8,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +22,8 @@ from train import agd as train_agd
 from train import digits
 from train.loop import RunError
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _processes import run_two_processes
+
 SCHED = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
          "beta_end": 0.02, "beta_schedule": "linear", "clip_sample": False,
          "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "epsilon"}
@@ -174,34 +172,6 @@ def test_record_batches_read_only_local_rows(collected):
   np.testing.assert_array_equal(epoch[key(epoch)], everything[key(everything)])
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _two_processes(argv, cwd):
-  """Runs `python -m train.agd ARGV` as two processes (4 CPU devices each) on loopback."""
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen([sys.executable, "-m", "train.agd", *argv], cwd=str(cwd),
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True))
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=400)[0])
-  finally:
-    for p in procs:
-      p.kill()
-  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-
-
 def test_two_processes_equal_one(collected, tmp_path):
   """`python -m train.agd collect` then `train` on two processes (4 devices each, the data axis
   over all 8): each process makes its share of the shards, and together they write the
@@ -211,12 +181,12 @@ def test_two_processes_equal_one(collected, tmp_path):
   flags = {**FLAGS, "data_parallel": 8, "pipeline": config.pipeline, "out_dir": multi}
   argv = ["--config=agd_tiny"] + [f"--{k}={','.join(v) if isinstance(v, tuple) else v}"
                                   for k, v in flags.items()]
-  _two_processes(["collect"] + argv, tmp_path)
+  run_two_processes("train.agd", ["collect"] + argv, tmp_path)
   mine = train_agd.TrajectoryShards(str(multi / "trajectories")).arrays()
   single = train_agd.TrajectoryShards(os.path.join(config.out_dir, "trajectories")).arrays()
   for k in single:  # the same draws; float noise of another compile (XLA options, 4 devices)
     np.testing.assert_allclose(mine[k], single[k], atol=1e-4, rtol=1e-4, err_msg=k)
-  _two_processes(["train"] + argv, tmp_path)
+  run_two_processes("train.agd", ["train"] + argv, tmp_path)
   with open(multi / "runs" / "token" / "metrics.jsonl") as f:
     losses = [json.loads(line)["loss"] for line in f]
   one = dataclasses.replace(config, out_dir=str(tmp_path / "single"), data_parallel=8)

@@ -6,10 +6,6 @@ losses and the exported adapter equal an 8-device single-process run of the same
 """
 import dataclasses
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 
@@ -17,38 +13,16 @@ import jaxadapt as ja
 from train import lora as train_lora
 from train.configs.lora_tiny import get_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _processes import run_two_processes
+
 FLAGS = dict(steps=4, batch_size=8, seq_len=32, synthetic_docs=300, warmup_steps=1,
              checkpoint_every=2, log_every=1, data_parallel=4, model_parallel=2)
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def test_two_processes_equal_one(tmp_path):
   out = tmp_path / "multi"
   argv = [f"--{k}={v}" for k, v in FLAGS.items()] + ["--progress=false", f"--out_dir={out}"]
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen([sys.executable, "-m", "train.lora", *argv], cwd=str(tmp_path),
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True))
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=400)[0])
-  finally:
-    for p in procs:
-      p.kill()
-  assert all(p.returncode == 0 for p in procs), "\n".join(l[-2000:] for l in logs)
+  run_two_processes("train.lora", argv, tmp_path)
   with open(out / "metrics.jsonl") as f:
     multi = [json.loads(line)["loss"] for line in f]
 
