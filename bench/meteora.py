@@ -32,7 +32,7 @@ from jaxadapt.adapters import hook as hook_lib  # noqa: E402
 from jaxadapt.adapters.lora import kernel_at  # noqa: E402
 from jaxadapt.causal_lm import CausalLM  # noqa: E402
 from jaxadapt.models.llama import LlamaConfig  # noqa: E402
-from train.meteora import median_ms  # noqa: E402
+from train.timing import median_ms  # noqa: E402
 
 
 def _per_expert_gated(x, base, view, ids, gates, groupings=None):

@@ -8,7 +8,8 @@ For each evaluation guidance scale w (`eval_guidance`; the last one outside the 
     pixel RMSE to the CFG sample (on the [0, 1] intensity scale), the Fréchet distance to the
     held-out real digits in the features of the repo's digits classifier (Heusel et al. 2017),
     that classifier's accuracy on the samples for their label, network evaluations per sample
-    and wall time per sample (median of `timing_repeats` timed runs after a compile run);
+    and wall time per sample (medians of `timing_repeats` runs, every row of one w interleaved,
+    after a compile run);
   * adapter parameters as a share of the base's.
 References: Jensen & Sadat 2025 (AGD), Sec. 4 (the paper's DiT-XL/2 and SD 2.1 tables: FID, and
 one network evaluation per step instead of two); Ho & Salimans 2022 Eq. 6 (CFG).
@@ -16,7 +17,6 @@ one network evaluation per step instead of two); Ho & Salimans 2022 Eq. 6 (CFG).
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from jaxadapt import agd as agd_lib
 from jaxadapt.diffusion import sampling
 from jaxadapt.diffusion.pipeline import _agd_denoise, _resolve_scheduler
 from jaxadapt.models import frozen as frozen_lib
+from train.timing import median_ms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_DOCS = os.path.join(REPO, "docs", "agd.md")
@@ -50,17 +51,6 @@ def _predict(model, adapter, arrays, batch: int = 512) -> np.ndarray:
 def _dit_denoise(graphdef, params, x, t, cond):
   """The backbone (DiT or U-Net) on its conditioning (labels or text states); pure."""
   return frozen_lib.apply(graphdef, params, "__call__", x, t, cond)
-
-
-def _timed(fn, repeats: int):
-  """(result, median seconds of `repeats` runs after one compile run)."""
-  out = jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return out, float(np.median(times))
 
 
 def classifier(config):
@@ -136,29 +126,29 @@ def evaluate(config, pipe, adapters: dict, held) -> dict:
       out["rmse_to_cfg"] = float(np.sqrt(np.mean(((images - reference) / 2) ** 2)))
     return out
 
-  unguided, secs = _timed(lambda: sampling.sample(plain, sched, noise, labels, None, None, steps,
-                                                  None), config.timing_repeats)
-  unguided = np.asarray(unguided)
+  def sampler(fn, cond, uncond=None, w=None):
+    return lambda: sampling.sample(fn, sched, noise, cond, uncond, w, steps, None)
+
+  unguided = np.asarray(sampler(plain, labels)())
   samples_for_grid = {"no guidance": unguided}
   for w in config.eval_guidance:
-    row = {}
-    cfg, cfg_secs = _timed(lambda: sampling.sample(plain, sched, noise, labels, null,
-                                                   jnp.float32(w), steps, None),
-                           config.timing_repeats)
-    cfg = np.asarray(cfg)
-    row["cfg"] = {**score(cfg, cfg), "nfe": 2 * steps, "seconds_per_sample": cfg_secs / n}
-    row["no guidance"] = {**score(unguided, cfg), "nfe": steps, "seconds_per_sample": secs / n}
-    grids = {"cfg": cfg}
+    fns = {"no guidance": sampler(plain, labels),
+           "cfg": sampler(plain, labels, null, jnp.float32(w))}
     for name, adapter in adapters.items():
       fn = jax.tree_util.Partial(_agd_denoise, model.graphdef, model.params, None,
                                  adapter.inserts())
-      cond = {"c": labels, "w": jnp.full((n,), w, jnp.float32)}
-      imgs, agd_secs = _timed(lambda: sampling.sample(fn, sched, noise, cond, None, None, steps,
-                                                      None), config.timing_repeats)
-      imgs = np.asarray(imgs)
-      row[name] = {**score(imgs, cfg), "nfe": steps, "seconds_per_sample": agd_secs / n,
-                   "time_vs_cfg": agd_secs / cfg_secs}
-      grids[name] = imgs
+      fns[name] = sampler(fn, {"c": labels, "w": jnp.full((n,), w, jnp.float32)})
+    grids = {k: np.asarray(f()) for k, f in fns.items() if k != "no guidance"}
+    ms = median_ms(fns, config.timing_repeats)  # interleaved: the machine's noise hits all alike
+    cfg = grids["cfg"]
+    row = {"cfg": {**score(cfg, cfg), "nfe": 2 * steps,
+                   "seconds_per_sample": ms["cfg"] / 1e3 / n},
+           "no guidance": {**score(unguided, cfg), "nfe": steps,
+                           "seconds_per_sample": ms["no guidance"] / 1e3 / n,
+                           "time_vs_cfg": ms["no guidance"] / ms["cfg"]}}
+    for name in adapters:
+      row[name] = {**score(grids[name], cfg), "nfe": steps,
+                   "seconds_per_sample": ms[name] / 1e3 / n, "time_vs_cfg": ms[name] / ms["cfg"]}
     results["samples"][str(w)] = row
     samples_for_grid[str(w)] = grids
   results["grid"] = _save_grid(config, samples_for_grid, min(conds.count, 10)) if judge else None

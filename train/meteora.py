@@ -61,6 +61,7 @@ from train import lm
 from train import loop
 from train import tasks as tasks_lib
 from train.loop import RunError
+from train.timing import median_ms
 
 REPO_DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                          "meteora.md")
@@ -479,20 +480,6 @@ def routing_sensitivity(m: meteora_lib.Meteora, task_index: dict, per_task: int 
                                                        task_index)
   out["all gated"] = teacher_forced_exact(m.model, ctx_for(m.paths), segs, task_index)
   return out
-
-
-def median_ms(fns: dict, repeats: int) -> dict:
-  """{name: median milliseconds of `fn()`} (each blocked until ready), the functions run once
-  to compile and then interleaved `repeats` times, so a noisy machine hits them alike."""
-  times = {k: [] for k in fns}
-  for f in fns.values():
-    jax.block_until_ready(f())
-  for _ in range(repeats):
-    for k, f in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(f())
-      times[k].append(1e3 * (time.perf_counter() - t))
-  return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def forward_speed(m: meteora_lib.Meteora, adapter, batch: int, seq_len: int,
