@@ -729,12 +729,14 @@ def train(config: AGDTrainConfig, *, command: Optional[str] = None) -> RunResult
         old = json.load(f).get("seconds", {})
       seconds = {**{k: v for k, v in old.items() if k not in seconds or k == "total"},
                  **{k: v for k, v in seconds.items() if k != "total"},
-                 "total": old.get("total", 0.0) + seconds["eval"]}
+                 "total": old.get("total", 0.0) - old.get("eval", 0.0) + seconds["eval"]}
     with open(previous, "w") as f:
       json.dump({"results": results, "seconds": seconds, "config": config.to_record()}, f,
                 indent=1)
-    if command is None:
-      command = "python -m train.agd " + " ".join(sys.argv[1:])
+    if command is None:  # the command that trains (an `eval` run re-evaluates its output)
+      command = "python -m train.agd " + " ".join(a for a in sys.argv[1:] if a not in STAGES)
+      if config.stage == "eval":
+        seconds["reevaluated_with"] = "python -m train.agd " + " ".join(sys.argv[1:])
     agd_report.write_report(config, pipe, adapters, results, seconds, command.strip())
   return RunResult(losses=losses, first_step=first, adapters=adapters, results=results,
                    seconds=seconds)

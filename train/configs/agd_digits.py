@@ -13,7 +13,7 @@ the offset adapter recovers ~27% / 29% / 24% at width 32, the cross-attention ~5
 the token adapter ~56% / 63% / 64% (with its attention-output input; 54% / 62% / 62% without),
 so "token" is the default here; `scale_by_guidance` (outputs times w - 1) lifted w = 1.5 from
 -91% to +23% at width 16; 4096 trajectories instead of 512 took 57% -> 62% at w = 3. Width 32
-is ~9% of this 0.58M base (the paper's ~2% is for DiT-XL/2 and SD: `agd_dit_xl2`, `agd_sd21`).
+is 11% of this 0.58M base (the paper's ~2% is for DiT-XL/2 and SD: `agd_dit_xl2`, `agd_sd21`).
 Sizes fit the issue's 30 minutes on 2 cores; the measured time and every number are on
 docs/agd.md.
 """
