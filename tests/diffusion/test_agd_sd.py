@@ -53,7 +53,3 @@ def test_sd_trajectories_training_and_generation(sd, tmp_path):
                       {"c": jnp.asarray(states[:1]), "w": jnp.array([3.0])}, None, None, 3, None)
   from jaxadapt.diffusion.images import to_uint8
   np.testing.assert_array_equal(got, to_uint8(pipe.vae.decode(z / pipe.vae.config.scaling_factor)))
-  zero = agd_lib.init_agd(pipe.unet, hidden=8, heads=2, context_tokens=states.shape[1])
-  np.testing.assert_array_equal(
-      pipe.generate("a cat", guidance_scale=3.0, guidance="agd", agd=zero, **kw),
-      pipe.generate("a cat", guidance_scale=1.0, **kw))
