@@ -24,8 +24,8 @@ import numpy as np  # noqa: E402
 
 from jaxadapt import agd as agd_lib  # noqa: E402
 from jaxadapt.diffusion import sampling  # noqa: E402
-from jaxadapt.diffusion.pipeline import DiTPipeline, _agd_denoise, _resolve_scheduler  # noqa: E402
-from train.agd_report import _dit_denoise  # noqa: E402
+from jaxadapt.diffusion.pipeline import (DiTPipeline, _agd_denoise, _dit_denoise,  # noqa: E402
+                                         _resolve_scheduler)
 from train.timing import median_ms  # noqa: E402
 
 RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs",
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
   model = pipe.transformer
   sched = _resolve_scheduler("ddim", pipe.scheduler_config)
   c = model.config
-  plain = jax.tree_util.Partial(_dit_denoise, model.graphdef, model.params)
+  plain = jax.tree_util.Partial(_dit_denoise, model.graphdef, model.params, None)
   worst = 0.0
   for b in batches:
     noise = jnp.asarray(np.random.default_rng(0).standard_normal(

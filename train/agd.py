@@ -221,12 +221,18 @@ def sample_shape(pipe) -> tuple:
 
 
 def _fingerprint(pipe) -> dict:
-  """What identifies the base: its config and a checksum of its weights."""
+  """What identifies the base: its config and a checksum of its weights (computed once per
+  pipeline object: a run collects several sets and trains several adapters on one base)."""
+  cached = getattr(pipe, "_agd_fingerprint", None)
+  if cached is not None:
+    return cached
   leaves = jax.tree.leaves(pipe.backbone.params)
   checksum = float(sum(float(jnp.sum(jnp.abs(x.astype(jnp.float32)))) for x in leaves))
-  return {"base_config": json.loads(json.dumps(dataclasses.asdict(pipe.backbone.config),
-                                               default=str)),
-          "base_checksum": round(checksum, 3)}
+  pipe._agd_fingerprint = {
+      "base_config": json.loads(json.dumps(dataclasses.asdict(pipe.backbone.config),
+                                           default=str)),
+      "base_checksum": round(checksum, 3)}
+  return pipe._agd_fingerprint
 
 
 def _denoise_fn(model, cond: Conditions):
@@ -594,6 +600,7 @@ def styled_pipeline(pipe, lora):
   import copy
   import jaxadapt as ja
   styled = copy.copy(pipe)
+  styled.__dict__.pop("_agd_fingerprint", None)  # other weights: its own fingerprint
   setattr(styled, pipe.backbone_name, ja.merge(pipe.backbone, lora))
   return styled
 
@@ -633,7 +640,7 @@ def eval_spec(config: AGDTrainConfig) -> CollectSpec:
                      prompts=_prompts(config))
 
 
-def _real_images(config: AGDTrainConfig, pipe) -> Optional[np.ndarray]:
+def _real_images() -> np.ndarray:
   """The x_0 pool of the forward-noised ablation: the digits training split."""
   from train import digits
   return digits.load_digits("train")[0]
@@ -677,7 +684,7 @@ def train(config: AGDTrainConfig, *, command: Optional[str] = None) -> RunResult
     collect(pipe, held, eval_spec(config), batch=config.collect_batch, progress=config.progress)
     if config.ablation:
       collect(pipe, noised, train_spec(config, "forward_noised"), batch=config.collect_batch,
-              progress=config.progress, real_images=_real_images(config, pipe))
+              progress=config.progress, real_images=_real_images())
     seconds["collect"] = time.time() - t1
   adapters, losses, first = {}, [], config.steps + 1
   if config.stage in ("all", "train"):

@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxadapt import agd as agd_lib
 from jaxadapt.diffusion import sampling
-from jaxadapt.diffusion.pipeline import _agd_denoise, _resolve_scheduler
+from jaxadapt.diffusion.pipeline import _agd_denoise, _dit_denoise, _resolve_scheduler
 from jaxadapt.models import frozen as frozen_lib
 from train.timing import median_ms
 
@@ -46,11 +46,6 @@ def _predict(model, adapter, arrays, batch: int = 512) -> np.ndarray:
     outs.append(np.asarray(run(adapter.params, arrays["x"][sl], arrays["t"][sl],
                                arrays["cond"][sl], arrays["w"][sl])))
   return np.concatenate(outs)
-
-
-def _dit_denoise(graphdef, params, x, t, cond):
-  """The backbone (DiT or U-Net) on its conditioning (labels or text states); pure."""
-  return frozen_lib.apply(graphdef, params, "__call__", x, t, cond)
 
 
 def classifier(config):
@@ -114,7 +109,7 @@ def evaluate(config, pipe, adapters: dict, held) -> dict:
   conds = train_agd.conditions(pipe, train_agd._prompts(config))
   ids = jnp.asarray(np.arange(n) % conds.count, jnp.int32)
   labels, null = conds.lookup(ids), conds.lookup(jnp.full_like(ids, conds.null))
-  plain = jax.tree_util.Partial(_dit_denoise, model.graphdef, model.params)
+  plain = jax.tree_util.Partial(_dit_denoise, model.graphdef, model.params, None)
   steps = config.num_steps
 
   def score(images, reference=None):
@@ -178,7 +173,7 @@ def evaluate_derived(config, pipe, styled, adapter, held) -> dict:
   null = jnp.full_like(ids, pipe.num_classes)
   rows = {}
   for name, model in (("base", pipe.backbone), ("derived", styled.backbone)):
-    plain = jax.tree_util.Partial(_dit_denoise, model.graphdef, model.params)
+    plain = jax.tree_util.Partial(_dit_denoise, model.graphdef, model.params, None)
     agd_fn = jax.tree_util.Partial(_agd_denoise, model.graphdef, model.params, None,
                                    adapter.inserts())
     for w in config.eval_guidance:
