@@ -11,6 +11,9 @@
   jaxadapt train meteora [ARGS]   MeteoRA gate training + evaluation (train/meteora.py)
   jaxadapt train agd [collect|train|eval] [ARGS]  AGD: CFG trajectories, guidance adapters,
                                 the digits reproduction (train/agd.py)
+  jaxadapt compat --old MODEL[:ADAPTER] --new MODEL[:ADAPTER] --data FILE [--json] ...
+                                MUSCLE compatibility of two model versions: accuracy, negative
+                                and positive flips, per category (jaxadapt compat --help)
   jaxadapt info DIR             what jaxadapt reads from a dir: a Hugging Face model (Llama,
                                 Mistral, Qwen2, CLIP text), a PEFT LoRA adapter, a diffusers
                                 pipeline (model_index.json) or one diffusers model (UNet, DiT, VAE)
@@ -124,6 +127,9 @@ def main(argv=None) -> int:
   if cmd == "generate":
     from jaxadapt import generate_cli
     return generate_cli.run(rest)
+  if cmd == "compat":
+    from jaxadapt import compat
+    return compat.main(rest)
   if cmd == "serve":
     from serve import api
     return api.main(rest)
