@@ -90,15 +90,15 @@ def load_model(directory: str, *, dtype="float32", sharding=None) -> CausalLM:
 
   Args:
     directory: dir with config.json and model.safetensors (or a sharded index); a llama.cpp
-      `.gguf` file (`jaxadapt.io.gguf`); or `"default"`, the embedded default model
-      (`jaxadapt.default`).
+      `.gguf` file (`jaxadapt.io.gguf`); or `"default"` / `"default-v2"`, the embedded
+      default model and its successor (`jaxadapt.default`).
     dtype: a floating dtype for the params ("float32", "bfloat16", "float16").
     sharding: None, a Sharding, a Mesh (jaxadapt.sharding rules) or callable(path, shape).
   """
   directory = os.fspath(directory)
-  if directory == "default":
-    from jaxadapt import default
-    directory = default.model_dir()
+  from jaxadapt import default
+  if directory in default.VERSIONS:  # "default", "default-v2": the embedded models
+    directory = default.model_dir(directory)
   if directory.endswith(".gguf") and os.path.isfile(directory):
     from jaxadapt.io.gguf import load_gguf
     return load_gguf(directory, dtype=float_dtype(dtype), sharding=sharding)

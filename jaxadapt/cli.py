@@ -11,6 +11,8 @@
   jaxadapt train meteora [ARGS]   MeteoRA gate training + evaluation (train/meteora.py)
   jaxadapt train agd [collect|train|eval] [ARGS]  AGD: CFG trajectories, guidance adapters,
                                 the digits reproduction (train/agd.py)
+  jaxadapt train muscle [ARGS]  MUSCLE: task LoRAs on two model versions and the compatibility
+                                adapter (train/muscle.py)
   jaxadapt compat --old MODEL[:ADAPTER] --new MODEL[:ADAPTER] --data FILE [--json] ...
                                 MUSCLE compatibility of two model versions: accuracy, negative
                                 and positive flips, per category (jaxadapt compat --help)
@@ -23,7 +25,8 @@ from __future__ import annotations
 import os
 import sys
 
-TRAIN_RECIPES = ("lora", "pretrain", "meteora", "agd")  # modules of train/ with a main(argv)
+# Modules of train/ with a main(argv).
+TRAIN_RECIPES = ("lora", "pretrain", "meteora", "agd", "muscle")
 
 INFO_USAGE = "usage: jaxadapt info DIR   (a model, PEFT adapter or diffusers pipeline dir)"
 _EXPECTED = ("a model dir (config.json), a PEFT adapter dir (adapter_config.json) or a diffusers "

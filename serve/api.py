@@ -830,14 +830,12 @@ def make_app(engine, *, model_name: str = "default", api_key: Optional[str] = No
       raise APIError(400, f"The lora adapter '{name}' has already been loaded; unload it first",
                      param="lora_name", code="adapter_exists")
     path = body.lora_path
-    if path.startswith("default:"):  # the embedded default's task adapters (package data)
-      from jaxadapt import default
-      try:
-        path = default.adapter_dir(path[len("default:"):])
-      except (ValueError, FileNotFoundError) as e:
-        raise APIError(404, str(e), param="lora_path", code="adapter_not_found") from None
-    else:
-      path = confine(path, srv.allowed_dirs)
+    from jaxadapt import default
+    try:  # "default:<task>": the embedded models' task adapters (package data)
+      embedded = default.resolve_adapter(path)
+    except (ValueError, FileNotFoundError) as e:
+      raise APIError(404, str(e), param="lora_path", code="adapter_not_found") from None
+    path = embedded or confine(path, srv.allowed_dirs)
     try:
       await asyncio.to_thread(engine.load_adapter, name, path)
     except (AdapterExists, AdapterBusy) as e:

@@ -148,12 +148,11 @@ class AdapterStore:
       raise AdapterError(f"an adapter name must be a non-empty string without whitespace, got "
                          f"{name!r}")
     path = os.fspath(path)
-    if path.startswith("default:"):  # a task adapter of the embedded default model
-      from jaxadapt import default
-      try:
-        path = default.adapter_dir(path[len("default:"):])
-      except (ValueError, FileNotFoundError) as e:
-        raise AdapterError(f"adapter {name!r}: {e}") from None
+    from jaxadapt import default
+    try:  # "default:<task>": a task adapter of an embedded model
+      path = default.resolve_adapter(path) or path
+    except (ValueError, FileNotFoundError) as e:
+      raise AdapterError(f"adapter {name!r}: {e}") from None
     path = os.path.abspath(path)
     missing = [f for f in ADAPTER_FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:

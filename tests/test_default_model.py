@@ -18,14 +18,20 @@ peft = pytest.importorskip("peft")
 PROMPTS_PER_TASK = 6
 
 
-@pytest.fixture(scope="module")
-def model():
-  return ja.load_model("default")
+@pytest.fixture(scope="module", params=tuple(default.VERSIONS))
+def version(request):
+  """Each embedded model: the default and its successor ("default-v2")."""
+  return request.param
 
 
 @pytest.fixture(scope="module")
-def adapters():
-  return {t: ja.load_adapter(f"default:{t}") for t in default.TASKS}
+def model(version):
+  return ja.load_model(version)
+
+
+@pytest.fixture(scope="module")
+def adapters(version):
+  return {t: ja.load_adapter(f"{version}:{t}") for t in default.TASKS}
 
 
 def test_shipped_files_load_and_fit_the_budget(model, adapters):
@@ -34,15 +40,30 @@ def test_shipped_files_load_and_fit_the_budget(model, adapters):
   assert len(default.TASKS) >= 8 and set(adapters) == set(default.TASKS)
   for task, adapter in adapters.items():
     assert sorted(adapter.paths) == sorted(adapter.config.targets(model.linear_paths)), task
-  size = dm.shipped_bytes(os.path.dirname(default.model_dir()))
+  size = sum(dm.shipped_bytes(root) for root in default.VERSIONS.values())
   assert size <= 25e6, f"the shipped files are {size / 1e6:.1f} MB, over the 25 MB budget"
-  with open(os.path.join(default.model_dir(), "config.json")) as f:
+  with open(os.path.join(model.directory, "config.json")) as f:
     assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
 
 
 def test_unknown_task_names_the_tasks():
   with pytest.raises(ValueError, match="reverse, sort"):
     ja.load_adapter("default:nope")
+  with pytest.raises(ValueError, match="default-v2:reverse"):
+    ja.load_adapter("default-v2:nope")
+  with pytest.raises(ValueError, match="default, default-v2"):
+    default.model_dir("default-v3")
+
+
+def test_the_versions_share_the_tokenizer_and_differ_in_depth():
+  """The successor is an update of the default (MUSCLE's setting): one tokenizer, one task
+  format, more layers."""
+  v1, v2 = (ja.load_model(v) for v in default.VERSIONS)
+  for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    with open(os.path.join(v1.directory, name)) as a, open(os.path.join(v2.directory, name)) as b:
+      assert a.read() == b.read(), name
+  assert v2.config.num_hidden_layers > v1.config.num_hidden_layers
+  assert v2.config.vocab_size == v1.config.vocab_size
   with pytest.raises(ValueError, match="unknown task"):
     default.prompt("nope", "x")
 
@@ -85,10 +106,11 @@ def test_adapters_solve_their_tasks_and_the_base_does_not(model, adapters):
     assert sum(by_base) <= 1, (task, [base.text[i] for i in rows])
 
 
-def test_transformers_and_peft_load_the_shipped_dirs_and_agree(model, adapters):
+def test_transformers_and_peft_load_the_shipped_dirs_and_agree(version, model, adapters):
   hf = transformers.AutoModelForCausalLM.from_pretrained(
-      default.model_dir(), local_files_only=True, dtype=torch.float32).eval()
-  tok = transformers.AutoTokenizer.from_pretrained(default.model_dir(), local_files_only=True)
+      default.model_dir(version), local_files_only=True, dtype=torch.float32).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(default.model_dir(version),
+                                                   local_files_only=True)
   tasks = ("reverse", "max", "dedupe")
   prompts = [tasks_lib.prompt_text(tasks_lib.heldout_segments(t)[:1]) for t in tasks]
   prompts.append(default.prompt(("reverse", "hello"), ("upper", "world")))
@@ -98,10 +120,10 @@ def test_transformers_and_peft_load_the_shipped_dirs_and_agree(model, adapters):
   mask = batch["attention_mask"].numpy()
   got = np.asarray(model(batch["input_ids"].numpy(), mask))
   np.testing.assert_allclose(got[mask == 1], ref[mask == 1], atol=2e-4, rtol=2e-4)
-  peft_model = peft.PeftModel.from_pretrained(hf, default.adapter_dir(tasks[0]),
+  peft_model = peft.PeftModel.from_pretrained(hf, default.adapter_dir(tasks[0], version),
                                               adapter_name=tasks[0])
   for t in tasks[1:]:
-    peft_model.load_adapter(default.adapter_dir(t), adapter_name=t)
+    peft_model.load_adapter(default.adapter_dir(t, version), adapter_name=t)
   for t in tasks:
     peft_model.set_adapter(t)
     with torch.no_grad():

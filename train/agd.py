@@ -663,10 +663,7 @@ def train(config: AGDTrainConfig, *, command: Optional[str] = None) -> RunResult
   """Runs the configured stage(s): base (digits), collect, train, eval + report."""
   t0 = time.time()
   seconds = {"load_start": os.getloadavg()[0]}
-  try:
-    mesh = sharding_lib.make_mesh(config.data_parallel, 1)
-  except ValueError as e:
-    raise RunError(f"{e}; set --data_parallel to at most the device count") from None
+  mesh = loop.data_mesh(config.data_parallel)
   if config.stage in ("all", "collect"):
     seconds.update(_ensure_base(config))
   pipe = load_base(config.pipeline_dir())

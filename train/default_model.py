@@ -66,6 +66,8 @@ CHAT_TEMPLATE = (
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DefaultModelConfig:
   """Everything a rebuild depends on; `train/configs/default_model*.py` return one."""
+  name: str = "default"                 # the embedded name it ships as ("default-v2": the
+                                        # successor, written to jaxadapt/default/v2)
   out: str = PACKAGE_DIR                # model/ and adapters/<task>/ are written here
   work_dir: Optional[str] = None        # checkpoints + metrics; None = a temporary dir
   report: Optional[str] = None          # the results page; None = docs/default_model.md when
@@ -114,6 +116,8 @@ class DefaultModelConfig:
         ints=("base_warmup", "lora_warmup", "seed"),
         finite=("base_lr", "weight_decay", "prose_fraction", "base_multi_fraction", "lora_lr",
                 "lora_alpha", "lora_multi_fraction"))
+    if self.name not in default_lib.VERSIONS:
+      raise ValueError(f"name must be one of {tuple(default_lib.VERSIONS)}, got {self.name!r}")
     unknown = [t for t in self.tasks if t not in default_lib.TASKS]
     if unknown or not self.tasks:
       raise ValueError(f"tasks must be some of {default_lib.TASKS}; got {self.tasks}")
@@ -146,14 +150,7 @@ class DefaultModelConfig:
 
   def lora_steps_of(self, task: str) -> int:
     """The optimizer steps of `task`'s adapter (`lora_task_steps`, else `lora_steps`)."""
-    steps = {}
-    for item in self.lora_task_steps:
-      name, _, value = str(item).partition("=")
-      if name not in default_lib.TASKS or not value.isdigit() or int(value) < 1:
-        raise ValueError(f"lora_task_steps items are 'task=steps' with a task of "
-                         f"{default_lib.TASKS} and steps >= 1; got {item!r}")
-      steps[name] = int(value)
-    return steps.get(task, self.lora_steps)
+    return task_steps(self.lora_task_steps, task, self.lora_steps)
 
   def report_path(self) -> str:
     if self.report is not None:
@@ -163,6 +160,23 @@ class DefaultModelConfig:
 
   def to_record(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def task_steps(items: Sequence[str], task: str, default: int) -> int:
+  """The steps that `"task=steps"` items give `task` (else `default`).
+
+  Raises:
+    ValueError: an item that is not `task=steps` with a task of `jaxadapt.default.TASKS` and
+      steps >= 1.
+  """
+  steps = {}
+  for item in items:
+    name, _, value = str(item).partition("=")
+    if name not in default_lib.TASKS or not value.isdigit() or int(value) < 1:
+      raise ValueError(f"lora_task_steps items are 'task=steps' with a task of "
+                       f"{default_lib.TASKS} and steps >= 1; got {item!r}")
+    steps[name] = int(value)
+  return steps.get(task, default)
 
 
 def base_optimizer(config: DefaultModelConfig) -> loop.AdamW:
@@ -178,7 +192,7 @@ def lora_optimizer(config: DefaultModelConfig, task: str) -> loop.AdamW:
 
 
 # Fields that do not change what a stage trains (a resume may change them).
-_NOT_TRAINING = ("out", "work_dir", "report", "tasks", "eval_examples", "progress")
+_NOT_TRAINING = ("name", "out", "work_dir", "report", "tasks", "eval_examples", "progress")
 
 
 def _stage_record(config: DefaultModelConfig, stage: str) -> dict:
@@ -471,8 +485,11 @@ def write_report(path: str, config: DefaultModelConfig, results: dict, seconds: 
                  size: int, n_params: int, command: str):
   """Writes the results page (docs/default_model.md for the shipped build)."""
   c = config
+  title = ("The embedded default model" if c.name == "default" else
+           f"The embedded model {c.name!r}: the default's successor")
   text = REPORT.format(
-      command=command, total=_minutes(seconds["total"]), base_time=_minutes(seconds["base"]),
+      title=title, name=c.name, command=command,
+      where="jaxadapt/default/" if c.name == "default" else "jaxadapt/default/v2/", total=_minutes(seconds["total"]), base_time=_minutes(seconds["base"]),
       adapters_time=_minutes(seconds["adapters"]), eval_time=_minutes(seconds["eval"]),
       n_tasks=len(c.tasks), machine=f"{os.cpu_count()} CPU cores ({platform.machine()})",
       load_start=seconds["load_start"], load_end=seconds["load_end"],
@@ -495,16 +512,16 @@ def write_report(path: str, config: DefaultModelConfig, results: dict, seconds: 
 
 
 REPORT = """\
-# The embedded default model
+# {title}
 
-`jaxadapt/default/` ships a small byte-level Llama trained in this repo and {n_tasks} task LoRAs in
+`{where}` ships a small byte-level Llama trained in this repo and {n_tasks} task LoRAs in
 PEFT format, so that demos, the server and the notebooks show adapters doing something a person
 can check at a glance, on a machine with no model hub.
 
 ```python
 import jaxadapt as ja
-model = ja.load_model("default")              # a Hugging Face dir (transformers loads it too)
-reverse = ja.load_adapter("default:reverse")  # a PEFT dir (peft's PeftModel loads it too)
+model = ja.load_model("{name}")              # a Hugging Face dir (transformers loads it too)
+reverse = ja.load_adapter("{name}:reverse")  # a PEFT dir (peft's PeftModel loads it too)
 model.generate("[reverse] hello\\n", adapter=reverse).text[0]   # '[reverse] olleh'
 ```
 

@@ -58,6 +58,19 @@ class RunError(ValueError):
   """
 
 
+def data_mesh(data_parallel: int):
+  """The recipes' (data, model=1) mesh: each batch split over `data_parallel` devices.
+
+  Raises:
+    RunError: more devices asked for than there are (the message says what to set).
+  """
+  from jaxadapt import sharding as sharding_lib
+  try:
+    return sharding_lib.make_mesh(data_parallel, 1)
+  except ValueError as e:
+    raise RunError(f"{e}; set --data_parallel to at most the device count") from None
+
+
 # --- config checks -----------------------------------------------------------------------------
 
 def _is_int(v) -> bool:

@@ -49,7 +49,6 @@ import numpy as np
 
 from jaxadapt import default as default_lib
 from jaxadapt import meteora as meteora_lib
-from jaxadapt import sharding as sharding_lib
 from jaxadapt.adapters import lora as lora_lib
 from jaxadapt.adapters import stack as stack_lib
 from jaxadapt.causal_lm import CausalLM, load_model
@@ -746,10 +745,7 @@ def train(config: MeteoraConfig, *, command: Optional[str] = None) -> RunResult:
   """Trains the gates and the union LoRA (unless `eval_only`), evaluates, writes the report."""
   t0 = time.time()
   seconds = {"load_start": os.getloadavg()[0]}
-  try:
-    mesh = sharding_lib.make_mesh(config.data_parallel, 1)
-  except ValueError as e:
-    raise RunError(f"{e}; set --data_parallel to at most the device count") from None
+  mesh = loop.data_mesh(config.data_parallel)
   model = load_model(config.base)
   out_m = os.path.join(config.out_dir, "meteora")
   out_u = os.path.join(config.out_dir, "union_lora")

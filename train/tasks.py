@@ -368,20 +368,21 @@ def base_batch(position: int, batch_size: int, seq_len: int, *, seed: int,
 
 
 def task_batch(task: str, position: int, batch_size: int, seq_len: int, *, seed: int,
-               multi_fraction: float) -> dict:
+               multi_fraction: float, heldout_n: int = 256) -> dict:
   """A task LoRA's training batch at example `position` (a pure function of its arguments).
 
   Whole examples packed into rows; each example, with probability `multi_fraction`, holds the
-  task's segment among one or two segments of other tasks (context, not trained on).
+  task's segment among one or two segments of other tasks (context, not trained on). No input
+  is one of the first `heldout_n` held-out inputs of any task (`heldout_inputs`).
   """
   rng = np.random.default_rng([seed, TASKS.index(task), position])
   others = tuple(t for t in TASKS if t != task)
 
   def draw():
-    segs = [draw_segment(task, rng)]
+    segs = [draw_segment(task, rng, heldout_n)]
     if rng.random() < multi_fraction:
       for _ in range(int(rng.integers(1, 3))):
-        segs.append(draw_segment(others[int(rng.integers(0, len(others)))], rng))
+        segs.append(draw_segment(others[int(rng.integers(0, len(others)))], rng, heldout_n))
       rng.shuffle(segs)
     return encode(segs, targets=(task,))
 

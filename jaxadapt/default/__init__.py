@@ -68,18 +68,38 @@ def answer(task: str, text: str) -> str:
   return SOLVERS[task](text)
 
 
-def model_dir() -> str:
-  """The default base model's Hugging Face dir (config.json, model.safetensors, tokenizer).
+# The embedded model versions: the default (v1) and its retrained successor (v2: deeper, trained
+# longer from another seed; `python -m train.default_model --config default_model_v2`). Both
+# read the same byte-level tokenizer, so their logits compare token for token (MUSCLE).
+VERSIONS = {"default": _HERE, "default-v2": os.path.join(_HERE, "v2")}
+
+
+def _version_dir(name: str) -> str:
+  if name not in VERSIONS:
+    raise ValueError(f"unknown embedded model {name!r}; the embedded models are "
+                     f"{', '.join(VERSIONS)}")
+  return VERSIONS[name]
+
+
+def _rebuild_command(name: str) -> str:
+  return ("python -m train.default_model" if name == "default" else
+          "python -m train.default_model --config default_model_v2")
+
+
+def model_dir(name: str = "default") -> str:
+  """The Hugging Face dir (config.json, model.safetensors, tokenizer) of an embedded model:
+  "default" (v1) or "default-v2" (its successor).
 
   Raises:
+    ValueError: an unknown name.
     FileNotFoundError: the package was installed without its data files.
   """
-  path = os.path.join(_HERE, "model")
+  path = os.path.join(_version_dir(name), "model")
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(
-        f"{path}: the embedded default model is missing (no config.json). The package data "
+        f"{path}: the embedded model {name!r} is missing (no config.json). The package data "
         f"of jaxadapt/default/ was not installed; reinstall jaxadapt, or rebuild the files "
-        f"with `python -m train.default_model`.")
+        f"with `{_rebuild_command(name)}`.")
   return path
 
 
@@ -98,22 +118,37 @@ def meteora_dir() -> str:
   return path
 
 
-def adapter_dir(task: str) -> str:
-  """The PEFT dir of the default model's adapter for `task` (one of `TASKS`).
+def adapter_dir(task: str, name: str = "default") -> str:
+  """The PEFT dir of an embedded model's adapter for `task` (one of `TASKS`); `name` is
+  "default" or "default-v2" (whose adapters are trained the same way on the v2 base).
 
   Raises:
-    ValueError: `task` is not one of `TASKS` (the message lists them).
+    ValueError: `task` is not one of `TASKS`, or an unknown model name (the message lists them).
     FileNotFoundError: the package was installed without its data files.
   """
+  root = _version_dir(name)
   if task not in TASKS:
-    raise ValueError(f"the default model has no adapter {task!r}; its task adapters are "
-                     f"{', '.join(TASKS)} (load one as 'default:<task>', e.g. 'default:reverse')")
-  path = os.path.join(_HERE, "adapters", task)
+    raise ValueError(f"the {name} model has no adapter {task!r}; its task adapters are "
+                     f"{', '.join(TASKS)} (load one as '{name}:<task>', e.g. '{name}:reverse')")
+  path = os.path.join(root, "adapters", task)
   if not os.path.isfile(os.path.join(path, "adapter_config.json")):
     raise FileNotFoundError(
-        f"{path}: the default model's {task!r} adapter is missing (no adapter_config.json). "
-        f"Reinstall jaxadapt, or rebuild the files with `python -m train.default_model`.")
+        f"{path}: the {name} model's {task!r} adapter is missing (no adapter_config.json). "
+        f"Reinstall jaxadapt, or rebuild the files with `{_rebuild_command(name)}`.")
   return path
+
+
+def resolve_adapter(spec: str):
+  """The PEFT dir that `"default:<task>"` or `"default-v2:<task>"` names, or None when `spec`
+  names no embedded adapter (a path).
+
+  Raises:
+    ValueError, FileNotFoundError: as `adapter_dir` (an embedded name with an unknown task).
+  """
+  name, sep, task = str(spec).partition(":")
+  if not sep or name not in VERSIONS:
+    return None
+  return adapter_dir(task, name)
 
 
 def prompt(*segments: str) -> str:

@@ -201,7 +201,8 @@ def load_adapter(path: str, *, dtype="float32", component: str | None = None,
 
   Args:
     path: the PEFT dir, a diffusers LoRA file or the dir that holds one; or
-      `"default:<task>"`, a task adapter of the embedded default model (`jaxadapt.default`).
+      `"default:<task>"` / `"default-v2:<task>"`, a task adapter of an embedded model
+      (`jaxadapt.default`).
     dtype: floating dtype of the loaded weights.
     component: for diffusers files, which model's LoRA to read ("unet", "transformer",
       "text_encoder", ...); needed only when the file holds several.
@@ -209,9 +210,8 @@ def load_adapter(path: str, *, dtype="float32", component: str | None = None,
   """
   float_dtype(dtype)
   path = os.fspath(path)
-  if path.startswith("default:"):  # a task adapter of the embedded default model
-    from jaxadapt import default
-    path = default.adapter_dir(path[len("default:"):])
+  from jaxadapt import default
+  path = default.resolve_adapter(path) or path  # "default:<task>": an embedded model's adapter
   if os.path.isfile(path) and os.path.basename(path) == "adapter_model.safetensors":
     path = os.path.dirname(path) or "."  # a PEFT dir's weights: its config is beside them
     if not os.path.exists(os.path.join(path, "adapter_config.json")):
