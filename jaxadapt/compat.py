@@ -35,6 +35,7 @@ import numpy as np
 from jaxadapt import muscle
 from jaxadapt.generate import MIN_PROMPT_BUCKET, bucket
 from jaxadapt.generate_cli import UsageError
+from jaxadapt.io.files import json_records
 
 KINDS = ("choice", "generate")
 DEFAULT_PLOT = "compat_flips.png"
@@ -64,33 +65,6 @@ SHORT = {"accuracy_old": "acc old", "accuracy_new": "acc new", "nfr": "NFR", "pf
 
 
 # --- data --------------------------------------------------------------------------------------
-
-def _parse_lines(path: str, text: str) -> list[tuple[str, object]]:
-  """(where, value) of each JSON line of a .jsonl file (blank lines skipped)."""
-  out = []
-  for number, line in enumerate(text.splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      out.append((f"line {number}", json.loads(line)))
-    except json.JSONDecodeError as e:
-      raise UsageError(f"{path}, line {number}: expected a JSON object, found invalid JSON "
-                       f"({e.msg} at column {e.colno})") from None
-  return out
-
-
-def _parse_list(path: str, text: str) -> list[tuple[str, object]]:
-  """(where, value) of each element of the JSON list in a .json file."""
-  try:
-    value = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise UsageError(f"{path}: expected a JSON list of records, found invalid JSON ({e.msg} at "
-                     f"line {e.lineno}, column {e.colno})") from None
-  if not isinstance(value, list):
-    raise UsageError(f"{path}: expected a JSON list of records, found a JSON "
-                     f"{type(value).__name__}")
-  return [(f"record {i}", v) for i, v in enumerate(value)]
-
 
 def _type_name(value) -> str:
   return "null" if value is None else type(value).__name__
@@ -166,7 +140,10 @@ def read_records(path: str) -> tuple[str, list[dict]]:
                      f"records)") from None
   except (OSError, UnicodeDecodeError) as e:
     raise UsageError(f"{path}: cannot read the data file ({e})") from None
-  items = (_parse_lines if ext == ".jsonl" else _parse_list)(path, text)
+  try:
+    items = json_records(path, text, "records", item="record")
+  except ValueError as e:
+    raise UsageError(str(e)) from None
   if not items:
     raise UsageError(f"{path}: expected at least one record, found none (an empty file)")
   first_where, first = items[0]

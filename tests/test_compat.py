@@ -207,7 +207,7 @@ BAD_DATA = [
      "expected 'choices' to be a list of 2 or more"),
     ("category.jsonl", '{"prompt": "a", "answer": "b", "category": 1}\n',
      "expected 'category' to be a string"),
-    ("notjson.jsonl", '{"prompt": "a", "answer": "b"}\n{oops\n', "line 2: expected a JSON object"),
+    ("notjson.jsonl", '{"prompt": "a", "answer": "b"}\n{oops\n', "line 2 is not JSON"),
     ("list.jsonl", '["a"]\n', "line 1: expected a JSON object, found list"),
     ("object.json", '{"prompt": "a", "answer": "b"}', "expected a JSON list of records"),
     ("data.csv", "prompt,answer\n", "expected a .jsonl file"),

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Optional
 
 import numpy as np
+
+from jaxadapt.io.files import json_records
 
 IGNORE = -100  # label of a position that is not trained on (padding), as transformers
 
@@ -61,26 +62,7 @@ def read_json_documents(path: str, text_field: str = "text") -> list[str]:
   """
   with open(path, encoding="utf-8") as f:
     raw = f.read()
-  if path.lower().endswith(".jsonl"):
-    items = []
-    for number, line in enumerate(raw.splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        items.append((f"line {number}", json.loads(line)))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {number} is not JSON ({e.msg}); expected one JSON object "
-                         f"per line, found {line[:60]!r}") from None
-  else:
-    try:
-      data = json.loads(raw)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not JSON ({e.msg} at line {e.lineno}); expected a list of "
-                       f"objects with a {text_field!r} field") from None
-    if not isinstance(data, list):
-      raise ValueError(f"{path}: expected a JSON list of objects with a {text_field!r} field, "
-                       f"found a {type(data).__name__}")
-    items = [(f"item {i}", item) for i, item in enumerate(data)]
+  items = json_records(path, raw, f"objects with a {text_field!r} field")
   docs = []
   for where, item in items:
     if not isinstance(item, dict) or text_field not in item:

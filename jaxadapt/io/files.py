@@ -1,4 +1,5 @@
-"""Checks shared by the loaders: JSON files that must hold an object, and floating dtypes."""
+"""Checks shared by the loaders: JSON files that must hold an object or records, and floating
+dtypes."""
 from __future__ import annotations
 
 import json
@@ -25,6 +26,42 @@ def read_json_object(path: str, expected: str) -> dict:
     raise ValueError(  # noqa: TRY004 (a bad file: a bad value, not a bad argument type)
         f"{path} holds a JSON {type(cfg).__name__}, expected an object: {expected}")
   return cfg
+
+
+def json_records(path: str, text: str, what: str, *, item: str = "item") -> list[tuple[str, object]]:
+  """The records of a .jsonl text (one JSON value a line, blank lines skipped) or, for any other
+  `path`, a .json text holding a list: `(where, value)` pairs, `where` = "line N" (1-based) or
+  f"{item} i" (0-based), for the callers' messages about single records.
+
+  Args:
+    path: the file the text came from (its extension picks the format; named in messages).
+    text: the file's content.
+    what: what the records are, for messages ("objects with a 'text' field").
+    item: the word for a list element in `where`.
+
+  Raises:
+    ValueError: a line that is not JSON, a .json text that is not JSON or not a list; the
+      message names the file (and line), what was expected and what was found.
+  """
+  if path.lower().endswith(".jsonl"):
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        out.append((f"line {number}", json.loads(line)))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {number} is not JSON ({e.msg}); expected one JSON object "
+                         f"per line, found {line[:60]!r}") from None
+    return out
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not JSON ({e.msg} at line {e.lineno}); expected a JSON list of "
+                     f"{what}") from None
+  if not isinstance(value, list):
+    raise ValueError(f"{path}: expected a JSON list of {what}, found a {type(value).__name__}")
+  return [(f"{item} {i}", v) for i, v in enumerate(value)]
 
 
 def float_dtype(dtype) -> jnp.dtype:
