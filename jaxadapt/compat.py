@@ -446,8 +446,10 @@ def plot_flips(report: muscle.CompatReport, path: str) -> str:
   x = np.arange(len(groups))
   bar = 0.8 / len(keys)
   fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) + 2), 3.8))
+  top = 0.0
   for k, key in enumerate(keys):
     est = [m[key] for m in groups.values()]
+    top = max([top] + [e.high for e in est])
     values = np.asarray([e.value for e in est])
     err = np.asarray([[max(e.value - e.low, 0.0) for e in est],
                       [max(e.high - e.value, 0.0) for e in est]])
@@ -456,7 +458,7 @@ def plot_flips(report: muscle.CompatReport, path: str) -> str:
   ax.set_xticks(x, [f"{name}\n(n={report.n if name == 'overall' else m['n']})"
                     for name, m in groups.items()])
   ax.set_ylabel("share of examples")
-  ax.set_ylim(0, 1.2)  # room for the legend above the bars
+  ax.set_ylim(0, min(1.0, max(top, 0.01)) * 1.35)  # the bars' scale, room for the legend
   ax.set_title(f"flips {report.old} -> {report.new} ({report.confidence:.0%} CI)", fontsize=10)
   ax.legend(ncol=len(keys), loc="upper center", fontsize=8)
   fig.tight_layout()

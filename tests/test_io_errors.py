@@ -322,3 +322,13 @@ def test_save_adapter_with_ranks_other_than_its_config(llama_dir, model, tmp_pat
     ref = peft_model(torch.from_numpy(IDS.astype(np.int64))).logits.numpy()
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
   assert np.abs(ours - np.asarray(model(IDS))).max() > 1e-2  # the adapter matters
+
+
+def test_saved_adapter_files_have_the_umask_mode(tmp_path):
+  """Both files of a saved adapter get the mode open() gives (safetensors alone makes 0600)."""
+  out = tmp_path / "a"
+  ja.save_adapter(ja.load_adapter("default:reverse"), str(out))
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ("adapter_model.safetensors", "adapter_config.json"):
+    assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

@@ -60,8 +60,14 @@ LABELS = {"v1": "Mv1", "v2": "Mv2", "muscle": "M^C (MUSCLE)", "kd_v1": "KD-to-v1
           "ce_continued": "CE-continued"}
 REPO_DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 # Fields that do not change what any stage trains (a resume may change them).
-_NOT_TRAINING = ("out_dir", "report", "eval_examples", "bootstrap_samples", "progress",
-                 "data_parallel", "seeds", "tasks", "variants")
+# What each stage trains on: a task LoRA on its fields alone (so that compatibility settings
+# can change and the LoRAs be reused), a compatibility variant on those and its own. The other
+# fields (out_dir, seeds, tasks, reporting, the mesh) do not change what a stage computes;
+# eval_examples does (no stage trains on the held-out inputs).
+_LORA_FIELDS = ("old_model", "new_model", "lora_r", "lora_alpha", "lora_targets", "lora_lr",
+                "lora_warmup", "batch_size", "seq_len", "multi_fraction", "eval_examples")
+_COMPAT_FIELDS = _LORA_FIELDS + ("compat_steps", "compat_lr", "compat_warmup", "temperature",
+                                 "ce_weight")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,9 +102,11 @@ class MuscleConfig:
   bootstrap_samples: int = 1000         # resamples of the per-example confidence intervals
   data_parallel: int = 1                # mesh 'data' axis: each batch is split over it
   progress: bool = True                 # tqdm progress bars
+  notes: tuple = ()                     # lines for the report's deviations (what the config
+                                        # chose and why, with numbers measured)
 
   def __post_init__(self):
-    for name in ("tasks", "seeds", "variants", "lora_targets", "lora_task_steps"):
+    for name in ("tasks", "seeds", "variants", "lora_targets", "lora_task_steps", "notes"):
       value = getattr(self, name)
       object.__setattr__(self, name, tuple(value.split(",") if isinstance(value, str)
                                            else value))
@@ -147,7 +155,10 @@ def _optimizer(steps: int, lr: float, warmup: int) -> loop.AdamW:
 
 def _stage_record(config: MuscleConfig, stage: str, task: str, seed: int,
                   bases: dict) -> dict:
-  training = {k: v for k, v in config.to_record().items() if k not in _NOT_TRAINING}
+  fields = _LORA_FIELDS if stage in ("v1", "v2") else _COMPAT_FIELDS
+  record = config.to_record()
+  training = {k: record[k] for k in fields}
+  training["lora_steps"] = config.lora_steps_of(task)
   return {"config": training, "stage": stage, "task": task, "seed": seed, "bases": bases}
 
 
@@ -393,13 +404,13 @@ def train(config: MuscleConfig, *, command: Optional[str] = None) -> RunResult:
   summary = summarize(config, results)
   if jax.process_index() == 0:
     write_compat_data(config, os.path.join(config.out_dir, "heldout.jsonl"))
+    command = command or "python -m train.muscle " + " ".join(sys.argv[1:])
     with open(os.path.join(config.out_dir, "results.json"), "w") as f:
       json.dump({"config": config.to_record(), "results": results, "summary": summary,
-                 "seconds": seconds}, f, indent=1)
+                 "seconds": seconds, "command": command}, f, indent=1)
     if config.report:
       from train import muscle_report
-      muscle_report.write_report(config, results, summary, seconds, old, new,
-                                 command or "python -m train.muscle " + " ".join(sys.argv[1:]))
+      muscle_report.write_report(config, results, summary, seconds, old, new, command)
   losses = [r["loss"] for r in (last or {}).get(config.variants[-1] if config.variants else "v2",
                                                 [])]
   return RunResult(losses=losses, first_step=1, results=results, summary=summary,
@@ -436,7 +447,8 @@ def summarize(config: MuscleConfig, results: dict) -> dict:
           np.subtract(per_seed(a, k, config.tasks), per_seed(b, k, config.tasks))))
           for k in metrics}
   d = out["differences"]
-  if all(p in d for p in ("muscle-v2", "muscle-ce_continued", "muscle-kd_v1")):
+  if len(seeds) > 1 and all(p in d for p in ("muscle-v2", "muscle-ce_continued",
+                                              "muscle-kd_v1")):  # 2 SE need 2+ seeds
     def lower(name):
       mean, se = d[name]["nfr"]
       return mean < 0 and abs(mean) > 2 * se

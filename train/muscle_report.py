@@ -81,7 +81,8 @@ def plot(summary: dict, config: MuscleConfig, path: str):
 def _verdicts(summary: dict) -> list[str]:
   t = summary.get("targets")
   if not t:
-    return ["(the targets need the muscle, kd_v1 and ce_continued variants)"]
+    return ["(not judged: the targets need the muscle, kd_v1 and ce_continued variants and at "
+            "least two seeds, for standard errors)"]
   d = summary["differences"]
   nfr_v2, nfr_ce = d["muscle-v2"]["nfr"], d["muscle-ce_continued"]["nfr"]
   base = summary["pooled"]["v2"]["nfr"][0]
@@ -96,6 +97,33 @@ def _verdicts(summary: dict) -> list[str]:
       f"{_pm(d['muscle-v2']['accuracy_new'])} points).",
       f"- M^C's accuracy above KD-to-v1's: **{'met' if t['accuracy_above_kd_v1'] else 'not met'}**"
       f" (Δ {_pm(d['muscle-kd_v1']['accuracy_new'])} points)."]
+  return out
+
+
+def _reading(summary: dict, mask_old: list) -> list[str]:
+  """What the numbers say beyond the targets, computed from them."""
+  pooled, d = summary["pooled"], summary["differences"]
+  out = []
+  if "v2" in pooled and "v1" in pooled:
+    gain = pooled["v2"]["accuracy_new"][0] - pooled["v1"]["accuracy_new"][0]
+    out.append(f"- The update: Mv2's accuracy is {100 * gain:+.2f} points from Mv1's; "
+               f"{'v2 is the better task model' if gain > 0 else 'v2 is not better on these tasks'}"
+               f", and {100 * pooled['v2']['nfr'][0]:.2f}% of the prompts flip from right to "
+               f"wrong ({100 * pooled['v2']['pfr'][0]:.2f}% from wrong to right).")
+  if "ce_continued" in pooled:
+    ce = pooled["ce_continued"]["accuracy_new"][0] - pooled["v2"]["accuracy_new"][0]
+    out.append(f"- Extra training alone (CE-continued) moves accuracy by {100 * ce:+.2f} points: "
+               f"{'the task LoRAs were at their plateau' if abs(ce) < 0.01 else 'the task LoRAs were still improving'}"
+               f" (the control separates compatibility from more training).")
+  if mask_old:
+    out.append(f"- M^C's mask: at the end of its training {100 * np.mean(mask_old):.2f}% of the "
+               f"answer tokens distil from v1 (its argmax wrong there), the rest from v2: with "
+               f"answers that are mostly right token by token, Eq. 1 is mostly self-distillation "
+               f"to LoRA2 (the per-token mask starves).")
+  if "muscle-kd_v1" in d:
+    kd = d["muscle-kd_v1"]
+    out.append(f"- KD-to-v1 against M^C: NFR {_pm([-kd['nfr'][0], kd['nfr'][1]])} points, accuracy "
+               f"{_pm([-kd['accuracy_new'][0], kd['accuracy_new'][1]])} points.")
   return out
 
 
@@ -162,14 +190,17 @@ The targets:
 
 {chr(10).join(_verdicts(summary))}
 
+Reading:
+
+{chr(10).join(_reading(summary, mask_old))}
+
 Per task:
 
 {per_task}
 
 NFR: Mv1 right, the model wrong; PFR: Mv1 wrong, the model right; NFR_mc: the model wrong with
 another answer than Mv1's (MUSCLE Sec. 3; `jaxadapt/muscle.py`). Mv1's own row is 0 by
-definition. Share of answer tokens M^C distilled from v1 at the end of its training (m_i = 1:
-its argmax wrong): {100 * np.mean(mask_old) if mask_old else float('nan'):.1f}%.
+definition.
 
 Negative flips of Mv2 (seed, reference, Mv2's answer, M^C's answer):
 
@@ -218,7 +249,7 @@ short compatibility-adapter run.
 - The update: v2 = `{config.new_model}` over v1 = `{config.old_model}`{V2_STORY if config.new_model == "default-v2" else ""}
   (the paper's updates change data and architecture, e.g. Llama 1 -> Llama 2, Phi 1 -> Phi 1.5).
 - The loss is Eq. 1 as written, without the T² factor of Hinton et al.'s distillation.
-- Standard errors are over {len(config.seeds)} seeds (each seed retrains both task LoRAs and
+{"".join(f"- {n}{chr(10)}" for n in config.notes)}- Standard errors are over {len(config.seeds)} seeds (each seed retrains both task LoRAs and
   every variant); the paper reports single runs.
 
 Reproduce: `{command}` (resumes from `{config.out_dir}` if interrupted). Results in
@@ -227,3 +258,41 @@ Reproduce: `{command}` (resumes from `{config.out_dir}` if interrupted). Results
 """
   with open(config.report, "w") as f:
     f.write(text)
+
+
+def main(argv=None) -> int:
+  """`python -m train.muscle_report RESULTS_JSON [--config NAME]`: rewrites the page of a finished
+  run from its results.json (the run's own config; `--config` supplies the page's notes and
+  report path) without training or evaluating again."""
+  import argparse
+  import dataclasses
+  import json
+
+  import jaxadapt as ja
+  from train import flags
+  p = argparse.ArgumentParser(prog="python -m train.muscle_report")
+  p.add_argument("results")
+  p.add_argument("--config", default=None)
+  p.add_argument("--command", default=None, help="the command that ran (default: as saved)")
+  args = p.parse_args(argv)
+  with open(args.results) as f:
+    saved = json.load(f)
+  record = saved["config"]
+  config = MuscleConfig(**{k: v for k, v in record.items()
+                           if k in {f.name for f in dataclasses.fields(MuscleConfig)}})
+  if args.config:
+    chosen = flags.load_config_module(args.config)
+    config = dataclasses.replace(config, notes=chosen.notes, report=chosen.report)
+  if not config.report:
+    raise SystemExit("the run has no report path; give --config")
+  results = {int(s): r for s, r in saved["results"].items()}
+  write_report(config, results, saved["summary"], saved["seconds"],
+               ja.load_model(config.old_model), ja.load_model(config.new_model),
+               args.command or saved.get("command") or "python -m train.muscle")
+  print(f"wrote {config.report}")
+  return 0
+
+
+if __name__ == "__main__":
+  import sys
+  sys.exit(main())

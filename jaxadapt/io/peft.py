@@ -393,6 +393,9 @@ def save_adapter(adapter: LoraAdapter, directory: str) -> None:
   cfg_path = os.path.join(directory, "adapter_config.json")
   try:
     save_file(tensors, st_path + ".tmp", metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)  # safetensors creates the file 0600: give it the mode open() would
+    os.chmod(st_path + ".tmp", 0o666 & ~umask)
     with open(cfg_path + ".tmp", "w") as f:
       f.write(config_text)
     os.replace(st_path + ".tmp", st_path)

@@ -4,12 +4,18 @@ Command (no downloads):
   python -m train.muscle --config train/configs/muscle_toy.py
 
 v1 = the embedded default (4 layers), v2 = "default-v2" (6 layers, trained longer from another
-seed; train/configs/default_model_v2.py). For 3 seeds and the two default tasks with the longest
-answers that small adapters do not solve outright (dedupe: 2-4 words; sort: 3-8 letters): task
-LoRAs (r=4 on every decoder linear layer) on each base, trained until the loss flattens
-(dedupe 400 steps, sort 1000: measured, docs/muscle.md gives the last-window change), then 150
-extra steps from LoRA2 of M^C (MUSCLE Eq. 1), KD-to-v1 and CE-continued; greedy answers on
-1024 held-out prompts per task. Takes about 25 min on 2 CPU cores (measured: docs/muscle.md).
+seed; train/configs/default_model_v2.py). For 5 seeds: dedupe task LoRAs (r=4 on every decoder
+linear layer; answers of 2-4 words, 12-20 tokens) on each base, trained to their plateau (400
+steps: 150 more steps of plain cross-entropy, the CE-continued control, move accuracy by less
+than a point), then 150 extra steps from LoRA2 of M^C (MUSCLE Eq. 1), KD-to-v1 and
+CE-continued; greedy answers on 2048 held-out prompts. About 15 min on 2 quiet CPU cores
+(measured: docs/muscle.md).
+
+Why dedupe alone: of the default's tasks it is the only one whose r=4 adapters stop short of
+solving it (about 90%). Measured on seed 0 with 1024 prompts: sort needs 1000 steps to its
+plateau and is then 98.7% (v1) / 99.1% (v2) right, 0.7% negative flips, and its 1000-step LoRAs
+cost 3.5x dedupe's; reverse, rot13, count reach 98-100% in 300 steps (run
+`--tasks dedupe,sort --lora_task_steps sort=1000` to include sort).
 
 Expect (the issue's target, reported whether met or not): M^C's NFR below Mv2's and
 CE-continued's by more than two standard errors, at accuracy >= Mv2's, and accuracy above
@@ -20,8 +26,21 @@ from train.muscle import MuscleConfig
 
 def get_config() -> MuscleConfig:
   return MuscleConfig(
-      old_model="default", new_model="default-v2", tasks=("dedupe", "sort"), seeds=(0, 1, 2),
+      old_model="default", new_model="default-v2", tasks=("dedupe",), seeds=(0, 1, 2, 3, 4),
       out_dir="runs/muscle_toy", report="docs/muscle.md", lora_r=4, lora_alpha=8.0,
-      lora_steps=400, lora_task_steps=("sort=1000",), lora_lr=5e-3, lora_warmup=20,
-      batch_size=16, seq_len=64, compat_steps=150, compat_lr=2e-3, compat_warmup=10,
-      temperature=2.0, ce_weight=0.0, eval_examples=1024)
+      lora_steps=400, lora_lr=5e-3, lora_warmup=20, batch_size=16, seq_len=64,
+      compat_steps=150, compat_lr=2e-3, compat_warmup=10, temperature=2.0, ce_weight=0.0,
+      eval_examples=2048,
+      notes=(
+          "One task, dedupe: of the default's tasks the only one whose r=4 adapters stop short "
+          "of solving it at their plateau (about 90%). Measured on seed 0 (1024 held-out "
+          "prompts, `--tasks dedupe,sort --lora_task_steps sort=1000 --seeds 0`): sort reaches "
+          "its plateau at 1000 steps, 98.7% (Mv1) and 99.1% (Mv2) right with 0.7% negative "
+          "flips, and every compatibility variant lost accuracy on it (M^C 98.4%, KD-to-v1 "
+          "97.4%, CE-continued 97.6%); its LoRAs cost 3.5x dedupe's. reverse, rot13 and count "
+          "reach 98-100% in 300 steps.",
+          "v2 is not the better task model on single prompts: its shipped r=16 adapters match "
+          "or trail the default's there (dedupe 94.9% vs 98.0%, reverse 98.4% vs 99.6%, sort "
+          "97.3% vs 96.9%); it is better at composing tasks in 2-task prompts (6 of 8 tasks, "
+          "e.g. upper 97.7% vs 63.3%; docs/default_model*.md), which this single-task "
+          "reproduction does not use."))
