@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 IGNORE = -100  # the label of a position that is not an answer token (train.data.IGNORE)
-MASKS = ("muscle", "old", "new")  # which teacher each token distils from (see `compat_loss`)
+MASKS = ("muscle", "answer", "old", "new")  # which teacher each token distils from
+                                            # (`teacher_mask`)
 
 
 # --- per-example metrics ---------------------------------------------------------------------
@@ -220,27 +221,45 @@ def _log_softmax(z, temperature):
   return jax.nn.log_softmax(z.astype(jnp.float32) / temperature, axis=-1)
 
 
-def teacher_mask(student_logits: jax.Array, labels: jax.Array, mask: str = "muscle"
-                 ) -> jax.Array:
+def _any_in_answer(flags: jax.Array, valid: jax.Array) -> jax.Array:
+  """[B, S]: at each valid position, whether `flags` is set anywhere in its answer (a maximal
+  run of consecutive valid positions of its row)."""
+  b, s = valid.shape
+  start = valid & ~jnp.pad(valid, ((0, 0), (1, 0)))[:, :-1]
+  span = jnp.cumsum(start, axis=1) + (s + 1) * jnp.arange(b)[:, None]  # unique per row
+  hit = jax.ops.segment_max(jnp.where(valid, flags, False).astype(jnp.int32).reshape(-1),
+                            span.reshape(-1), num_segments=b * (s + 1))
+  return (hit[span] > 0) & valid
+
+
+def teacher_mask(student_logits: jax.Array, labels: jax.Array, mask: str = "muscle",
+                 valid: Optional[jax.Array] = None) -> jax.Array:
   """m_i of MUSCLE Eq. 1 at each position: 1 where the student's argmax is not the label (the
   token then distils from the old model), 0 where it is (from the new model).
 
   Args:
-    student_logits: [..., V] the compatibility model's logits at the positions of `labels`.
-    labels: [...] the reference tokens.
-    mask: "muscle" (Eq. 1), "old" (always 1: plain distillation to v1, the KD-to-v1 baseline)
-      or "new" (always 0: distillation to v2).
+    student_logits: [B, S, V] the compatibility model's logits at the positions of `labels`.
+    labels: [B, S] the reference tokens.
+    mask: "muscle" (Eq. 1, per token); "answer" (ours, not the paper's: 1 on every token of an
+      answer the student gets wrong anywhere, so that a whole flipped answer distils from v1,
+      not only its wrong tokens; an answer is a run of consecutive `valid` positions); "old"
+      (always 1: plain distillation to v1, the KD-to-v1 baseline) or "new" (always 0).
+    valid: [B, S] bool, the answer positions (needed by "answer").
 
   Returns:
-    [...] float32 in {0, 1} (no gradient flows through it).
+    [B, S] float32 in {0, 1} (no gradient flows through it).
   """
   if mask == "old":
     return jnp.ones(labels.shape, jnp.float32)
   if mask == "new":
     return jnp.zeros(labels.shape, jnp.float32)
-  if mask != "muscle":
+  if mask not in MASKS:
     raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
   wrong = jnp.argmax(jax.lax.stop_gradient(student_logits), axis=-1) != labels
+  if mask == "answer":
+    if valid is None:
+      raise ValueError("mask='answer' needs `valid` (the answer positions)")
+    wrong = _any_in_answer(wrong, valid)
   return wrong.astype(jnp.float32)
 
 
@@ -283,7 +302,7 @@ def compat_loss(student_logits: jax.Array, old_logits: jax.Array, new_logits: ja
   target = labels[:, 1:]
   valid = (target != IGNORE).astype(jnp.float32)
   safe = jnp.where(target == IGNORE, 0, target)
-  m = teacher_mask(z_c, safe, mask)
+  m = teacher_mask(z_c, safe, mask, valid=target != IGNORE)
   log_q = _log_softmax(z_c, temperature)
 
   def kl(z_teacher):

@@ -95,6 +95,18 @@ def _numpy_compat_loss(zc, z1, z2, labels, t, mask, lam):
   def log_softmax(z):
     z = z - z.max()
     return z - np.log(np.exp(z).sum())
+  def wrong_at(b, s):
+    return int(np.argmax(zc[b, s]) != labels[b, s + 1])
+
+  def answer_wrong(b, s):  # any wrong token in the run of answer positions around s
+    valid = labels[b, 1:] != muscle.IGNORE
+    lo, hi = s, s
+    while lo > 0 and valid[lo - 1]:
+      lo -= 1
+    while hi + 1 < len(valid) and valid[hi + 1]:
+      hi += 1
+    return int(any(wrong_at(b, k) for k in range(lo, hi + 1)))
+
   total_kd, total_ce, n = 0.0, 0.0, 0
   for b in range(labels.shape[0]):
     for s in range(labels.shape[1] - 1):
@@ -102,8 +114,7 @@ def _numpy_compat_loss(zc, z1, z2, labels, t, mask, lam):
       if y == muscle.IGNORE:
         continue
       n += 1
-      wrong = int(np.argmax(zc[b, s]) != y)
-      m = {"muscle": wrong, "old": 1, "new": 0}[mask]
+      m = {"muscle": wrong_at(b, s), "answer": answer_wrong(b, s), "old": 1, "new": 0}[mask]
       teacher = z1[b, s] if m else z2[b, s]
       log_p, log_q = log_softmax(teacher / t), log_softmax(zc[b, s] / t)
       total_kd += float(np.sum(np.exp(log_p) * (log_p - log_q)))
@@ -112,7 +123,7 @@ def _numpy_compat_loss(zc, z1, z2, labels, t, mask, lam):
 
 
 @pytest.mark.parametrize("mask,lam", [("muscle", 0.0), ("old", 0.0), ("new", 0.0),
-                                      ("muscle", 0.3), ("muscle", 1.0)])
+                                      ("muscle", 0.3), ("muscle", 1.0), ("answer", 0.0)])
 def test_compat_loss_equals_numpy(mask, lam):
   rng = np.random.default_rng(1)
   b, s, v = 3, 7, 11
@@ -120,6 +131,7 @@ def test_compat_loss_equals_numpy(mask, lam):
   labels = rng.integers(0, v, size=(b, s))
   labels[:, :3] = muscle.IGNORE  # the prompt
   labels[1, -1] = muscle.IGNORE
+  labels[2, 5] = muscle.IGNORE  # row 2 packs two answers
   # Make the student right at some answer positions so both branches of the mask occur.
   for (i, j) in [(0, 3), (0, 5), (2, 4)]:
     labels[i, j + 1] = int(np.argmax(zc[i, j]))
@@ -131,8 +143,17 @@ def test_compat_loss_equals_numpy(mask, lam):
   valid = labels[:, 1:] != muscle.IGNORE
   right = (np.argmax(zc[:, :-1], -1) == labels[:, 1:]) & valid
   np.testing.assert_allclose(float(metrics["student_acc"]), right.sum() / valid.sum(), rtol=1e-6)
-  expect_old = {"muscle": 1 - right.sum() / valid.sum(), "old": 1.0, "new": 0.0}[mask]
-  np.testing.assert_allclose(float(metrics["mask_old"]), expect_old, rtol=1e-6)
+  if mask != "answer":
+    expect_old = {"muscle": 1 - right.sum() / valid.sum(), "old": 1.0, "new": 0.0}[mask]
+    np.testing.assert_allclose(float(metrics["mask_old"]), expect_old, rtol=1e-6)
+
+
+def test_answer_mask_spreads_over_each_answer():
+  # Row: positions 0-1 prompt, 2-4 an answer (wrong at 3), 5 prompt, 6-7 an answer (right).
+  valid = jnp.array([[0, 0, 1, 1, 1, 0, 1, 1]], bool)
+  wrong = jnp.array([[0, 1, 0, 1, 0, 1, 0, 0]], bool)
+  got = muscle._any_in_answer(wrong, valid)
+  np.testing.assert_array_equal(np.asarray(got), [[0, 0, 1, 1, 1, 0, 0, 0]])
 
 
 def test_mask_follows_the_students_argmax():

@@ -52,12 +52,15 @@ from train import loop
 from train import tasks as tasks_lib
 from train.loop import RunError
 
-VARIANTS = ("muscle", "kd_v1", "ce_continued")
-# What each compatibility variant trains with: (teacher mask of Eq. 1, cross-entropy weight).
-VARIANT_LOSS = {"muscle": ("muscle", None), "kd_v1": ("old", 0.0), "ce_continued": ("new", 1.0)}
-MODELS = ("v1", "v2") + VARIANTS  # the rows of the report: Mv1, Mv2, then the variants
+VARIANTS = ("muscle", "kd_v1", "ce_continued")  # the default compatibility variants
+# What each compatibility variant trains with: (teacher mask of Eq. 1, cross-entropy weight;
+# None = the config's ce_weight). "muscle_answer" (ours, not the paper's) distils a whole answer
+# from v1 when the student gets any of its tokens wrong (`jaxadapt.muscle.teacher_mask`).
+VARIANT_LOSS = {"muscle": ("muscle", None), "kd_v1": ("old", 0.0), "ce_continued": ("new", 1.0),
+                "muscle_answer": ("answer", None)}
+MODELS = ("v1", "v2", "muscle", "muscle_answer", "kd_v1", "ce_continued")  # the report's rows
 LABELS = {"v1": "Mv1", "v2": "Mv2", "muscle": "M^C (MUSCLE)", "kd_v1": "KD-to-v1",
-          "ce_continued": "CE-continued"}
+          "ce_continued": "CE-continued", "muscle_answer": "M^C, answer mask (ours)"}
 REPO_DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 # Fields that do not change what any stage trains (a resume may change them).
 # What each stage trains on: a task LoRA on its fields alone (so that compatibility settings
@@ -67,7 +70,7 @@ REPO_DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 _LORA_FIELDS = ("old_model", "new_model", "lora_r", "lora_alpha", "lora_targets", "lora_lr",
                 "lora_warmup", "batch_size", "seq_len", "multi_fraction", "eval_examples")
 _COMPAT_FIELDS = _LORA_FIELDS + ("compat_steps", "compat_lr", "compat_warmup", "temperature",
-                                 "ce_weight")
+                                 "ce_weight", "lora_dir")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,6 +82,9 @@ class MuscleConfig:
   seeds: tuple = (0, 1, 2)              # each seed trains every stage again (init + data order)
   variants: tuple = VARIANTS            # the compatibility variants to train
   out_dir: str = "runs/muscle_toy"      # checkpoints, adapters and results.json
+  lora_dir: Optional[str] = None        # a previous run's out_dir: its task LoRAs
+                                        # (seed<s>/<task>/v1|v2/adapter) are loaded, not trained
+                                        # (compatibility variants on given task adapters)
   report: Optional[str] = None          # the results page (+ a PNG beside it); None = none
   # Task LoRAs (the same procedure on both bases).
   lora_r: int = 4                       # rank
@@ -122,9 +128,9 @@ class MuscleConfig:
     if bad or not self.tasks:
       raise ValueError(f"tasks must be some of the embedded default's tasks {TASKS}; got "
                        f"{self.tasks}")
-    bad = [v for v in self.variants if v not in VARIANTS]
+    bad = [v for v in self.variants if v not in VARIANT_LOSS]
     if bad:
-      raise ValueError(f"variants must be some of {VARIANTS}; got {self.variants}")
+      raise ValueError(f"variants must be some of {tuple(VARIANT_LOSS)}; got {self.variants}")
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
       raise ValueError(f"seeds must be distinct ints, at least one; got {self.seeds}")
     if not self.temperature > 0:
@@ -248,10 +254,25 @@ def train_task_lora(config: MuscleConfig, base: CausalLM, task: str, seed: int, 
   return adapter, _read_metrics(out)
 
 
+def given_task_lora(config: MuscleConfig, task: str, seed: int, which: str,
+                    mesh) -> tuple[lora_lib.LoraAdapter, list]:
+  """The task LoRA of `config.lora_dir` (a previous run) for (task, seed, which), on `mesh`."""
+  stage = os.path.join(config.lora_dir, f"seed{seed}", task, which)
+  path = os.path.join(stage, "adapter")
+  if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+    raise RunError(f"--lora_dir {config.lora_dir}: no {which} task LoRA for seed {seed}, task "
+                   f"{task!r} at {path} (expected a run of train.muscle with those seeds and "
+                   f"tasks)")
+  from jaxadapt.io.peft import load_adapter
+  adapter = load_adapter(path)
+  weights = sharding_lib.shard_adapter_weights(adapter.weights, mesh)
+  return lora_lib.LoraAdapter(weights=weights, config=adapter.config), _read_metrics(stage)
+
+
 def train_compat(config: MuscleConfig, variant: str, old: CausalLM, lora1: lora_lib.LoraAdapter,
                  new: CausalLM, lora2: lora_lib.LoraAdapter, task: str, seed: int, mesh,
                  bases: dict) -> tuple[lora_lib.LoraAdapter, list]:
-  """Trains a compatibility variant (`VARIANTS`) from LoRA2 on the frozen v2 base."""
+  """Trains a compatibility variant (`VARIANT_LOSS`) from LoRA2 on the frozen v2 base."""
   mask, ce_weight = VARIANT_LOSS[variant]
   loss = CompatLoss(new.graphdef, lora2.config, old.graphdef, lora1.config, mask=mask,
                     temperature=config.temperature,
@@ -368,8 +389,12 @@ def train(config: MuscleConfig, *, command: Optional[str] = None) -> RunResult:
   for seed in config.seeds:
     for task in config.tasks:
       t1 = time.time()
-      lora1, m1 = train_task_lora(config, old, task, seed, "v1", mesh, bases)
-      lora2, m2 = train_task_lora(config, new, task, seed, "v2", mesh, bases)
+      if config.lora_dir is None:
+        lora1, m1 = train_task_lora(config, old, task, seed, "v1", mesh, bases)
+        lora2, m2 = train_task_lora(config, new, task, seed, "v2", mesh, bases)
+      else:
+        (lora1, m1), (lora2, m2) = (given_task_lora(config, task, seed, w, mesh)
+                                    for w in ("v1", "v2"))
       seconds[f"seed{seed}_{task}_loras"] = time.time() - t1
       models = {"v1": (old, lora1), "v2": (new, lora2)}
       curves = {"v1": m1, "v2": m2}
@@ -389,8 +414,8 @@ def train(config: MuscleConfig, *, command: Optional[str] = None) -> RunResult:
           "plateau": {name: plateau(c) for name, c in curves.items()},
           "final_loss": {name: (float(np.mean([r["loss"] for r in c[-10:]])) if c else None)
                          for name, c in curves.items()},
-          "mask_old": (float(np.mean([r["mask_old"] for r in curves["muscle"][-10:]]))
-                       if "muscle" in curves and curves["muscle"] else None),
+          "mask_old": {name: float(np.mean([r["mask_old"] for r in c[-10:]]))
+                       for name, c in curves.items() if name in VARIANT_LOSS and c},
           "answers": {name: a[:8] for name, a in got.items()}, "references": refs[:8],
           "per_example": {name: [a == r for a, r in zip(g, refs)] for name, g in got.items()},
       }
@@ -440,7 +465,9 @@ def summarize(config: MuscleConfig, results: dict) -> dict:
         per_seed(m, k, [task]))) for k in metrics} for m in models}
   out["pooled"] = {m: {k: list(muscle_lib.mean_and_standard_error(
       per_seed(m, k, config.tasks))) for k in metrics} for m in models}
-  pairs = [("muscle", "v2"), ("muscle", "ce_continued"), ("muscle", "kd_v1")]
+  pairs = [("muscle", "v2"), ("muscle", "ce_continued"), ("muscle", "kd_v1"),
+           ("muscle_answer", "v2"), ("muscle_answer", "ce_continued"),
+           ("muscle_answer", "kd_v1")]
   for a, b in pairs:
     if a in models and b in models:
       out["differences"][f"{a}-{b}"] = {k: list(muscle_lib.mean_and_standard_error(

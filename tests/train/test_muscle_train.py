@@ -16,8 +16,8 @@ from train import tasks as tasks_lib
 
 
 def _tiny(out_dir, **kw):
-  return dataclasses.replace(flags.load_config_module("muscle_tiny"), out_dir=str(out_dir),
-                             report=os.path.join(str(out_dir), "muscle.md"), **kw)
+  kw.setdefault("report", os.path.join(str(out_dir), "muscle.md"))
+  return dataclasses.replace(flags.load_config_module("muscle_tiny"), out_dir=str(out_dir), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,25 @@ def test_compat_cli_on_the_runs_files_gives_the_recipes_flips(same_version_run, 
   assert report["n"] == config.eval_examples
   for key in ("accuracy_new", "nfr", "pfr"):
     assert report["overall"][key]["value"] == pytest.approx(flips[key]), key
+
+
+def test_variants_on_a_previous_runs_task_loras(same_version_run, tmp_path):
+  """lora_dir: the task LoRAs are loaded (the same answers), only the variant trains; the
+  report's ablation section pairs it with the first run's seeds."""
+  from train import muscle_report
+  config, result = same_version_run
+  other = dataclasses.replace(config, out_dir=str(tmp_path / "abl"), report=None,
+                              lora_dir=config.out_dir, variants=("muscle_answer",))
+  got = muscle.train(other)
+  r0, r1 = result.results[0]["sort"], got.results[0]["sort"]
+  assert r1["per_example"]["v1"] == r0["per_example"]["v1"]
+  assert r1["per_example"]["v2"] == r0["per_example"]["v2"]
+  assert not os.path.exists(tmp_path / "abl" / "seed0" / "sort" / "v1")  # not retrained
+  assert os.path.isdir(tmp_path / "abl" / "seed0" / "sort" / "muscle_answer" / "adapter")
+  text = muscle_report.ablation_section(result.results, got.results, "cmd")
+  assert "| M^C, answer mask (ours) |" in text and "identical to" in text
+  with pytest.raises(muscle.RunError, match="no v1 task LoRA for seed 5"):
+    muscle.train(dataclasses.replace(other, seeds=(5,)))
 
 
 def test_rerun_resumes_without_training(same_version_run):
