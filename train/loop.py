@@ -540,7 +540,8 @@ def _device_batch(host: Mapping[str, np.ndarray], batch_size: int, sharding, pos
 
 
 def run_main(argv: Sequence[str], *, config_from_argv: Callable, train: Callable,
-             outputs: Callable[[Any], str]) -> int:
+             outputs: Optional[Callable[[Any], str]] = None,
+             summary: Optional[Callable[[Any, Any], str]] = None) -> int:
   """The body of a recipe's `main`: parse, start multi-host, train, print one summary line.
 
   A bad command line or a `RunError` / missing file prints `error: ...` (no traceback) and
@@ -551,6 +552,8 @@ def run_main(argv: Sequence[str], *, config_from_argv: Callable, train: Callable
     config_from_argv: argv -> config (raises `flags.FlagError` / ValueError).
     train: config -> a result with `losses` and `first_step`.
     outputs: config -> where the run's outputs are, for the summary line.
+    summary: (config, result) -> what to print instead of the loss line (a recipe whose result
+      is a table, not a loss curve).
   """
   from train import distributed, flags
   try:
@@ -564,7 +567,9 @@ def run_main(argv: Sequence[str], *, config_from_argv: Callable, train: Callable
   except (FileNotFoundError, RunError) as e:  # e.g. a wrong --data: no traceback needed
     print(f"error: {e}", file=sys.stderr)
     return 2
-  if result.losses:
+  if summary is not None:
+    print(summary(config, result))
+  elif result.losses:
     print(f"steps {result.first_step}..{config.steps}: loss {result.losses[0]:.4f} -> "
           f"{result.losses[-1]:.4f}; {outputs(config)}")
   else:

@@ -169,7 +169,9 @@ def _stage_record(config: MuscleConfig, stage: str, task: str, seed: int,
 
 
 def _base_fingerprint(model: CausalLM) -> dict:
-  """What a stage's base is, for the resume check (a base changed in place is caught)."""
+  """What a stage's base is, for the resume check: its architecture and a checksum of its first
+  8 parameter tensors (the embedding and the first layer's), so that another base at the same
+  path is refused."""
   leaves = jax.tree.leaves(model.params)
   return {"config": json.loads(json.dumps(dataclasses.asdict(model.config), default=str)),
           "checksum": float(sum(float(np.asarray(x, np.float64).sum()) for x in leaves[:8]))}
@@ -337,11 +339,6 @@ def write_compat_data(config: MuscleConfig, path: str):
                             "answer": tasks_lib.answer_text(e), "category": task}) + "\n")
 
 
-def answers(model: CausalLM, adapter, examples) -> list[str]:
-  """Greedy answers (stopped by eos) of `model` + `adapter` to the examples' prompts."""
-  return default_model.generated_answers(model, adapter, examples)
-
-
 def flip_table(answers_by_model: dict, references: Sequence[str]) -> dict:
   """Accuracy, NFR, PFR and NFR_mc of each model against Mv1 (`jaxadapt.muscle`), from the
   greedy answers: "right" is exact match with the reference, NFR_mc counts the answers that
@@ -358,10 +355,7 @@ def flip_table(answers_by_model: dict, references: Sequence[str]) -> dict:
 
 @dataclasses.dataclass
 class RunResult:
-  """What `train` returns: `losses`/`first_step` (for `loop.run_main`: the last stage run),
-  the per-seed tables and the summary."""
-  losses: list
-  first_step: int
+  """What `train` returns: the per-seed tables and the summary."""
   results: dict          # {seed: {task: {"flips": flip_table, "plateau": {...}, ...}}}
   summary: dict          # `summarize(results)`
   seconds: dict
@@ -385,7 +379,7 @@ def train(config: MuscleConfig, *, command: Optional[str] = None) -> RunResult:
                    f"({config.new_model}) of {new.config.vocab_size}: MUSCLE distils v1's "
                    f"token distributions into v2, so both must share one tokenizer")
   bases = {"v1": _base_fingerprint(old), "v2": _base_fingerprint(new)}
-  results, last = {}, None
+  results = {}
   for seed in config.seeds:
     for task in config.tasks:
       t1 = time.time()
@@ -407,19 +401,17 @@ def train(config: MuscleConfig, *, command: Optional[str] = None) -> RunResult:
       t3 = time.time()
       examples = heldout(config, task)
       refs = [tasks_lib.answer_text(e) for e in examples]
-      got = {name: answers(m, a, examples) for name, (m, a) in models.items()}
+      got = {name: default_model.generated_answers(m, a, examples)
+             for name, (m, a) in models.items()}
       seconds[f"seed{seed}_{task}_eval"] = time.time() - t3
       results.setdefault(seed, {})[task] = {
           "flips": flip_table(got, refs),
           "plateau": {name: plateau(c) for name, c in curves.items()},
-          "final_loss": {name: (float(np.mean([r["loss"] for r in c[-10:]])) if c else None)
-                         for name, c in curves.items()},
           "mask_old": {name: float(np.mean([r["mask_old"] for r in c[-10:]]))
                        for name, c in curves.items() if name in VARIANT_LOSS and c},
           "answers": {name: a[:8] for name, a in got.items()}, "references": refs[:8],
           "per_example": {name: [a == r for a, r in zip(g, refs)] for name, g in got.items()},
       }
-      last = curves
       if jax.process_index() == 0:  # what is done so far, for a look while the run goes on
         os.makedirs(config.out_dir, exist_ok=True)
         with open(os.path.join(config.out_dir, "results.partial.json"), "w") as f:
@@ -436,10 +428,7 @@ def train(config: MuscleConfig, *, command: Optional[str] = None) -> RunResult:
     if config.report:
       from train import muscle_report
       muscle_report.write_report(config, results, summary, seconds, old, new, command)
-  losses = [r["loss"] for r in (last or {}).get(config.variants[-1] if config.variants else "v2",
-                                                [])]
-  return RunResult(losses=losses, first_step=1, results=results, summary=summary,
-                   seconds=seconds)
+  return RunResult(results=results, summary=summary, seconds=seconds)
 
 
 def summarize(config: MuscleConfig, results: dict) -> dict:
@@ -458,7 +447,7 @@ def summarize(config: MuscleConfig, results: dict) -> dict:
     return [float(np.mean([results[s][t]["flips"][model][metric] for t in tasks]))
             for s in seeds]
 
-  models = [m for m in MODELS if m in next(iter(next(iter(results.values())).values()))["flips"]]
+  models = [m for m in MODELS if m in ("v1", "v2", *config.variants)]
   out = {"per_task": {}, "pooled": {}, "differences": {}}
   for task in config.tasks:
     out["per_task"][task] = {m: {k: list(muscle_lib.mean_and_standard_error(
@@ -499,24 +488,16 @@ def config_from_argv(argv: Sequence[str]) -> MuscleConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of `python -m train.muscle` and `jaxadapt train muscle`."""
   argv = sys.argv[1:] if argv is None else list(argv)
-  from train import distributed
-  try:
-    config = config_from_argv(argv)
-    distributed.initialize_from_env()
-  except (flags.FlagError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  try:
-    result = train(config, command=" ".join(["python -m train.muscle", *argv]))
-  except (FileNotFoundError, RunError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  from train import muscle_report
-  print(muscle_report.summary_table(result.summary))
-  print(f"results in {os.path.join(config.out_dir, 'results.json')}"
-        + (f"; report {config.report}" if config.report else "")
-        + f"; {result.seconds['total'] / 60:.1f} min")
-  return 0
+  command = " ".join(["python -m train.muscle", *argv])
+
+  def summary(config, result):
+    from train import muscle_report
+    return (muscle_report.summary_table(result.summary) + "\n"
+            + f"results in {os.path.join(config.out_dir, 'results.json')}"
+            + (f"; report {config.report}" if config.report else "")
+            + f"; {result.seconds['total'] / 60:.1f} min")
+  return loop.run_main(argv, config_from_argv=config_from_argv,
+                       train=lambda config: train(config, command=command), summary=summary)
 
 
 if __name__ == "__main__":

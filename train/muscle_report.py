@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+from typing import Optional
 
 import jax
 import numpy as np
@@ -33,9 +34,10 @@ def _pm(pair) -> str:
   return f"{100 * mean:.2f} ± {100 * se:.2f}"
 
 
-def summary_table(summary: dict, which: str = "pooled", task: str = None) -> str:
-  """The models' metrics (mean ± standard error over seeds, %) as a markdown table."""
-  rows = summary["per_task"][task] if task else summary[which]
+def summary_table(summary: dict, task: Optional[str] = None) -> str:
+  """The models' metrics (mean ± standard error over seeds, %) as a markdown table: pooled over
+  the tasks, or one task's."""
+  rows = summary["per_task"][task] if task else summary["pooled"]
   lines = ["| model | " + " | ".join(label for _, label in METRICS) + " |",
            "|---|" + "---|" * len(METRICS)]
   for model in MODELS:

@@ -11,6 +11,7 @@ import jaxadapt as ja
 from jaxadapt import muscle as muscle_lib
 from jaxadapt.io.peft import load_adapter
 from train import flags
+from train import default_model
 from train import muscle
 from train import tasks as tasks_lib
 
@@ -74,7 +75,7 @@ def test_results_and_report_recompute_from_the_answers(same_version_run):
   model = ja.load_model("default")
   adapter = load_adapter(os.path.join(config.out_dir, "seed0", "sort", "v1", "adapter"))
   examples = muscle.heldout(config, "sort")[:4]
-  got = muscle.answers(model, adapter, examples)
+  got = default_model.generated_answers(model, adapter, examples)
   assert got == saved["results"]["0"]["sort"]["answers"]["v1"][:4]
 
 
