@@ -11,6 +11,7 @@ ja.save_adapter(adapter, "out_dir")
 ```
 """
 from jaxadapt import default
+from jaxadapt import fact
 from jaxadapt.adapters.combine import combine
 from jaxadapt.adapters.lora import LoraAdapter, LoraConfig
 from jaxadapt.context import Context
@@ -36,6 +37,6 @@ def init_lora(model, config: LoraConfig, *, seed: int = 0, dtype="float32"):
                extra_paths=getattr(model, "extra_lora_paths", ()))
 
 
-__all__ = ["CausalLM", "Context", "combine", "default", "LoraAdapter", "LoraConfig", "init_lora", "load_adapter", "load_clip_text",
+__all__ = ["CausalLM", "Context", "combine", "default", "fact", "LoraAdapter", "LoraConfig", "init_lora", "load_adapter", "load_clip_text",
            "load_dit", "load_meteora", "load_model", "meteora", "load_pipeline", "load_unet", "load_vae", "merge",
            "save_adapter", "save_image_grid", "unmerge"]

@@ -13,6 +13,8 @@
                                 the digits reproduction (train/agd.py)
   jaxadapt train muscle [ARGS]  MUSCLE: task LoRAs on two model versions and the compatibility
                                 adapter (train/muscle.py)
+  jaxadapt train fact [ARGS]    FaceChain-FACT: base, face encoder and face adapters on
+                                synthetic faces, the reproduction (train/fact.py)
   jaxadapt compat --old MODEL[:ADAPTER] --new MODEL[:ADAPTER] --data FILE [--json] ...
                                 MUSCLE compatibility of two model versions: accuracy, negative
                                 and positive flips, per category (jaxadapt compat --help)
@@ -26,7 +28,7 @@ import os
 import sys
 
 # Modules of train/ with a main(argv).
-TRAIN_RECIPES = ("lora", "pretrain", "meteora", "agd", "muscle")
+TRAIN_RECIPES = ("lora", "pretrain", "meteora", "agd", "muscle", "fact")
 
 INFO_USAGE = "usage: jaxadapt info DIR   (a model, PEFT adapter or diffusers pipeline dir)"
 _EXPECTED = ("a model dir (config.json), a PEFT adapter dir (adapter_config.json) or a diffusers "

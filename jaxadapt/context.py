@@ -228,20 +228,29 @@ def make_routing(layout: str, ids, num_adapters: int, gates=None) -> Routing:
   return Routing(layout=layout, ids=ids, num_adapters=int(num_adapters), gates=gates)
 
 
-class GateTape:
-  """Collects every router's gate logits during one trace: `(path, g [T, N])` in call order.
+class Tape:
+  """Collects named arrays during one trace: `(name, value)` in call order.
 
-  The gate loss of MeteoRA training needs each layer's logits, which live inside the forward; a
-  tape in the routers (`Router.tape`) receives them as the hook computes them. Build the tape and
-  the context inside the traced function that reads it (a loss, a jitted analysis): the tape
-  is a static part of the context, so a new tape in a jit argument means a new compile.
+  Some losses need values that live inside the forward: MeteoRA's gate loss needs every gate's
+  logits, FACT's FAIR needs every face adapter's increment. A tape held by the functions that
+  compute them (a `Router`, a FACT insert) receives them as they are computed. Build the tape
+  and the context inside the traced function that reads it (a loss, a jitted analysis): the
+  tape is a static part of the context, so a new tape in a jit argument means a new compile.
   """
 
   def __init__(self):
-    self.logits: list = []
+    self.entries: list = []
 
-  def record(self, path: str, logits: jax.Array) -> None:
-    self.logits.append((path, logits))
+  def record(self, name: str, value: jax.Array) -> None:
+    self.entries.append((name, value))
+
+
+class GateTape(Tape):
+  """A `Tape` of every router's gate logits: `(path, g [T, N])` in call order (MeteoRA)."""
+
+  @property
+  def logits(self) -> list:
+    return self.entries
 
 
 @_pytree(meta=("top_k", "tape"))

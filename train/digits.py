@@ -55,7 +55,7 @@ from jaxadapt import sharding as sharding_lib
 from jaxadapt.diffusion import schedules
 from jaxadapt.diffusion.sampling import sample
 from jaxadapt.diffusion.schedulers import scheduler_from_config
-from jaxadapt.io.hf import torch_name
+from jaxadapt.io.diffusers_save import save_model_dir
 from jaxadapt.models import frozen
 from jaxadapt.models.dit import DiT, DiTConfig, DiTTransformer2DModel
 from jaxadapt.paths import keypath_str
@@ -367,15 +367,6 @@ def train_base(config: DigitsDiTConfig, *, stop_after: Optional[int] = None) -> 
 
 # --- the diffusers export ------------------------------------------------------------------------
 
-def _torch_layout(x: np.ndarray) -> np.ndarray:
-  """The inverse of `jaxadapt.io.hf.torch_to_jax_layout`: [in, out] -> [out, in], HWIO -> OIHW."""
-  if x.ndim == 2:
-    return x.T
-  if x.ndim == 4:
-    return x.transpose(3, 2, 0, 1)
-  raise ValueError(f"expected a 2-D linear or 4-D conv kernel, got shape {x.shape}")
-
-
 def dit_diffusers_config(config: DiTConfig) -> dict:
   """diffusers' `DiTTransformer2DModel` config.json of `config` (`DiTConfig.from_config` reads
   it back)."""
@@ -398,28 +389,11 @@ def dit_diffusers_config(config: DiTConfig) -> dict:
 def save_dit(model: DiT, directory: str):
   """Writes `model` as a diffusers DiT dir: config.json + diffusion_pytorch_model.safetensors.
 
-  The tensors are in torch layout under diffusers' names (`jaxadapt.io.hf.torch_name`
-  inverted), so `load_dit` and diffusers' `DiTTransformer2DModel.from_pretrained` load it.
+  The tensors are in torch layout under diffusers' names (`jaxadapt.io.diffusers_save`), so
+  `load_dit` and diffusers' `DiTTransformer2DModel.from_pretrained` load it.
   Multi-host: every process must call it (the params are gathered); the chief writes.
   """
-  from safetensors.numpy import save_file
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    host = multihost_utils.process_allgather(model.params, tiled=True)
-  else:
-    host = jax.device_get(model.params)
-  if jax.process_index() != 0:
-    return
-  tensors = {}
-  for kp, value in jax.tree_util.tree_flatten_with_path(host)[0]:
-    name, transform = torch_name(keypath_str(kp))
-    value = np.asarray(value, np.float32)
-    tensors[name] = np.ascontiguousarray(_torch_layout(value) if transform else value)
-  os.makedirs(directory, exist_ok=True)
-  save_file(tensors, os.path.join(directory, "diffusion_pytorch_model.safetensors"),
-            metadata={"format": "pt"})
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(dit_diffusers_config(model.config), f, indent=2)
+  save_model_dir(model.params, directory, dit_diffusers_config(model.config))
 
 
 def save_pipeline(model: DiT, directory: str, scheduler_config: dict):

@@ -252,8 +252,44 @@ class SchedulerBase:
     """Whether ``step`` reads the variance half of a 2C-channel (learned-sigma) model output."""
     return False
 
+  def add_noise(self, state, original: jax.Array, noise: jax.Array, step_index) -> jax.Array:
+    """``original`` forward-noised to the noise level of step ``step_index``'s model input.
+
+    diffusers' ``scheduler.add_noise(original, noise, timesteps[step_index])`` as its inpainting
+    pipeline calls it during sampling (the sigma schedulers read their ``step_index`` there).
+    Implemented by the schedulers that take one model evaluation per step (DDPM, DDIM, Euler,
+    Euler ancestral, DPM-Solver multistep); see ``supports_add_noise``.
+
+    Args:
+      state: from ``init_state``.
+      original: the clean sample x0.
+      noise: standard normal noise shaped like ``original``.
+      step_index: j in [0, N), may be traced.
+
+    Returns:
+      x_{t_j} in this scheduler's parameterisation of the noisy sample.
+    """
+    del state, original, noise, step_index
+    raise NotImplementedError(
+        f"{type(self).__name__} has no add_noise in jaxadapt; schedulers with one:"
+        " DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler,"
+        " EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler.")
+
+  @property
+  def supports_add_noise(self) -> bool:
+    """Whether ``add_noise`` is implemented (what inpainting needs)."""
+    return type(self).add_noise is not SchedulerBase.add_noise
+
 
 # --- helpers shared by the step functions ---------------------------------------------------------
+
+
+def alpha_bar_add_noise(state: AlphaBarState, original: jax.Array, noise: jax.Array,
+                        step_index) -> jax.Array:
+  """sqrt(a) x0 + sqrt(1 - a) eps with a = alpha-bar at timesteps[step_index] (Ho et al. 2020
+  Eq. 4, q(x_t | x_0)): the ``add_noise`` of the alpha-bar samplers (DDPM, DDIM)."""
+  a = state.alpha_prod_t[step_index]
+  return (jnp.sqrt(a) * original + jnp.sqrt(1 - a) * noise).astype(original.dtype)
 
 
 def split_learned_variance(

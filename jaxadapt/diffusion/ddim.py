@@ -61,6 +61,10 @@ class DDIMScheduler(base.SchedulerBase):
     final = 1.0 if self.set_alpha_to_one else self.alphas_cumprod()[0]
     return self.alpha_bar_state(ts, ts - self.num_train_timesteps // num_steps, final)
 
+  def add_noise(self, state, original: jax.Array, noise: jax.Array, step_index) -> jax.Array:
+    """``original`` noised to timesteps[step_index] (see ``SchedulerBase.add_noise``)."""
+    return base.alpha_bar_add_noise(state, original, noise, step_index)
+
   def step(
       self,
       state: DDIMState,

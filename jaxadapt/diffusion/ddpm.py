@@ -73,6 +73,10 @@ class DDPMScheduler(base.SchedulerBase):
     ts = self.set_timesteps(num_steps)
     return self.alpha_bar_state(ts, np.concatenate([ts[1:], [-1]]), 1.0)
 
+  def add_noise(self, state, original: jax.Array, noise: jax.Array, step_index) -> jax.Array:
+    """``original`` noised to timesteps[step_index] (see ``SchedulerBase.add_noise``)."""
+    return base.alpha_bar_add_noise(state, original, noise, step_index)
+
   def step(
       self,
       state: DDPMState,

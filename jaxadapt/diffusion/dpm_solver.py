@@ -226,6 +226,13 @@ class DPMSolverMultistepScheduler(base.SchedulerBase):
     order = jnp.where(last & lower_last, 1, order)
     return order
 
+  def add_noise(self, state: DPMSolverState, original: jax.Array, noise: jax.Array,
+                step_index) -> jax.Array:
+    """alpha_j x0 + sigma_j eps at the VP noise level of sigmas[step_index] (see
+    ``SchedulerBase.add_noise``)."""
+    alpha_t, sigma_t, _ = _alpha_sigma_lambda(state.sigmas[step_index])
+    return (alpha_t * original + sigma_t * noise).astype(original.dtype)
+
   def step(
       self,
       state: DPMSolverState,

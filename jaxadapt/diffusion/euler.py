@@ -107,6 +107,11 @@ class _SigmaTableScheduler(base.SchedulerBase):
     """x / sqrt(sigma_i^2 + 1): the VP model's input at noise level sigma_i (Karras Table 1)."""
     return scale_by_sigma(state, sample, step_index)
 
+  def add_noise(self, state: EulerState, original: jax.Array, noise: jax.Array,
+                step_index) -> jax.Array:
+    """x0 + sigma_j eps, the sample at noise level sigma_j (see ``SchedulerBase.add_noise``)."""
+    return (original + state.sigmas[step_index] * noise).astype(original.dtype)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EulerDiscreteScheduler(_SigmaTableScheduler):

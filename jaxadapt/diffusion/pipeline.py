@@ -22,6 +22,9 @@ Each pipeline reproduces its diffusers counterpart step for step, so that the sa
   learned-sigma output only, and the VAE decodes ``latents / scaling_factor``.
 
 Pixels are ``round(255 * clip(x / 2 + 0.5, 0, 1))`` as in diffusers (``images.to_uint8``).
+A pipeline without a VAE (``"vae": [null, null]``) samples in pixel space. Stable Diffusion's
+``generate(image=, mask_image=)`` inpaints as diffusers' ``StableDiffusionInpaintPipeline`` does
+with a U-Net without mask channels (the kept region is re-noised and pasted after every step).
 """
 from __future__ import annotations
 
@@ -96,6 +99,45 @@ def _agd_denoise(graphdef, params, ctx, agd_inserts, x, t, cond):
   from jaxadapt.context import Context
   ctx = (ctx or Context()).with_inserts(agd_inserts).with_insert_inputs(guidance_scale=cond["w"])
   return frozen.apply(graphdef, params, "__call__", x, t, cond["c"], ctx=ctx)
+
+
+def _fact_denoise(graphdef, params, ctx, fact_inserts, x, t, cond):
+  """The U-Net with FACT's face adapter (Yu et al. 2024): `cond["c"]` the text states,
+  `cond["face"]` the face tokens [B, M, D] and `cond["s"]` the face scale [B] (the
+  unconditional branch of guidance carries the empty prompt and the null face). Pure."""
+  from jaxadapt.context import Context
+  ctx = (ctx or Context()).with_inserts(fact_inserts).with_insert_inputs(
+      face_tokens=cond["face"], face_scale=cond["s"])
+  return frozen.apply(graphdef, params, "__call__", x, t, cond["c"], ctx=ctx)
+
+
+def _face_tokens(fact, face, groups: int, per_group: int):
+  """(face tokens [N, M, D], null tokens [N, M, D]) of generate's `face=`: face images (uint8
+  [H, W, 3] / [n, H, W, 3], float NCHW [n, 3, H, W] in [-1, 1]) through the adapter's encoder,
+  or encoder features [n, N_f, D_enc]; n = 1 (every prompt) or one per prompt."""
+  from jaxadapt.fact import FACTAdapter, null_face_tokens
+  if not isinstance(fact, FACTAdapter):
+    raise TypeError(f"face= needs fact= a FACT adapter (ja.fact.load_fact(dir)); got "
+                    f"{type(fact).__name__}.")
+  arr = np.asarray(face)
+  c = fact.config
+  if arr.dtype != np.uint8 and arr.ndim == 3 and arr.shape[1:] == (c.face_tokens, c.face_dim):
+    tokens = fact.face_tokens(arr)
+  elif arr.dtype != np.uint8 and arr.ndim == 2 and arr.shape == (c.face_tokens, c.face_dim):
+    tokens = fact.face_tokens(arr[None])
+  elif arr.dtype == np.uint8 or (arr.ndim == 4 and arr.shape[1] == 3):
+    tokens = fact.encode(arr)
+  else:
+    raise ValueError(f"face= must be face images (uint8 [H, W, 3] / [n, H, W, 3] or float NCHW "
+                     f"[n, 3, H, W] in [-1, 1]) or face-encoder features [n, {c.face_tokens}, "
+                     f"{c.face_dim}]; got shape {arr.shape} dtype {arr.dtype}.")
+  if tokens.shape[0] == 1:
+    tokens = jnp.repeat(tokens, groups, axis=0)
+  if tokens.shape[0] != groups:
+    raise ValueError(f"face= has {tokens.shape[0]} faces for {groups} prompts; pass one, or one "
+                     "per prompt.")
+  tokens = jnp.repeat(tokens, per_group, axis=0)
+  return tokens, null_face_tokens(fact.params, tokens.shape[0])
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -196,23 +238,25 @@ def _check_agd(guidance, agd, backbone, guidance_rescale=0.0):
   return True
 
 
-def _guidance_values(guidance_scale, groups: int, per_group: int) -> np.ndarray:
-  """The guidance scale of every image [groups * per_group] (float32), checked."""
+def _guidance_values(guidance_scale, groups: int, per_group: int, *,
+                     name: str = "guidance_scale") -> np.ndarray:
+  """The guidance scale (or another per-image scale `name`) of every image
+  [groups * per_group] (float32), checked."""
   try:
     g = np.asarray(guidance_scale, np.float64)
   except (TypeError, ValueError):
     g = None
   if g is None or not np.isfinite(g).all():
-    raise ValueError(f"guidance_scale must be a finite float or a list of them (one per"
-                     f" prompt/label or per image; <= 1 turns guidance off); got"
-                     f" {guidance_scale!r}.")
+    what = "; <= 1 turns guidance off" if name == "guidance_scale" else ""
+    raise ValueError(f"{name} must be a finite float or a list of them (one per"
+                     f" prompt/label or per image{what}); got {guidance_scale!r}.")
   g = g.astype(np.float32)
   batch = groups * per_group
   if g.ndim == 0:
     return np.full((batch,), g, np.float32)
   if g.ndim != 1 or g.shape[0] not in (groups, batch):
     raise ValueError(
-        f"guidance_scale must be a float or one value per prompt/label ({groups}) or per image"
+        f"{name} must be a float or one value per prompt/label ({groups}) or per image"
         f" ({batch}); got shape {g.shape}.")
   return np.repeat(g, per_group) if g.shape[0] != batch else g
 
@@ -240,6 +284,25 @@ def _as_list(value, name: str) -> list:
   if isinstance(value, Sequence):
     return list(value)
   raise TypeError(f"{name} must be one item or a list of them; got {type(value).__name__}.")
+
+
+def _nearest_resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """[N, H, W] resized to `size` by nearest neighbour as torch's `interpolate(mode="nearest")`:
+  output pixel i reads input pixel min(floor(i * in / out), in - 1)."""
+  if tuple(x.shape[1:]) == tuple(size):
+    return x
+  rows, cols = (np.minimum(np.floor(np.arange(o, dtype=np.float32) * np.float32(i / o)), i - 1)
+                .astype(np.int64) for i, o in zip(x.shape[1:], size))
+  return x[:, rows][:, :, cols]
+
+
+def _tile_batch(x: jax.Array, batch: int, name: str) -> jax.Array:
+  """`x` [n, ...] tiled to [batch, ...] (n must divide batch), as diffusers' `repeat`."""
+  n = x.shape[0]
+  if batch % n:
+    raise ValueError(f"{name} has {n} images for a batch of {batch}; pass 1, or a number that"
+                     f" divides {batch} (prompts x num_images_per_prompt; tiled as diffusers).")
+  return jnp.tile(x, (batch // n,) + (1,) * (x.ndim - 1))
 
 
 class _Pipeline:
@@ -348,9 +411,94 @@ class _Pipeline:
           for path, c in ctx.weights.items()})
     return ctx
 
+  def _image_pixels(self, image) -> tuple[np.ndarray, bool]:
+    """(image as float32 NCHW, whether it is already in the diffusion model's latent space).
+
+    uint8 [H, W, C] / [N, H, W, C] pixels become (u / 255) * 2 - 1 (diffusers' preprocessing);
+    a float NCHW array is taken as pixels in [-1, 1], or as latents when it has the latent
+    channels and the pipeline has a VAE (as diffusers takes 4-channel `image=`).
+    """
+    if hasattr(image, "detach"):  # a torch tensor
+      image = image.detach().cpu().numpy()
+    x = np.asarray(image)
+    pixel_channels = self.latent_channels if self.vae is None else self.vae.config.in_channels
+    if x.dtype == np.uint8:
+      if x.ndim == 3:
+        x = x[None]
+      if x.ndim != 4 or x.shape[-1] != pixel_channels:
+        raise ValueError(f"image: uint8 pixels must be [H, W, {pixel_channels}] or [N, H, W,"
+                         f" {pixel_channels}]; got shape {np.shape(image)}.")
+      return (x.astype(np.float32) / 255 * 2 - 1).transpose(0, 3, 1, 2), False
+    if not np.issubdtype(x.dtype, np.floating) or x.ndim != 4:
+      raise ValueError(f"image must be uint8 pixels [H, W, C] / [N, H, W, C] or a float array"
+                       f" [N, C, H, W] (NCHW) in [-1, 1]; got {x.dtype} of shape {x.shape}.")
+    x = x.astype(np.float32)
+    if self.vae is not None and x.shape[1] == self.latent_channels != pixel_channels:
+      return x, True
+    if x.shape[1] != pixel_channels:
+      raise ValueError(f"image: a float image must be [N, {pixel_channels}, H, W] (NCHW pixels in"
+                       f" [-1, 1]) or [N, {self.latent_channels}, h, w] latents; got {x.shape}.")
+    lo, hi = float(x.min()), float(x.max())
+    if not (np.isfinite(x).all() and lo >= -1 and hi <= 1):
+      raise ValueError(f"image: float pixels must lie in [-1, 1]; got values in [{lo:g},"
+                       f" {hi:g}]. Pass uint8 pixels, or x * 2 - 1 for an image in [0, 1].")
+    return x, False
+
+  def _image_pixel_size(self, image) -> tuple[int, int]:
+    """The pixel (height, width) that the inpainting `image` implies."""
+    x, is_latent = self._image_pixels(image)
+    f = self.vae_scale_factor if is_latent else 1
+    return x.shape[2] * f, x.shape[3] * f
+
+  def _inpaint_inputs(self, image, mask_image, shape: tuple) -> tuple[jax.Array, jax.Array]:
+    """(known latents [B, C, h, w], mask [B, 1, h, w] in {0, 1}) for `sampling.sample`.
+
+    As diffusers' `StableDiffusionInpaintPipeline`: pixels are encoded by the VAE (the
+    posterior mean times `scaling_factor`; diffusers samples the posterior, whose std is tiny
+    for trained VAEs); the mask is resized to the pixel size, binarized at 0.5 and resized to
+    the latent size, both by nearest neighbour (torch's `interpolate`); a batch of 1 (or of a
+    divisor of B) is tiled to B, as diffusers repeats it.
+    """
+    b, _, h, w = shape
+    f = self.vae_scale_factor
+    x, is_latent = self._image_pixels(image)
+    want = (h, w) if is_latent else (h * f, w * f)
+    if tuple(x.shape[2:]) != want:
+      raise ValueError(f"image is {x.shape[2]}x{x.shape[3]}"
+                       f"{' (latents)' if is_latent else ' pixels'}; this run is {h * f}x{w * f}"
+                       f" pixels ({h}x{w} latents). Resize the image or pass height=/width=.")
+    if not is_latent and self.vae is not None:
+      x = self.vae.encode(jnp.asarray(x)).mean * self.vae.config.scaling_factor
+    known = _tile_batch(jnp.asarray(x, jnp.float32), b, "image")
+
+    if hasattr(mask_image, "detach"):
+      mask_image = mask_image.detach().cpu().numpy()
+    m = np.asarray(mask_image)
+    if m.ndim == 4 and m.shape[1] == 1:
+      m = m[:, 0]
+    if m.ndim == 2:
+      m = m[None]
+    numeric = m.dtype == np.bool_ or np.issubdtype(m.dtype, np.number)
+    if not numeric or m.ndim != 3:
+      raise ValueError(f"mask_image must be [H, W] or [N, H, W] (1 = repaint, 0 = keep); got"
+                       f" {m.dtype} of shape {np.shape(mask_image)}.")
+    m = m.astype(np.float32)
+    lo, hi = (float(m.min()), float(m.max())) if m.size else (0.0, 0.0)
+    if not (np.isfinite(m).all() and lo >= 0 and hi <= 1):
+      raise ValueError(f"mask_image values must lie in [0, 1] (1 = repaint; binarized at 0.5);"
+                       f" got values in [{lo:g}, {hi:g}]. For a 0..255 mask pass mask / 255.")
+    m = _nearest_resize(m, (h * f, w * f))
+    m = (m >= 0.5).astype(np.float32)
+    m = _nearest_resize(m, (h, w))[:, None]
+    return known, _tile_batch(jnp.asarray(m), b, "mask_image")
+
   def _run(self, denoise, cond, uncond, scale, *, latents, shape, num_steps, seed, scheduler,
-           mesh, progress, eta=None, guidance_rescale=0.0, timesteps=None, sigmas=None):
-    """Samples the latents and decodes them to uint8 images [B, H, W, C]."""
+           mesh, progress, eta=None, guidance_rescale=0.0, timesteps=None, sigmas=None,
+           inpaint=None):
+    """Samples the latents and decodes them to uint8 images [B, H, W, C].
+
+    `inpaint` is None or (known latents [B, C, h, w], mask [B, 1, h, w]); the initial noise is
+    the noise that forward-noises the known latents (`sampling.sample(inpaint=...)`)."""
     sched = _with_eta(_resolve_scheduler(scheduler, self.scheduler_config), eta)
     if timesteps is not None or sigmas is not None:  # they set the number of steps (diffusers)
       sched, num_steps = sampling.with_custom_schedule(sched, None, timesteps, sigmas)
@@ -362,8 +510,11 @@ class _Pipeline:
     sampling.check_guidance_rescale(guidance_rescale)
     if scale is None:  # no guidance, nothing to rescale (as diffusers)
       uncond, guidance_rescale = None, 0.0
+    if inpaint is not None:
+      inpaint = (*inpaint, x)
     z = sampling.sample(denoise, sched, x, cond, uncond, scale, int(num_steps), step_key,
-                        mesh=mesh, progress=progress, guidance_rescale=guidance_rescale)
+                        mesh=mesh, progress=progress, guidance_rescale=guidance_rescale,
+                        inpaint=inpaint)
     if self.vae is None:  # pixel space: the backbone's samples are the images, in [-1, 1]
       return images_lib.to_uint8(z)
     # LDM (Rombach et al. 2022): the diffusion model works on latents * scaling_factor.
@@ -377,7 +528,8 @@ class StableDiffusionPipeline(_Pipeline):
 
   Attributes:
     unet: the frozen `UNet`.
-    vae: the frozen `VAE`.
+    vae: the frozen `VAE`, or None for a pixel-space pipeline (the U-Net's samples are the
+      images).
     text_encoder: the frozen `CLIPTextEncoder`.
     tokenizer: transformers' `CLIPTokenizer` from the dir's `tokenizer/`.
     scheduler_config: the dir's `scheduler/scheduler_config.json`.
@@ -516,7 +668,8 @@ class StableDiffusionPipeline(_Pipeline):
                negative_prompt=None, height: int | None = None, width: int | None = None,
                num_images_per_prompt: int = 1, adapter=None, lora_scale: float = 1.0,
                eta: float | None = None, guidance_rescale: float = 0.0, timesteps=None,
-               sigmas=None, guidance: str = "cfg", agd=None, mesh=None,
+               sigmas=None, guidance: str = "cfg", agd=None, image=None, mask_image=None,
+               strength: float = 1.0, fact=None, face=None, face_scale=1.0, mesh=None,
                progress: bool = True) -> np.ndarray:
     """Generates images for text prompts; returns uint8 numpy [N, H, W, 3].
 
@@ -537,7 +690,7 @@ class StableDiffusionPipeline(_Pipeline):
         "pndm", "plms", "euler-a", "heun", "lms", "unipc", ...), a
         diffusers scheduler class name or a jaxadapt scheduler object. A name keeps the dir's
         noise schedule, as diffusers' `Scheduler.from_config(pipe.scheduler.config)`.
-      latents: the initial noise [N, 4, H / f, W / f] (NCHW, f the VAE factor) from N(0, I),
+      latents: the initial noise [N, C, H / f, W / f] (NCHW, f the VAE factor) from N(0, I),
         exactly as diffusers' `latents=` (scaled by the scheduler's `init_noise_sigma` here).
       negative_prompt: a prompt or P prompts for the unconditional branch (default "").
       height, width: image size in pixels (multiples of f); default the U-Net's
@@ -561,11 +714,31 @@ class StableDiffusionPipeline(_Pipeline):
         (adapter guidance distillation, Jensen & Sadat 2025: ONE pass per step through the
         `agd=` adapters at `guidance_scale`; the negative prompt is not used).
       agd: a `jaxadapt.agd.AGDAdapter` for guidance="agd".
+      image: with `mask_image`, inpaint this image: uint8 pixels [H, W, 3] / [n, H, W, 3], a
+        float NCHW image in [-1, 1], or NCHW latents (with a VAE); n = 1 or a divisor of N
+        (tiled). Default height/width are its size. As diffusers' `StableDiffusionInpaintPipeline`
+        with a U-Net without mask channels: after every step the kept region is replaced by
+        the image's latents forward-noised to the next step (`scheduler.add_noise` with the
+        initial noise), and by the latents themselves after the last step. Needs a scheduler
+        with add_noise (DDIM, DDPM, Euler, Euler ancestral, DPM-Solver multistep).
+      mask_image: [H, W] or [n, H, W] in [0, 1]: 1 (white) = repaint, 0 = keep; binarized at
+        0.5 and resized to the latents by nearest neighbour, as diffusers.
+      strength: only 1.0 (inpainting starts from pure noise; diffusers' partial strengths are
+        not supported).
+      fact: a `jaxadapt.fact.FACTAdapter` (FaceChain-FACT's face adapter), with `face=`.
+      face: the identity to draw: face images (uint8 [H, W, 3] / [P, H, W, 3] or float NCHW in
+        [-1, 1], encoded by the adapter's face encoder) or face-encoder features [P, N_f, D];
+        one for every prompt or one per prompt. Guidance applies to text and face together:
+        the unconditional branch has the negative prompt and the null face. With `image=` and
+        `mask_image=` the face mask, only the face is repainted (FACT's inpainting mode).
+      face_scale: s of the face adapter, a float or one per prompt [P] / image [N] (0 = the
+        base; the paper's demos use about 0.7).
       mesh: a mesh whose "data" axis splits the batch.
       progress: show a tqdm bar over the steps.
 
     Returns:
-      uint8 numpy [N, H, W, 3], N = P * num_images_per_prompt.
+      uint8 numpy [N, H, W, C], N = P * num_images_per_prompt; C = 3 after a VAE, the U-Net's
+      channels for a pixel-space pipeline (no VAE: its samples are the images, in [-1, 1]).
     """
     use_agd = _check_agd(guidance, agd, self.unet, guidance_rescale)
     if class_labels is not None:
@@ -579,8 +752,17 @@ class StableDiffusionPipeline(_Pipeline):
       raise TypeError(f"prompt must be a string or a non-empty list of strings; got {prompt!r}.")
     n = _images_per_prompt(num_images_per_prompt)
     scale = _guidance(guidance_scale, len(prompts), n)
+    if (image is None) != (mask_image is None):
+      raise ValueError("inpainting needs both image= and mask_image= (1 = repaint); got only"
+                       f" {'image=' if mask_image is None else 'mask_image='}.")
+    if strength != 1.0:
+      raise ValueError(f"strength={strength!r} is not supported: inpainting starts from pure"
+                       " noise (strength=1.0), as diffusers' default.")
+    if image is not None and height is None and width is None and latents is None:
+      height, width = self._image_pixel_size(image)
     h, w = self._latent_size(height, width, latents)
     shape = (len(prompts) * n, self.latent_channels, h, w)
+    inpaint = None if image is None else self._inpaint_inputs(image, mask_image, shape)
 
     if negative_prompt is None:
       negatives = [""] * len(prompts)
@@ -597,13 +779,36 @@ class StableDiffusionPipeline(_Pipeline):
 
     unet_ctx, text_ctx = self.lora_contexts(adapter, lora_scale)
     cond = jnp.repeat(self.encode_prompt(prompts, text_ctx), n, axis=0)
+    if (fact is None) != (face is None):
+      raise ValueError("the face adapter needs both fact= (a FACT adapter) and face= (face "
+                       "images or encoder features); got only "
+                       f"{'fact=' if face is None else 'face='}.")
+    if fact is not None:
+      if use_agd:
+        raise ValueError("guidance='agd' with a face adapter is not supported (AGD adapters "
+                         "were distilled without it); use guidance='cfg'.")
+      fact.check_model(self.unet)
+      tokens, null = _face_tokens(fact, face, len(prompts), n)
+      s = jnp.asarray(_guidance_values(face_scale, len(prompts), n, name="face_scale"))
+      denoise = jax.tree_util.Partial(_fact_denoise, self.unet.graphdef, self.unet.params,
+                                      unet_ctx, fact.context(tokens).inserts)
+      uncond = None
+      if scale is not None:
+        uncond = {"c": jnp.repeat(self.encode_prompt(negatives, text_ctx), n, axis=0),
+                  "face": null, "s": s}
+      return self._run(denoise, {"c": cond, "face": tokens, "s": s}, uncond, scale,
+                       latents=latents, shape=shape, num_steps=num_steps, seed=seed,
+                       scheduler=scheduler, mesh=mesh, progress=progress, eta=eta,
+                       guidance_rescale=guidance_rescale, timesteps=timesteps, sigmas=sigmas,
+                       inpaint=inpaint)
     if use_agd:
       w = jnp.asarray(_guidance_values(guidance_scale, len(prompts), n))
       denoise = jax.tree_util.Partial(_agd_denoise, self.unet.graphdef, self.unet.params,
                                       unet_ctx, agd.inserts())
       return self._run(denoise, {"c": cond, "w": w}, None, None, latents=latents, shape=shape,
                        num_steps=num_steps, seed=seed, scheduler=scheduler, mesh=mesh,
-                       progress=progress, eta=eta, timesteps=timesteps, sigmas=sigmas)
+                       progress=progress, eta=eta, timesteps=timesteps, sigmas=sigmas,
+                       inpaint=inpaint)
     uncond = None
     if scale is not None:
       uncond = jnp.repeat(self.encode_prompt(negatives, text_ctx), n, axis=0)
@@ -612,7 +817,7 @@ class StableDiffusionPipeline(_Pipeline):
     return self._run(denoise, cond, uncond, scale, latents=latents, shape=shape,
                      num_steps=num_steps, seed=seed, scheduler=scheduler, mesh=mesh,
                      progress=progress, eta=eta, guidance_rescale=guidance_rescale,
-                     timesteps=timesteps, sigmas=sigmas)
+                     timesteps=timesteps, sigmas=sigmas, inpaint=inpaint)
 
 
 # ----------------------------------------------------------------------------- DiT
@@ -747,7 +952,9 @@ def load_pipeline(directory: str | os.PathLike, *, dtype="float32", sharding=Non
 
   Recognised folders (by `model_index.json` and their sub-folders):
   - Stable Diffusion 1.x / 2.x (`StableDiffusionPipeline`): unet/, vae/, text_encoder/,
-    tokenizer/, scheduler/ -> `StableDiffusionPipeline` (LDM, Rombach et al. 2022).
+    tokenizer/, scheduler/ -> `StableDiffusionPipeline` (LDM, Rombach et al. 2022); no vae/
+    when model_index.json says `"vae": [null, null]` (a pixel-space U-Net, as
+    `jaxadapt.io.diffusers_save.save_sd_pipeline` writes it).
   - DiT (`DiTPipeline`): transformer/, vae/, scheduler/ and `id2label` when present (no vae/
     when model_index.json says `"vae": [null, null]`: a pixel-space DiT) ->
     `DiTPipeline` (Peebles & Xie 2023).
@@ -802,10 +1009,12 @@ def load_pipeline(directory: str | os.PathLike, *, dtype="float32", sharding=Non
       raise ValueError(f"load_pipeline: {directory} is a {name} (Stable Diffusion XL: two text"
                        " encoders); jaxadapt supports Stable Diffusion 1.x/2.x pipelines"
                        " (StableDiffusionPipeline) and DiTPipeline.")
-    require(SD_COMPONENTS)
+    # "vae": [null, null]: pixel space, the U-Net's samples are the images (io.diffusers_save).
+    pixel = "vae" in index and index["vae"] in (None, [None, None])
+    require([c for c in SD_COMPONENTS if not (pixel and c == "vae")])
     from transformers import CLIPTokenizer
     return StableDiffusionPipeline(
-        directory, load_unet(path("unet"), **kw), load_vae(path("vae"), **kw),
+        directory, load_unet(path("unet"), **kw), None if pixel else load_vae(path("vae"), **kw),
         load_clip_text(path("text_encoder"), **kw),
         CLIPTokenizer.from_pretrained(path("tokenizer")),
         read_scheduler_config(path("scheduler")), index,

@@ -46,8 +46,8 @@ def _join_static(arrays: list, static: tuple):
 
 
 @functools.partial(jax.jit, static_argnames=("fn_static", "scheduler", "batch_sharding"))
-def _run_chunk(fn_arrays, carry, step_indices, cond, uncond, scale, rescale, key, *, fn_static,
-               scheduler, batch_sharding):
+def _run_chunk(fn_arrays, carry, step_indices, cond, uncond, scale, rescale, key, inpaint, *,
+               fn_static, scheduler, batch_sharding):
   """Runs the steps ``step_indices`` as one lax.scan; carry = (x, scheduler state)."""
   denoise_fn = _join_static(fn_arrays, fn_static)
 
@@ -67,12 +67,57 @@ def _run_chunk(fn_arrays, carry, step_indices, cond, uncond, scale, rescale, key
     step_key = None if key is None else jax.random.fold_in(key, i)
     x_next, state = scheduler.step(state, out, i, x, step_key)
     x = x_next.astype(x.dtype)  # Euler/DPM return the output's dtype, as diffusers does
+    if inpaint is not None:
+      x = _keep_known(scheduler, state, x, i, *inpaint)
     if batch_sharding is not None:
       x = jax.lax.with_sharding_constraint(x, batch_sharding)
     return (x, state), None
 
   carry, _ = jax.lax.scan(body, carry, step_indices)
   return carry
+
+
+def _keep_known(scheduler, state, x, i, known_x0, mask, noise):
+  """x after step i with the known region replaced (RePaint-style blending, as diffusers'
+  ``StableDiffusionInpaintPipeline`` for a U-Net without mask channels).
+
+  The known region is ``known_x0`` forward-noised to step i + 1's noise level with the run's own
+  initial noise (``scheduler.add_noise``), and ``known_x0`` itself after the last step:
+  x = (1 - m) * known + m * x, m = 1 where the image is repainted.
+  """
+  n = state.timesteps.shape[0]
+  j = i + 1
+  noised = scheduler.add_noise(state, known_x0, noise, jnp.minimum(j, n - 1))
+  known = jnp.where(j < n, noised, known_x0)
+  return ((1 - mask) * known + mask * x).astype(x.dtype)
+
+
+def check_inpaint(scheduler, inpaint, latents: jax.Array):
+  """(known x0, mask, noise) as float arrays, checked against the latents; None stays None.
+
+  Raises:
+    ValueError: the scheduler has no ``add_noise`` or a shape does not fit (naming both).
+  """
+  if inpaint is None:
+    return None
+  if not scheduler.supports_add_noise:
+    raise ValueError(
+        f"inpainting needs a scheduler with add_noise at a step (one model evaluation per step);"
+        f" got {type(scheduler).__name__}. Use one of DDIMScheduler, DDPMScheduler,"
+        " EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler"
+        " (generate(scheduler=\"ddim\" | \"ddpm\" | \"euler\" | \"euler-a\" | \"dpm++2m\")).")
+  if not isinstance(inpaint, (tuple, list)) or len(inpaint) != 3:
+    raise ValueError("sample: inpaint must be (known_x0, mask, noise); got"
+                     f" {type(inpaint).__name__}.")
+  known, mask, noise = (jnp.asarray(a, latents.dtype) for a in inpaint)
+  b, c, *spatial = latents.shape
+  if known.shape != latents.shape or noise.shape != latents.shape:
+    raise ValueError(f"sample: inpaint known_x0 and noise must have the latents' shape"
+                     f" {latents.shape}; got {known.shape} and {noise.shape}.")
+  if mask.shape not in ((b, 1, *spatial), latents.shape):
+    raise ValueError(f"sample: the inpaint mask must be [{b}, 1, {', '.join(map(str, spatial))}]"
+                     f" (1 = repaint) or the latents' shape; got {mask.shape}.")
+  return known, mask, noise
 
 
 def with_custom_schedule(scheduler, num_steps, timesteps=None, sigmas=None):
@@ -136,6 +181,7 @@ def sample(
     guidance_rescale: float = 0.0,
     timesteps=None,
     sigmas=None,
+    inpaint: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
   """Samples with a scheduler and classifier-free guidance, one guidance scale per sample.
 
@@ -172,6 +218,12 @@ def sample(
       Euler, Heun, DPM-Solver); replaces the scheduler's spacing.
     sigmas: custom noise levels [N + 1] (the last one included), as diffusers' ``sigmas=``
       (Euler).
+    inpaint: None, or (known_x0 [B, ...], mask [B, 1, ...], noise [B, ...]) for inpainting with
+      a model that has no mask channels: after every step the region where mask = 0 is replaced
+      by known_x0 forward-noised to the next step's noise level with ``noise`` (the initial
+      noise, ``latents``), and by known_x0 after the last step, as diffusers'
+      ``StableDiffusionInpaintPipeline`` does for a 4-channel U-Net. Needs a scheduler with
+      ``add_noise`` (DDPM, DDIM, Euler, Euler ancestral, DPM-Solver multistep).
 
   Returns:
     [B, ...] final latents x_0 (not yet divided by a VAE scaling factor).
@@ -196,6 +248,7 @@ def sample(
                      " but there is no guidance (uncond is None); pass uncond or drop it.")
 
   scheduler, num_steps = with_custom_schedule(scheduler, num_steps, timesteps, sigmas)
+  inpaint = check_inpaint(scheduler, inpaint, latents)
   state = scheduler.init_state(num_steps, latents)
   x = (latents * state.init_noise_sigma).astype(latents.dtype)
   batch_sharding = None
@@ -207,7 +260,7 @@ def sample(
     batch_sharding = NamedSharding(mesh, P(data_axis))
     put = lambda a: jax.device_put(a, batch_sharding)  # noqa: E731
     x = put(x)
-    cond, uncond, scale = jax.tree_util.tree_map(put, (cond, uncond, scale))
+    cond, uncond, scale, inpaint = jax.tree_util.tree_map(put, (cond, uncond, scale, inpaint))
   fn_arrays, fn_static = _split_static(denoise_fn)
 
   carry = (x, state)
@@ -217,7 +270,7 @@ def sample(
     for start in range(0, num_evals, chunk):
       stop = min(start + chunk, num_evals)
       carry = _run_chunk(fn_arrays, carry, jnp.arange(start, stop, dtype=jnp.int32), cond, uncond,
-                         scale, rescale, key, fn_static=fn_static, scheduler=scheduler,
+                         scale, rescale, key, inpaint, fn_static=fn_static, scheduler=scheduler,
                          batch_sharding=batch_sharding)
       if progress:
         jax.block_until_ready(carry[0])

@@ -209,6 +209,14 @@ class CLIPTextModel(nnx.Module):
 class CLIPTextEncoder(dl.FrozenModel):
   """A frozen CLIP text encoder: `config`, `graphdef`, `params` (pure dict); jitted calls."""
 
+  @classmethod
+  def random(cls, config: CLIPTextConfig, *, seed: int = 0,
+             dtype=jnp.float32) -> "CLIPTextEncoder":
+    """A randomly initialised text encoder (models trained from scratch, demos, tests)."""
+    module = CLIPTextModel(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(module)
+    return cls(config, graphdef, nnx.to_pure_dict(state))
+
   def __call__(self, input_ids, attention_mask=None, *, position_ids=None, adapter=None,
                context=None, inserts=None) -> CLIPTextOutput:
     """`CLIPTextOutput` for `input_ids` [B, S] (see `CLIPTextModel`)."""

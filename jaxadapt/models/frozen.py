@@ -256,7 +256,7 @@ class FrozenModel:
       return
     unknown = [k for k in inserts if k not in points]
     if unknown:
-      raise ValueError(f"inserts names {unknown[:3]}, which are not attention modules of this "
+      raise ValueError(f"inserts names {unknown[:3]}, which are not insertion points of this "
                        f"{type(self).__name__} (e.g. {points[:2]})")
 
   def _call(self, method: str, args: tuple, kwargs: Optional[dict] = None, *, adapter=None,

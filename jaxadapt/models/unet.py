@@ -5,8 +5,9 @@ Written for a frozen base: the module tree mirrors diffusers' module names
 tensor names, PEFT keys and adapter paths are the same strings. Every linear layer is
 `jaxadapt.models.layers.Linear` with its diffusers path, so LoRA contexts (`ctx={path: ctx}`)
 apply anywhere; every attention module calls the insertion point named by its path
-(`...transformer_blocks.0.attn1` self-attention, `...attn2` cross-attention) where AGD's and
-FACT's adapter modules attach.
+(`...transformer_blocks.0.attn1` self-attention, `...attn2` cross-attention) where AGD's
+adapter modules attach, and every transformer block calls `...transformer_blocks.0.fuser`
+between the two, where FACT's face adapter attaches.
 
 Activations are NHWC inside (HWIO conv kernels); the public input and output are NCHW like
 diffusers: `unet(sample [B, C, H, W], timesteps [B] or [], encoder_hidden_states [B, L, D])`.
@@ -257,10 +258,16 @@ class BasicTransformerBlock(nnx.Module):
 
   `attn1` (self) and `attn2` (cross) each call the insertion point named by their path with
   `hidden_in` the normalised tokens they attend from and `context` None / the text states.
+  Between them, after the self-attention's residual, the block calls the insertion point
+  `{path}.fuser` with the residual stream itself (`out` = `hidden_in` = the tokens [B, N, C],
+  `context` the text states): where a gated self-attention over extra tokens sits (GLIGEN's
+  `fuser`, Li et al. 2023 Sec. 3.2; FaceChain-FACT's face adapter, `jaxadapt.fact`). The
+  function returns the new residual stream.
   """
 
   def __init__(self, dim: int, heads: int, head_dim: int, cross_attention_dim: int, *,
                path: str, dtype, rngs: nnx.Rngs):
+    self.fuser_point = f"{path}.fuser"
     self.norm1 = LayerNorm(dim, eps=1e-5, dtype=dtype)
     self.attn1 = Attention(dim, path=f"{path}.attn1", heads=heads, dim_head=head_dim,
                            dtype=dtype, rngs=rngs)
@@ -272,6 +279,7 @@ class BasicTransformerBlock(nnx.Module):
 
   def __call__(self, x, context, ctx=None):  # x [B, N, C]; context [B, L, D]
     x = x + self.attn1(self.norm1(x), ctx=ctx)
+    x = context_lib.insert(ctx, self.fuser_point, x, x, context)
     x = x + self.attn2(self.norm2(x), context, ctx=ctx)
     return x + self.ff(self.norm3(x), ctx)
 
@@ -435,7 +443,8 @@ class UNet2DConditionModel(nnx.Module):
     timesteps: [B] or a scalar (int or float) diffusion timestep(s).
     encoder_hidden_states: [B, L, cross_attention_dim] text-encoder states.
     ctx: the forward `Context` (`jaxadapt.context`), or None. Its `inserts` map attention
-      paths (`...transformer_blocks.0.attn1`/`attn2`) to
+      paths (`...transformer_blocks.0.attn1`/`attn2`) and fuser points
+      (`...transformer_blocks.0.fuser`, between the two) to
       `fn(out [B, N, C], hidden_in [B, N, C], context [B, L, D] or None, inputs) -> out`;
       `inputs` holds the context's `insert_inputs` and the time embedding `timestep_emb`
       [B, time_embed_dim].
@@ -465,9 +474,15 @@ class UNet2DConditionModel(nnx.Module):
                            padding=(c.conv_out_kernel - 1) // 2, dtype=dtype, rngs=rngs)
 
   def attention_paths(self) -> list[str]:
-    """Names of every insertion point (each attention module's path), in module order."""
+    """Names of every attention module's insertion point (its path), in module order."""
     paths = [m.path for _, m in nnx.iter_graph(self) if isinstance(m, Attention)]
     return sorted(set(paths), key=paths.index)
+
+  def fuser_points(self) -> list[str]:
+    """Each transformer block's point between self- and cross-attention, in module order."""
+    points = [m.fuser_point for _, m in nnx.iter_graph(self)
+              if isinstance(m, BasicTransformerBlock)]
+    return sorted(set(points), key=points.index)
 
   def __call__(self, sample, timesteps, encoder_hidden_states, *, ctx=None):
     c = self.config
@@ -546,9 +561,16 @@ class UNet(dl.FrozenModel):
     """Names of every insertion point (each attention module's path), in module order."""
     return nnx.merge(self.graphdef, nnx.State(self.params)).attention_paths()
 
+  @functools.cached_property
+  def fuser_points(self) -> list[str]:
+    """Each transformer block's `...transformer_blocks.{i}.fuser` point (between self- and
+    cross-attention: FaceChain-FACT's face adapter, `jaxadapt.fact`), in module order."""
+    return nnx.merge(self.graphdef, nnx.State(self.params)).fuser_points()
+
   @property
   def insertion_points(self) -> list[str]:
-    return self.attention_paths
+    """Every insertion point: the attention modules' outputs, then the blocks' fuser points."""
+    return self.attention_paths + self.fuser_points
 
   def __call__(self, sample, timesteps, encoder_hidden_states, *, adapter=None, adapters=None,
                adapter_ids=None, context=None, inserts=None):

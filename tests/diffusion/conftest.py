@@ -6,6 +6,7 @@ run the diffusers pipeline set its scheduler first (`_swap_scheduler`), as they 
 import json
 import os
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -101,3 +102,58 @@ def dit(tmp_path_factory):
   return d, ref, ja.load_pipeline(d)
 
 
+
+
+# A pixel-space text-conditioned pipeline written by jaxadapt (no torch): 3-channel U-Net,
+# random CLIP text encoder over a small word list, no VAE.
+PIXEL_UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                  layers_per_block=(1, 1), norm_num_groups=8, cross_attention_dim=(32, 32),
+                  transformer_layers_per_block=(1, 1), attention_head_dim=(2, 2),
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+PIXEL_WORDS = ["a", "photo", "of", "sks", "person", "face", "at", "cat", "cats", "attic", "tic",
+               "3"]
+
+
+def random_model(wrapper, module_cls, config, seed):
+  """`wrapper(config, graphdef, params)` with numpy-drawn params (no per-leaf XLA compiles, which
+  make `UNet.random` slow on CPU): norm scales 1 + 0.1 z, biases 0.1 z, kernels and embeddings
+  z / sqrt(fan_in), so that every leaf matters and activations stay of order 1."""
+  import jax
+  from flax import nnx
+
+  from jaxadapt.paths import map_with_paths
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: module_cls(config, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    z = rng.standard_normal(leaf.shape).astype(np.float32)
+    if len(leaf.shape) == 1:
+      return jax.numpy.asarray(1 + 0.1 * z if path.endswith("weight") else 0.1 * z)
+    return jax.numpy.asarray(z / np.sqrt(np.prod(leaf.shape[:-1])))
+
+  return wrapper(config, graphdef, map_with_paths(draw, nnx.to_pure_dict(state)))
+
+
+@pytest.fixture(scope="session")
+def pixel_words():
+  """The words the `pixel_sd` tokenizer keeps whole."""
+  return list(PIXEL_WORDS)
+
+
+@pytest.fixture(scope="session")
+def pixel_sd(tmp_path_factory):
+  """(dir, jaxadapt UNet, jaxadapt CLIPTextEncoder, loaded jaxadapt pipeline) of a pixel-space
+  StableDiffusionPipeline folder written by `jaxadapt.io.diffusers_save.save_sd_pipeline`."""
+  from jaxadapt.io import diffusers_save as ds
+  from jaxadapt.models.clip import CLIPTextConfig, CLIPTextEncoder, CLIPTextModel
+  from jaxadapt.models.unet import UNet, UNet2DConditionModel, UNetConfig
+  d = str(tmp_path_factory.mktemp("pixel_sd"))
+  unet = random_model(UNet, UNet2DConditionModel, UNetConfig(**PIXEL_UNET), 0)
+  text = random_model(CLIPTextEncoder, CLIPTextModel, CLIPTextConfig(
+      vocab_size=len(ds.clip_vocab(PIXEL_WORDS)), hidden_size=32, intermediate_size=37,
+      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=12,
+      eos_token_id=ds.CLIP_EOS_ID), 1)
+  ds.save_sd_pipeline(d, unet=unet, text_encoder=text, tokenizer_words=PIXEL_WORDS,
+                      scheduler_config={"_class_name": "DDIMScheduler", **SD_SCHEDULER})
+  return d, unet, text, ja.load_pipeline(d)

@@ -263,7 +263,7 @@ def test_insertion_points(sd15):
   finally:
     for h in handles:
       h.remove()
-  with pytest.raises(ValueError, match="not attention modules"):
+  with pytest.raises(ValueError, match="not insertion points"):
     unet(sample, t, ehs, inserts={"down_blocks.0.attn9": lambda o, h, c, i: o})
 
 
