@@ -45,9 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 from typing import Any, Mapping, Optional
 
 import jax
@@ -56,6 +54,7 @@ import numpy as np
 
 from jaxadapt import context as context_lib
 from jaxadapt.adapters.lora import kernel_at
+from jaxadapt.io.files import read_module_dir, save_module_dir
 
 KINDS = ("offset", "cross_attention", "token")
 CONFIG_FILE = "agd_config.json"
@@ -435,14 +434,8 @@ def _unflatten(flat: Mapping) -> dict:
 
 def save_agd(adapter: AGDAdapter, directory: str) -> None:
   """Writes `agd_config.json` + `agd_adapter.safetensors` (float32) into `directory`."""
-  from safetensors.numpy import save_file
-  os.makedirs(directory, exist_ok=True)
-  host = jax.device_get(adapter.params)
-  save_file({k: np.ascontiguousarray(np.asarray(v, np.float32))
-             for k, v in _flatten(host).items()},
-            os.path.join(directory, WEIGHTS_FILE), metadata={"format": FORMAT})
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(adapter.config.to_json(), f, indent=2)
+  save_module_dir(directory, _flatten(jax.device_get(adapter.params)), adapter.config.to_json(),
+                  config_file=CONFIG_FILE, weights_file=WEIGHTS_FILE, fmt=FORMAT)
 
 
 def load_agd(directory: str, model=None) -> AGDAdapter:
@@ -452,19 +445,11 @@ def load_agd(directory: str, model=None) -> AGDAdapter:
     FileNotFoundError: no AGD adapter in `directory`.
     ValueError: a malformed config, weights that do not match it, or a model it does not fit.
   """
-  from safetensors.numpy import load_file
-  cfg_path, w_path = (os.path.join(directory, n) for n in (CONFIG_FILE, WEIGHTS_FILE))
-  for path in (cfg_path, w_path):
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{directory}: no AGD adapter here (expected {CONFIG_FILE} and "
-                              f"{WEIGHTS_FILE}, as `save_agd` writes); missing {path}")
-  with open(cfg_path) as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{cfg_path}: not JSON ({e})") from None
+  data, flat, cfg_path, w_path = read_module_dir(
+      directory, config_file=CONFIG_FILE, weights_file=WEIGHTS_FILE, what="AGD adapter",
+      writer="save_agd")
   config = AGDConfig.from_json(data, cfg_path)
-  params = jax.tree.map(jnp.asarray, _unflatten(load_file(w_path)))
+  params = jax.tree.map(jnp.asarray, _unflatten(flat))
   want = jax.tree.map(lambda x: x.shape, init_params_shapes(config))
   got = jax.tree.map(lambda x: x.shape, params)
   if want != got:

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Mapping, Optional
 
@@ -67,6 +66,7 @@ import numpy as np
 
 from jaxadapt import context as context_lib
 from jaxadapt.adapters.lora import kernel_at
+from jaxadapt.io.files import read_module_dir, save_module_dir
 
 CONFIG_FILE = "fact_config.json"
 WEIGHTS_FILE = "fact_adapter.safetensors"
@@ -575,13 +575,8 @@ def _unflatten(flat: Mapping) -> dict:
 def save_fact(adapter: FACTAdapter, directory: str) -> None:
   """Writes `fact_config.json` + `fact_adapter.safetensors` (float32) into `directory`, and the
   encoder (when the adapter has one) into `directory/face_encoder/`."""
-  from safetensors.numpy import save_file
-  os.makedirs(directory, exist_ok=True)
-  host = jax.device_get(adapter.params)
-  save_file({k: np.array(v, np.float32, order="C") for k, v in _flatten(host).items()},
-            os.path.join(directory, WEIGHTS_FILE), metadata={"format": FORMAT})
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(adapter.config.to_json(), f, indent=2)
+  save_module_dir(directory, _flatten(jax.device_get(adapter.params)), adapter.config.to_json(),
+                  config_file=CONFIG_FILE, weights_file=WEIGHTS_FILE, fmt=FORMAT)
   if adapter.encoder is not None:
     from jaxadapt.models.face_vit import save_face_encoder
     save_face_encoder(adapter.encoder, os.path.join(directory, ENCODER_DIR))
@@ -598,19 +593,11 @@ def load_fact(directory: str, unet=None, *, encoder=None) -> FACTAdapter:
     FileNotFoundError: no FACT adapter in `directory`.
     ValueError: a malformed config, weights that do not match it, or a U-Net it does not fit.
   """
-  from safetensors.numpy import load_file
-  cfg_path, w_path = (os.path.join(directory, n) for n in (CONFIG_FILE, WEIGHTS_FILE))
-  for path in (cfg_path, w_path):
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{directory}: no FACT adapter here (expected {CONFIG_FILE} and "
-                              f"{WEIGHTS_FILE}, as `save_fact` writes); missing {path}")
-  with open(cfg_path) as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{cfg_path}: not JSON ({e})") from None
+  data, flat, cfg_path, w_path = read_module_dir(
+      directory, config_file=CONFIG_FILE, weights_file=WEIGHTS_FILE, what="FACT adapter",
+      writer="save_fact")
   config = FACTConfig.from_json(data, cfg_path)
-  params = jax.tree.map(jnp.asarray, _unflatten(load_file(w_path)))
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), _unflatten(flat))
   want = {k: v.shape for k, v in _flatten(init_params_shapes(config)).items()}
   got = {k: v.shape for k, v in _flatten(params).items()}
   if want != got:

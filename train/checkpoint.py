@@ -112,3 +112,39 @@ class MetricsLog:
 def read_metrics(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def save_tensors(path: str, tensors: dict, info: dict) -> None:
+  """Writes `path` (.safetensors of `{name: array}`) and `path` with .json (`info`): the small
+  models the recipes train besides their adapters (judges, classifiers)."""
+  import numpy as np
+  from safetensors.numpy import save_file
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  save_file({k: np.asarray(v) for k, v in tensors.items()}, path)
+  with open(os.path.splitext(path)[0] + ".json", "w") as f:
+    json.dump(info, f, indent=2)
+
+
+def load_tensors(path: str, want: dict, what: str) -> tuple[dict, dict]:
+  """Reads what `save_tensors` wrote: (tensors, info); the tensor names and shapes must be
+  `want` ({name: shape}).
+
+  Raises:
+    FileNotFoundError: no file at `path` (the message names `what` should have written it).
+    ValueError: other tensor names or shapes.
+  """
+  from safetensors.numpy import load_file
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no {what}")
+  tensors = load_file(path)
+  got = {k: tuple(v.shape) for k, v in tensors.items()}
+  want = {k: tuple(v) for k, v in want.items()}
+  if got != want:
+    raise ValueError(f"{path}: expected tensors {sorted(want.items())}, found "
+                     f"{sorted(got.items())}")
+  info_path = os.path.splitext(path)[0] + ".json"
+  info = {}
+  if os.path.exists(info_path):
+    with open(info_path) as f:
+      info = json.load(f)
+  return tensors, info

@@ -59,6 +59,7 @@ from jaxadapt.io.diffusers_save import save_model_dir
 from jaxadapt.models import frozen
 from jaxadapt.models.dit import DiT, DiTConfig, DiTTransformer2DModel
 from jaxadapt.paths import keypath_str
+from train import checkpoint as ckpt_lib
 from train import flags
 from train import loop
 from train.loop import RunError
@@ -533,28 +534,14 @@ class DigitsClassifier:
 
   def save(self, path: str):
     """Writes `path` (.safetensors) and `path` with .json (the info)."""
-    from safetensors.numpy import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({k: np.asarray(v) for k, v in self.params.items()}, path)
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-      json.dump(self.info, f, indent=2)
+    ckpt_lib.save_tensors(path, self.params, self.info)
 
   @classmethod
   def load(cls, path: str) -> "DigitsClassifier":
     """Reads what `save` wrote."""
-    from safetensors.numpy import load_file
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path}: no classifier (expected a .safetensors written by "
-                              f"DigitsClassifier.save)")
-    params = load_file(path)
-    want = set(_init_classifier(0))
-    if set(params) != want:
-      raise ValueError(f"{path}: expected tensors {sorted(want)}, found {sorted(params)}")
-    info_path = os.path.splitext(path)[0] + ".json"
-    info = {}
-    if os.path.exists(info_path):
-      with open(info_path) as f:
-        info = json.load(f)
+    want = {k: v.shape for k, v in _init_classifier(0).items()}
+    params, info = ckpt_lib.load_tensors(path, want, "classifier (expected a .safetensors "
+                                         "written by DigitsClassifier.save)")
     return cls(params, info)
 
 

@@ -57,7 +57,6 @@ from jaxadapt.models.clip import CLIPTextConfig, CLIPTextEncoder
 from train import fact_data as data
 from train import flags
 from train import loop
-from train.loop import RunError
 
 VARIANTS = {  # name: (FAIR on, shuffle on, curriculum on)
     "plain": (False, False, False),
@@ -81,7 +80,7 @@ class FactToyConfig:
   channels: tuple = (32, 64, 64)   # block_out_channels (first level without attention)
   heads: tuple = (2, 4, 4)         # attention heads per level
   text_dim: int = 32               # CLIP width = cross-attention width
-  base_steps: int = 1200
+  base_steps: int = 1000
   base_batch: int = 32
   base_lr: float = 2e-3
   text_dropout: float = 0.1        # empty prompt share (for classifier-free guidance)
@@ -93,8 +92,8 @@ class FactToyConfig:
   # FACT
   num_tokens: int = 8              # face tokens after the projector
   fact_steps: int = 500
-  fact_batch: int = 32
-  fact_lr: float = 1e-3
+  fact_batch: int = 16
+  fact_lr: float = 3e-3
   drop: float = 0.1                # face-condition drop probability (every variant)
   fair: float = 1.0                # FAIR weight lambda when on
   shuffle: float = 0.5             # shuffle probability when on
@@ -222,6 +221,17 @@ def text_states(encoder: CLIPTextEncoder, directory: str) -> np.ndarray:
 
 # --- 1. the base -----------------------------------------------------------------------------------
 
+def noised(alphas_cumprod: tuple, x0: jax.Array, rng: jax.Array):
+  """DDPM's forward noising (Ho et al. 2020 Eq. 4): t ~ U{0..T-1}, eps ~ N(0, I),
+  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps. Returns (t, eps, x_t, a key for the caller)."""
+  k_t, k_eps, k_rest = jax.random.split(rng, 3)
+  abar_table = jnp.asarray(alphas_cumprod, jnp.float32)
+  t = jax.random.randint(k_t, (x0.shape[0],), 0, abar_table.shape[0])
+  eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+  abar = abar_table[t][:, None, None, None]
+  return t, eps, jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps, k_rest
+
+
 @dataclasses.dataclass(frozen=True)
 class TextDDPMLoss:
   """DDPM's simple loss (Ho et al. 2020 Eq. 14) for a text-conditioned U-Net, the prompt
@@ -232,14 +242,8 @@ class TextDDPMLoss:
 
   def __call__(self, trainable, frozen_tree, batch, rng):
     x0, bg = batch["images"], batch["background"]
-    k_t, k_eps, k_drop = jax.random.split(rng, 3)
-    b = x0.shape[0]
-    abar_table = jnp.asarray(self.alphas_cumprod, jnp.float32)
-    t = jax.random.randint(k_t, (b,), 0, abar_table.shape[0])
-    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
-    abar = abar_table[t][:, None, None, None]
-    x_t = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
-    row = jnp.where(jax.random.bernoulli(k_drop, self.text_dropout, (b,)), EMPTY, bg)
+    t, eps, x_t, k_drop = noised(self.alphas_cumprod, x0, rng)
+    row = jnp.where(jax.random.bernoulli(k_drop, self.text_dropout, bg.shape), EMPTY, bg)
     pred = unet_lib.forward(self.graphdef, trainable, x_t, t.astype(jnp.float32),
                             frozen_tree["text"][row])
     return jnp.mean((pred - eps) ** 2)
@@ -342,14 +346,7 @@ class FactLoss:
   alphas_cumprod: tuple
 
   def __call__(self, trainable, frozen_tree, batch, rng):
-    x0 = batch["images"]
-    k_t, k_eps, k_drop = jax.random.split(rng, 3)
-    b = x0.shape[0]
-    abar_table = jnp.asarray(self.alphas_cumprod, jnp.float32)
-    t = jax.random.randint(k_t, (b,), 0, abar_table.shape[0])
-    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
-    abar = abar_table[t][:, None, None, None]
-    x_t = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
+    t, eps, x_t, k_drop = noised(self.alphas_cumprod, batch["images"], rng)
     feats = fact_lib.condition_drop(batch["features"], k_drop, batch["drop"][0])
     tape = Tape()
     ctx = fact_lib.context(self.fact_config, trainable, fact_lib.project(trainable, feats),
@@ -509,6 +506,29 @@ def save_grid(images: dict, path: str, rows: int = 8):
 
 # --- the run ---------------------------------------------------------------------------------------
 
+class StageTimes:
+  """Each stage's wall time, measured when the stage ran and kept in `out_dir/stage_seconds.json`,
+  so a resumed run still reports what every stage cost (a skipped stage costs ~0 now)."""
+
+  def __init__(self, out_dir: str):
+    self.path = os.path.join(out_dir, "stage_seconds.json")
+    self.seconds = {}
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        self.seconds = json.load(f)
+
+  def run(self, name: str, done: bool, fn):
+    """`fn()`, timed and recorded unless the stage was `done` before (then its old time stays)."""
+    t0 = time.time()
+    out = fn()
+    if not done or name not in self.seconds:
+      self.seconds[name] = time.time() - t0
+      if jax.process_index() == 0:
+        with open(self.path, "w") as f:
+          json.dump(self.seconds, f, indent=2)
+    return out
+
+
 @dataclasses.dataclass
 class FactResult:
   results: dict
@@ -522,32 +542,33 @@ def run(config: FactToyConfig) -> FactResult:
   mesh = loop.data_mesh(config.data_parallel)
   loop.prepare_out_dir(config.out_dir)
   table = identity_table(config)
-  seconds = {}
-  t0 = time.time()
-  pipeline_dir = train_base(config, table, mesh)
-  seconds["base"] = time.time() - t0
+  times = StageTimes(config.out_dir)
+  out = functools.partial(os.path.join, config.out_dir)
+  pipeline_dir = times.run("base", os.path.exists(out("base", "pipeline", "model_index.json")),
+                           lambda: train_base(config, table, mesh))
   pipe = load_pipeline(pipeline_dir)
-  t0 = time.time()
-  encoder = train_encoder(config, table)
-  seconds["encoder"] = time.time() - t0
-  t0 = time.time()
-  judge_path = os.path.join(config.out_dir, "judge.safetensors")
-  if os.path.exists(judge_path):
-    judge = data.FaceJudge.load(judge_path)
-  else:
+  encoder = times.run("encoder", os.path.exists(out("encoder", "config.json")),
+                      lambda: train_encoder(config, table))
+  judge_path = out("judge.safetensors")
+
+  def judge_stage():
+    if os.path.exists(judge_path):
+      return data.FaceJudge.load(judge_path)
     judge = data.train_judge(config.seed, config.judge_steps)
     judge.save(judge_path)
-  seconds["judge"] = time.time() - t0
+    return judge
+  judge = times.run("judge", os.path.exists(judge_path), judge_stage)
   states = text_states(pipe.text_encoder, os.path.join(pipeline_dir, "tokenizer"))
   photos = training_photos(config, table, encoder)
   adapters = {}
   for variant in config.variants:
-    t0 = time.time()
-    adapters[variant] = train_variant(config, variant, pipe.unet, encoder, photos, states, mesh)
-    seconds[variant] = time.time() - t0
-  t0 = time.time()
-  results, images = evaluate(config, pipe, judge, adapters, table)
-  seconds["evaluation"] = time.time() - t0
+    adapters[variant] = times.run(
+        variant, os.path.exists(out(variant, "adapter", fact_lib.CONFIG_FILE)),
+        lambda v=variant: train_variant(config, v, pipe.unet, encoder, photos, states, mesh))
+  results, images = times.run("evaluation", False,
+                              lambda: evaluate(config, pipe, judge, adapters, table))
+  seconds = {k: times.seconds[k] for k in ("base", "encoder", "judge", *config.variants,
+                                           "evaluation")}
   first = next(iter(adapters.values()))
   num_params = {"unet": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pipe.unet.params)),
                 "adapter": first.num_params,

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -65,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from train import checkpoint as ckpt_lib
 from train.digits import _classifier_logits
 
 # --- the picture ---------------------------------------------------------------------------------
@@ -400,35 +400,19 @@ class FaceJudge:
 
   def save(self, path: str):
     """Writes `path` (.safetensors, tensors named "<judge>/<param>") and its .json (the info)."""
-    from safetensors.numpy import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({f"{j}/{k}": np.asarray(v) for j, p in self.params.items() for k, v in p.items()},
-              path)
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-      json.dump(self.info, f, indent=2)
+    ckpt_lib.save_tensors(path, {f"{j}/{k}": v for j, p in self.params.items()
+                                 for k, v in p.items()}, self.info)
 
   @classmethod
   def load(cls, path: str) -> "FaceJudge":
     """Reads what `save` wrote; checks the tensor names and shapes."""
-    from safetensors.numpy import load_file
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path}: no judge (expected a .safetensors written by "
-                              f"FaceJudge.save; train one with train_judge)")
-    flat = load_file(path)
-    want = {f"{j}/{k}": tuple(v.shape) for j, p in _init_judges(0).items() for k, v in p.items()}
-    got = {k: tuple(v.shape) for k, v in flat.items()}
-    if got != want:
-      raise ValueError(f"{path}: expected tensors {sorted(want.items())}, found "
-                       f"{sorted(got.items())}")
+    want = {f"{j}/{k}": v.shape for j, p in _init_judges(0).items() for k, v in p.items()}
+    flat, info = ckpt_lib.load_tensors(path, want, "judge (expected a .safetensors written by "
+                                       "FaceJudge.save; train one with train_judge)")
     params = {j: {} for j in JUDGES}
     for name, value in flat.items():
       judge, key = name.split("/", 1)
       params[judge][key] = value
-    info_path = os.path.splitext(path)[0] + ".json"
-    info = {}
-    if os.path.exists(info_path):
-      with open(info_path) as f:
-        info = json.load(f)
     return cls(params, info)
 
 

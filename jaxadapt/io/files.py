@@ -74,3 +74,37 @@ def float_dtype(dtype) -> jnp.dtype:
     raise ValueError(f"dtype must be a floating dtype such as 'float32' or 'bfloat16', got "
                      f"{dtype!r}")
   return dt
+
+
+def save_module_dir(directory: str, tensors: dict, config_json: dict, *, config_file: str,
+                    weights_file: str, fmt: str) -> None:
+  """Writes an adapter module's dir (AGD, FACT): `config_file` (JSON) and `weights_file`
+  (float32 safetensors of the flat `{name: array}`, with `format` metadata `fmt`)."""
+  import os
+
+  import numpy as np
+  from safetensors.numpy import save_file
+  os.makedirs(directory, exist_ok=True)
+  save_file({k: np.array(v, np.float32, order="C") for k, v in tensors.items()},
+            os.path.join(directory, weights_file), metadata={"format": fmt})
+  with open(os.path.join(directory, config_file), "w") as f:
+    json.dump(config_json, f, indent=2)
+
+
+def read_module_dir(directory: str, *, config_file: str, weights_file: str, what: str,
+                    writer: str) -> tuple[dict, dict, str, str]:
+  """Reads what `save_module_dir` wrote: (config JSON, flat tensors, config path, weights path).
+
+  Raises:
+    FileNotFoundError: a file is missing (the message names `what` and its `writer`).
+    ValueError: the config is not a JSON object.
+  """
+  import os
+
+  from safetensors.numpy import load_file
+  cfg_path, w_path = (os.path.join(directory, n) for n in (config_file, weights_file))
+  for path in (cfg_path, w_path):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{directory}: no {what} here (expected {config_file} and "
+                              f"{weights_file}, as `{writer}` writes); missing {path}")
+  return read_json_object(cfg_path, what), load_file(w_path), cfg_path, w_path

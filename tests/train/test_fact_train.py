@@ -102,6 +102,9 @@ def test_loss_is_ddpm_plus_fair_and_drop_gives_the_null_face(run):
   eps = jax.random.normal(k_eps, (b, 3, 16, 16))
   abar = jnp.asarray(recipe._alphas_cumprod(config))[t][:, None, None, None]
   x_t = jnp.sqrt(abar) * batch["images"] + jnp.sqrt(1 - abar) * eps
+  np.testing.assert_allclose(np.asarray(recipe.noised(recipe._alphas_cumprod(config),
+                                                      jnp.asarray(batch["images"]), key)[2]),
+                             np.asarray(x_t), atol=1e-6)
   tape = Tape()
   ctx = adapter.context(adapter.face_tokens(batch["features"]), 1.0, tape=tape)
   pred = unet_lib.forward(pipe.unet.graphdef, pipe.unet.params, x_t, t.astype(jnp.float32),
