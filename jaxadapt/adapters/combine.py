@@ -129,8 +129,11 @@ def combine(adapters: Sequence[LoraAdapter], weights: Optional[Sequence[float]] 
     pad = new_rank - a.shape[1]
     out[path] = {"a": jnp.pad(a, ((0, 0), (0, pad))), "b": jnp.pad(b, ((0, pad), (0, 0)))}
   first = adapters[0].config
+  # Every source scale is folded into the factors, so the result's scale is exactly 1:
+  # lora_alpha = r and no rsLoRA (PEFT >= 0.22 sets use_rslora=False too; earlier versions kept
+  # the first adapter's, which scaled the sum by sqrt(r)).
   config = LoraConfig(r=new_rank, lora_alpha=float(new_rank), target_modules=tuple(out),
-                      use_rslora=first.use_rslora,
+                      use_rslora=False,
                       base_model_name_or_path=first.base_model_name_or_path)
   return _adapter(out, config, adapters)
 

@@ -634,12 +634,8 @@ class StableDiffusionPipeline(_Pipeline):
           adapters[comp], scales[comp] = present[0]
         elif present:
           from jaxadapt.adapters.combine import combine
-          both = combine([a for a, _ in present], [w for _, w in present], kind="cat")
-          # "cat" folds each w * scale into A, so the sum needs scale 1; like PEFT's
-          # add_weighted_adapter it keeps the first config's use_rslora (alpha / sqrt(r) with
-          # alpha = r), which would scale the sum by sqrt(r): set it off.
-          adapters[comp] = dataclasses.replace(
-              both, config=dataclasses.replace(both.config, use_rslora=False))
+          # "cat" folds each w * scale into A; the sum's scale is 1 (alpha = r, no rsLoRA).
+          adapters[comp] = combine([a for a, _ in present], [w for _, w in present], kind="cat")
           scales[comp] = 1.0
     else:
       if isinstance(lora_scale, (list, tuple)):
