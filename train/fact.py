@@ -67,6 +67,7 @@ VARIANTS = {  # name: (FAIR on, shuffle on, curriculum on)
 }
 WORDS = ("a", "face", "on", "background") + data.BACKGROUNDS
 EMPTY = len(data.BACKGROUNDS)   # row of the empty prompt in the text-state table
+PROMPTS = [data.prompt(b) for b in data.BACKGROUNDS] + [""]  # the text-state table's rows
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -213,8 +214,7 @@ def text_states(encoder: CLIPTextEncoder, directory: str) -> np.ndarray:
   from jaxadapt.io.diffusers_save import write_clip_tokenizer
   write_clip_tokenizer(WORDS, directory, max_length=encoder.config.max_position_embeddings)
   tok = CLIPTokenizer.from_pretrained(directory)
-  prompts = [data.prompt(b) for b in data.BACKGROUNDS] + [""]
-  ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+  ids = tok(PROMPTS, padding="max_length", max_length=tok.model_max_length, truncation=True,
             return_tensors="np")["input_ids"]
   return np.asarray(encoder.prompt_embeds(np.asarray(ids, np.int32)), np.float32)
 
@@ -558,7 +558,9 @@ def run(config: FactToyConfig) -> FactResult:
     judge.save(judge_path)
     return judge
   judge = times.run("judge", os.path.exists(judge_path), judge_stage)
-  states = text_states(pipe.text_encoder, os.path.join(pipeline_dir, "tokenizer"))
+  # The pipeline's own prompt encoding (its tokenizer, as saved): the same table the base
+  # trained on, without writing a tokenizer into the exported pipeline dir again.
+  states = np.asarray(pipe.encode_prompt(PROMPTS), np.float32)
   photos = training_photos(config, table, encoder)
   adapters = {}
   for variant in config.variants:
