@@ -128,7 +128,9 @@ def test_zero_init_is_the_base(dit, kind):
   adapter = agd_lib.init_agd(dit, kind=kind, hidden=16)
   base = np.asarray(dit(x, t, y))
   got = np.asarray(dit(x, t, y, context=adapter.context(jnp.array([1.0, 2.0, 4.0, 7.0]))))
-  np.testing.assert_array_equal(got, base)
+  # The adapters add exact zeros; the base's own ops may be fused differently once they are in
+  # the program (XLA:CPU's loop emitters, tests/conftest.py), hence float rounding, not bits.
+  np.testing.assert_allclose(got, base, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", agd_lib.KINDS)
@@ -374,5 +376,5 @@ def test_scale_by_guidance(dit, kind):
   np.testing.assert_allclose(np.asarray(b), np.asarray(a * jnp.array([0.0, 3.0])[:, None, None]),
                              atol=1e-5)
   x, t, y = _inputs()
-  np.testing.assert_array_equal(np.asarray(dit(x, t, y, context=gained.context(1.0))),
-                                np.asarray(dit(x, t, y)))
+  np.testing.assert_allclose(np.asarray(dit(x, t, y, context=gained.context(1.0))),
+                             np.asarray(dit(x, t, y)), rtol=1e-6, atol=1e-6)  # float rounding

@@ -25,7 +25,8 @@ def executed(tmp_path_factory):
   """The notebooks two at a time (these machines have 2 cores), each in its own kernel; a test
   waits for its own."""
   env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-         "XLA_FLAGS": ""}  # one CPU device, as on a laptop
+         "XLA_FLAGS": "",  # one CPU device, as on a laptop
+         "JAXADAPT_NOTEBOOK_QUICK": "1"}  # the notebooks that train take fewer steps
   with concurrent.futures.ThreadPoolExecutor(min(2, len(NOTEBOOKS))) as pool:
     yield {p.name: pool.submit(_execute, p, tmp_path_factory.mktemp(p.stem), env)
            for p in NOTEBOOKS}

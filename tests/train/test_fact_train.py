@@ -236,7 +236,8 @@ def test_the_notebook_runs_on_this_run(run):
   os.makedirs(cwd)
   # One CPU device as on a laptop; LLVM at -O0 as the suite's conftest (compiles dominate here).
   env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-         "XLA_FLAGS": "--xla_backend_optimization_level=0", "FACT_RUN": config.out_dir}
+         "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
+         "FACT_RUN": config.out_dir}
   NotebookClient(nb, timeout=600, kernel_name="python3",
                  resources={"metadata": {"path": cwd}}).execute(env=env)
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
