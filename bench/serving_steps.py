@@ -6,7 +6,8 @@ The model, adapters and trace of `bench.serving` (64 requests, rank-8 LoRAs on q
 distinct adapter files behind up to 1000 names). Each engine runs the trace once to compile and
 once measured, like `bench.serving`; during the measured run the scheduler's admission (which
 reads adapters the prefetch thread has not read yet and copies them into the pool), the store's
-reads, the pool's copies and the step's forward (to the pool update, blocked on) are timed.
+reads (on any thread: the prefetch thread's too), the pool's copies and the step's forward (to
+the pool update, blocked on) are timed.
 Printed per setting: tokens/s, steps, the share of admissions that waited for a disk read, seconds
 in each part, and the batch per step (sequences, tokens, distinct adapter slots). The last line
 is `RESULT a1_vs_base=<x> a1000_vs_base=<y> admit_share_a1000=<z>`.
