@@ -59,6 +59,33 @@ def _pct(values, q):
   return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
+def setup(config: dict, names: int):
+  """The benchmark's world in a temp dir: a transformers Llama of `config` (seed 0), jaxadapt's
+  load of it, and `names` adapter names (symlinks a0.. in the returned dir) over up to 100
+  distinct rank-8 PEFT files on TARGETS. Returns (hf model, jaxadapt model, names dir)."""
+  import torch
+  import transformers as tf
+  from peft import LoraConfig, get_peft_model
+  import jaxadapt as ja
+  torch.manual_seed(0)
+  hf = tf.LlamaForCausalLM(tf.LlamaConfig(**config, initializer_range=0.05)).eval()
+  root = tempfile.mkdtemp(prefix="bench_serving_")
+  hf.save_pretrained(os.path.join(root, "base"))
+  model = ja.load_model(os.path.join(root, "base"))
+  distinct = min(100, names)
+  for i in range(distinct):
+    torch.manual_seed(100 + i)
+    peft = get_peft_model(copy.deepcopy(hf), LoraConfig(r=8, lora_alpha=16,
+                                                        target_modules=TARGETS,
+                                                        init_lora_weights=False))
+    peft.save_pretrained(os.path.join(root, "files", f"f{i}"))
+  names_dir = os.path.join(root, "names")
+  os.makedirs(names_dir)
+  for i in range(names):
+    os.symlink(os.path.join(root, "files", f"f{i % distinct}"), os.path.join(names_dir, f"a{i}"))
+  return hf, model, names_dir
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m bench.serving")
   parser.add_argument("--requests", type=int, default=64)
@@ -68,8 +95,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   import torch
   import transformers as tf
-  from peft import LoraConfig, PeftModel, get_peft_model
-  import jaxadapt as ja
+  from peft import PeftModel
   from serve.engine import Engine, Request
 
   config = dict(CONFIG)
@@ -80,22 +106,7 @@ def main(argv=None) -> None:
     counts = [1, 10, 20, 40]
     args.requests = min(args.requests, 12)
   torch.set_num_threads(os.cpu_count() or 1)
-  torch.manual_seed(0)
-  hf = tf.LlamaForCausalLM(tf.LlamaConfig(**config, initializer_range=0.05)).eval()
-  root = tempfile.mkdtemp(prefix="bench_serving_")
-  hf.save_pretrained(os.path.join(root, "base"))
-  model = ja.load_model(os.path.join(root, "base"))
-  distinct = min(100, max(counts))
-  for i in range(distinct):
-    torch.manual_seed(100 + i)
-    peft = get_peft_model(copy.deepcopy(hf), LoraConfig(r=8, lora_alpha=16,
-                                                        target_modules=TARGETS,
-                                                        init_lora_weights=False))
-    peft.save_pretrained(os.path.join(root, "files", f"f{i}"))
-  names_dir = os.path.join(root, "names")
-  os.makedirs(names_dir)
-  for i in range(max(counts)):
-    os.symlink(os.path.join(root, "files", f"f{i % distinct}"), os.path.join(names_dir, f"a{i}"))
+  hf, model, names_dir = setup(config, max(counts))
 
   rng = np.random.default_rng(1)
   arrivals, which, ins, outs = trace(args.requests, 1)

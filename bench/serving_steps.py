@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import functools
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -45,12 +43,8 @@ def main(argv=None) -> None:
   parser.add_argument("--requests", type=int, default=64)
   parser.add_argument("--quick", action="store_true", help="a tiny run (checks the script)")
   args = parser.parse_args(argv)
-  import torch
-  import transformers as tf
-  from peft import LoraConfig, get_peft_model
   import jax
-  import jaxadapt as ja
-  from bench.serving import CONFIG, TARGETS, trace
+  from bench.serving import CONFIG, setup, trace
   from serve import engine as engine_lib
   from serve import pool as pool_lib
   from serve import scheduler as scheduler_lib
@@ -61,22 +55,7 @@ def main(argv=None) -> None:
     config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=512,
                   num_attention_heads=4, num_key_value_heads=2)
     counts, args.requests = [0, 1, 10, 20], min(args.requests, 12)
-  torch.manual_seed(0)
-  hf = tf.LlamaForCausalLM(tf.LlamaConfig(**config, initializer_range=0.05)).eval()
-  root = tempfile.mkdtemp(prefix="bench_serving_steps_")
-  hf.save_pretrained(os.path.join(root, "base"))
-  model = ja.load_model(os.path.join(root, "base"))
-  distinct = min(100, max(counts))
-  for i in range(distinct):
-    torch.manual_seed(100 + i)
-    peft = get_peft_model(copy.deepcopy(hf), LoraConfig(r=8, lora_alpha=16,
-                                                        target_modules=TARGETS,
-                                                        init_lora_weights=False))
-    peft.save_pretrained(os.path.join(root, "files", f"f{i}"))
-  os.makedirs(os.path.join(root, "names"))
-  for i in range(max(counts)):
-    os.symlink(os.path.join(root, "files", f"f{i % distinct}"),
-               os.path.join(root, "names", f"a{i}"))
+  _, model, names_dir = setup(config, max(counts))
   rng = np.random.default_rng(1)
   _, _, ins, outs = trace(args.requests, 1)
   prompts = [[int(t) for t in rng.integers(1, config["vocab_size"], n)] for n in ins]
@@ -101,7 +80,7 @@ def main(argv=None) -> None:
   def engine_run(n):
     _, ids, _, _ = trace(args.requests, max(n, 1), seed=2)
     adapters = (None if n == 0 else
-                {f"a{i}": os.path.join(root, "names", f"a{i}") for i in range(n)})
+                {f"a{i}": os.path.join(names_dir, f"a{i}") for i in range(n)})
     requests = [engine_lib.Request(prompt=p, adapter=None if n == 0 else f"a{ids[i]}",
                                    max_tokens=int(o), eos_token_id=[])
                 for i, (p, o) in enumerate(zip(prompts, outs))]

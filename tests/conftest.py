@@ -19,6 +19,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import gc  # noqa: E402
+import sys  # noqa: E402
+
+# The helpers in tests/ (_notebooks, _adapter_helpers) import from modules in subfolders too.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 

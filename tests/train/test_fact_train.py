@@ -225,23 +225,15 @@ def test_the_notebook_runs_on_this_run(run):
   """colab/fact.ipynb top to bottom (its cells assert their own results), with FACT_RUN set to
   this module's run so that it evaluates the trained stages instead of training them again.
   Last in the module: the notebook rewrites the run's results.json."""
-  import pathlib
-
-  import nbformat
-  from nbclient import NotebookClient
+  from _notebooks import ROOT, execute, kernel_env
   config = run[0]
-  root = pathlib.Path(__file__).resolve().parents[2]
-  nb = nbformat.read(str(root / "colab" / "fact.ipynb"), as_version=4)
   cwd = os.path.join(config.out_dir, "notebook")
   os.makedirs(cwd)
-  # One CPU device as on a laptop; LLVM at -O0 as the suite's conftest (compiles dominate here).
-  env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-         "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
-         "FACT_RUN": config.out_dir}
-  NotebookClient(nb, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": cwd}}).execute(env=env)
-  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-            if o.get("output_type") == "error"]
-  assert not errors
+  # One CPU device as on a laptop; otherwise the suite's XLA flags (tests/conftest.py: compiles
+  # dominate here).
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                   if not f.startswith("--xla_force_host_platform_device_count"))
+  assert not execute(ROOT / "colab" / "fact.ipynb", cwd,
+                     kernel_env(XLA_FLAGS=flags, FACT_RUN=config.out_dir))
   for png in ("identities.png", "portraits.png", "face_scale.png", "inpaint.png"):
     assert os.path.exists(os.path.join(cwd, "fact_work", png)), png
