@@ -30,6 +30,7 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import kernels_pallas
 
@@ -154,12 +155,18 @@ class Routing:
     gates: [T, K] gate weights for "topk", else None.
     grouping: the kernels' `Grouping` for `grouping.rows` rows, built once by `prepare` (for
       "topk", a tuple of K, one per slot), or None.
+    members: optional, "token" only: [M] the distinct adapter ids the rows use (padded with
+      -1), when the caller knows them (the serving engine does, per step). With it, pooled
+      adapters are read once per member instead of once per token (`kernels_pallas.lora_members`).
+    member_of: [T] each row's index into `members` (-1: no adapter), with `members`.
   """
   layout: str
   ids: jax.Array
   num_adapters: int
   gates: Optional[jax.Array] = None
   grouping: Optional[kernels_pallas.Grouping] = None
+  members: Optional[jax.Array] = None
+  member_of: Optional[jax.Array] = None
 
   def prepare(self, rows: Optional[int] = None) -> "Routing":
     """This routing with its plan built, for `rows` rows of the projections' flattened input
@@ -209,11 +216,29 @@ class Routing:
     return memo[key]
 
 
-def make_routing(layout: str, ids, num_adapters: int, gates=None) -> Routing:
+def make_routing(layout: str, ids, num_adapters: int, gates=None, members=None) -> Routing:
   """A checked `Routing` (the constructor itself does not check: jax rebuilds pytrees with
-  placeholder leaves)."""
+  placeholder leaves). `members` ("token" only): the distinct adapter ids of `ids`, padded with
+  -1 to a size the caller buckets (concrete ids: every adapter id in `ids` must be a member)."""
   if layout not in LAYOUTS:
     raise ValueError(f"routing layout must be one of {LAYOUTS}, got {layout!r}")
+  member_of = None
+  if members is not None:
+    if layout != "token":
+      raise ValueError(f"members are for 'token' routing, got layout {layout!r}")
+    members = np.asarray(members, np.int32)
+    host_ids = np.asarray(ids, np.int32)
+    if members.ndim != 1 or host_ids.ndim != 1:
+      raise ValueError(f"members must be [M] and ids [T], found {members.shape} and "
+                       f"{host_ids.shape}")
+    used = host_ids[(host_ids >= 0) & (host_ids < num_adapters)]
+    missing = np.setdiff1d(used, members)
+    if missing.size:
+      raise ValueError(f"token routing uses adapter {int(missing[0])}, which is not among its "
+                       f"members {members.tolist()}")
+    eq = host_ids[:, None] == members[None, :]
+    member_of = jnp.asarray(np.where(eq.any(1) & (host_ids >= 0), eq.argmax(1), -1), jnp.int32)
+    members = jnp.asarray(members)
   ids = jnp.asarray(ids, jnp.int32)
   want = 2 if layout == "topk" else 1
   if ids.ndim != want:
@@ -225,7 +250,8 @@ def make_routing(layout: str, ids, num_adapters: int, gates=None) -> Routing:
                        f"{gates.shape}")
   elif gates is not None:
     raise ValueError(f"{layout!r} routing takes no gates")
-  return Routing(layout=layout, ids=ids, num_adapters=int(num_adapters), gates=gates)
+  return Routing(layout=layout, ids=ids, num_adapters=int(num_adapters), gates=gates,
+                 members=members, member_of=member_of)
 
 
 class Tape:

@@ -5,12 +5,12 @@ specification); `ops` dispatches to the fastest implementation per backend: the 
 `sgmv_tpu` (Mosaic) and `sgmv_triton` (GPU), or the XLA loop of `xla` on CPU.
 """
 from kernels_pallas.ops import (batched_grouping, batched_needs_grouping, get_backend,
-                                lora_batched, lora_expand, lora_rows, lora_shrink, lora_topk,
-                                make_grouping, resolve_backend, set_backend, sgmv_expand,
-                                sgmv_shrink, topk_impl)
+                                lora_batched, lora_expand, lora_members, lora_rows, lora_shrink,
+                                lora_topk, make_grouping, resolve_backend, set_backend,
+                                sgmv_expand, sgmv_shrink, topk_impl)
 from kernels_pallas.plan import Grouping
 from kernels_pallas.reference import PagedWeights
 
 __all__ = ["Grouping", "PagedWeights", "batched_grouping", "batched_needs_grouping", "get_backend",
-           "lora_batched", "lora_expand", "lora_rows", "lora_shrink", "lora_topk", "make_grouping",
-           "resolve_backend", "set_backend", "sgmv_expand", "sgmv_shrink", "topk_impl"]
+           "lora_batched", "lora_expand", "lora_members", "lora_rows", "lora_shrink", "lora_topk",
+           "make_grouping", "resolve_backend", "set_backend", "sgmv_expand", "sgmv_shrink", "topk_impl"]

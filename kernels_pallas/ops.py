@@ -551,3 +551,32 @@ def lora_rows(y: jax.Array, x: jax.Array, a: PagedWeights, b: PagedWeights, ids:
                      f"pages' rank slots), got {rank}")
   reference._validate("lora_rows", x, a, ids, ranks, side="a")  # pylint: disable=protected-access
   return xla.rows_lora(y, x, a, b, ids, scales, jnp.asarray(ranks, jnp.int32), rank)
+
+
+def lora_members(y: jax.Array, x: jax.Array, a: PagedWeights, b: PagedWeights,
+                 members: jax.Array, member_of: jax.Array, scales: jax.Array, *,
+                 ranks: jax.Array, rank: int) -> jax.Array:
+  """`lora_expand(y, lora_shrink(x, a, ids, ranks), b, ids, scales, ranks)` with
+  `ids = members[member_of]` (no adapter where member_of is outside [0, M)), for a batch whose
+  rows use the M adapters of `members`: each member's rank rows are read once and every row
+  multiplied by all of them in one matmul (`xla.members_lora`; every backend, plain jnp).
+  The faster decode form when a step's tokens share few adapters (`lora_rows` when many).
+
+  References:
+    S-LoRA (Sheng et al., 2023), Sec. 5.1 (the decode batch's heterogeneous LoRA matmul).
+  """
+  if not (isinstance(a, PagedWeights) and isinstance(b, PagedWeights)):
+    raise TypeError("lora_members reads adapters from pool pages: a and b must be PagedWeights")
+  if rank < 1 or rank > min(a.max_rank, b.max_rank):
+    raise ValueError(f"lora_members: rank must be in [1, {min(a.max_rank, b.max_rank)}] (the "
+                     f"pages' rank slots), got {rank}")
+  if members.ndim != 1 or member_of.ndim != 1 or member_of.shape[0] != x.shape[0]:
+    raise ValueError(f"lora_members: expected members [M] and member_of [T]=[{x.shape[0]}], "
+                     f"found {members.shape} and {member_of.shape}")
+  reference._validate("lora_members", x, a, member_of, ranks, side="a")  # pylint: disable=protected-access
+  if tuple(y.shape) != (x.shape[0], b.pool.shape[2]):
+    raise ValueError(f"lora_members: expected y of shape [T, O]=[{x.shape[0]}, "
+                     f"{b.pool.shape[2]}] (O from B's pool), found {tuple(y.shape)}")
+  reference.check_ids("lora_members", members, scales.shape[0])
+  return xla.members_lora(y, x, a, b, members, member_of, scales, jnp.asarray(ranks, jnp.int32),
+                          rank)

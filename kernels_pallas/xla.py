@@ -220,6 +220,37 @@ def rows_lora(y: jax.Array, x: jax.Array, a, b, ids: jax.Array, scales: jax.Arra
   return (y.astype(jnp.float32) + jnp.where(valid[:, None], d, 0)).astype(y.dtype)
 
 
+def members_lora(y: jax.Array, x: jax.Array, a, b, members: jax.Array, member_of: jax.Array,
+                 scales: jax.Array, ranks: jax.Array, rank: int) -> jax.Array:
+  """`y + scale * (x A) B` per row for a batch whose rows use a few distinct adapters, the
+  step's `members` (M of them): each member's rank rows are read from its pool pages once
+  ([M, rank, D] and [M, rank, O]), every row is multiplied by all of them in one matmul
+  (`x @ [A_1 .. A_M]`, [T, M*rank]), and each row keeps its own member's block. Against
+  `rows_lora`, which reads T x rank x (D + O) weights, this reads M x rank x (D + O) and does
+  M times the (small) flops: the faster form while M is small (bench in docs/benchmarks.md).
+
+  Args:
+    y: [T, O]; x: [T, D]; a, b: PagedWeights of A^T rows [.., D] and B rows [.., O];
+    members: [M] adapter ids (< 0 or >= N: an unused member slot); member_of: [T] each row's
+    index into `members` (< 0 or >= M: no adapter); scales, ranks: [N]; rank: a static bound on
+    every live rank.
+  """
+  n, m = scales.shape[0], members.shape[0]
+  valid = (members >= 0) & (members < n)
+  safe = jnp.where(valid, members, 0)
+  live = valid[:, None] & (jnp.arange(rank)[None, :] < ranks[safe][:, None])     # [M, rank]
+  # Selects on the gathered weights (M x rank rows, small): NaN in a row past a rank or in an
+  # unused page reaches nothing.
+  aw = jnp.where(live[..., None], paged_rows(a, safe, rank), 0).astype(x.dtype)  # [M, rank, D]
+  bw = jnp.where(live[..., None], paged_rows(b, safe, rank), 0).astype(jnp.float32)
+  h = jnp.dot(x, aw.reshape(m * rank, -1).T, preferred_element_type=jnp.float32)  # [T, M*rank]
+  coef = jnp.where(live, scales[safe][:, None], 0).astype(jnp.float32)             # [M, rank]
+  mine = member_of[:, None] == jnp.arange(m)[None, :]                               # [T, M]
+  keep = (jnp.where(mine[:, :, None], coef[None], 0)).reshape(-1, m * rank)
+  d = jnp.dot(h * keep, bw.reshape(m * rank, -1))
+  return (y.astype(jnp.float32) + d).astype(y.dtype)
+
+
 def dense_topk(y: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, scales: jax.Array,
                topk_ids: jax.Array, gates: jax.Array, ranks=None) -> jax.Array:
   """MeteoRA's top-k mixture as two dense matmuls over every adapter at once: `x @ [A_1 .. A_N]`

@@ -113,6 +113,12 @@ class TokenEvent:
 
 
 TOP_LOGPROBS = 5  # alternatives reported per token (OpenAI's completions allow logprobs <= 5)
+# A step whose tokens use at most this many distinct adapters reads each of them once
+# (`kernels_pallas.lora_members`, one fixed size so it adds one program per shape bucket); more,
+# and each token reads its own adapter's rank rows (`lora_rows`). Measured on bench.serving's
+# decode step (32 tokens, rank 8 on q/k/v/o): +1-2 ms over the base with 1 or 8 adapters,
+# against +7-9 ms per token; with 32 adapters the member matmuls cost more than the reads.
+MEMBERS = 8
 
 
 class Overloaded(RuntimeError):
@@ -154,11 +160,35 @@ def _bucket(n: int, minimum: int = 1) -> int:
   return gen_lib.bucket(n, minimum)
 
 
+class _Frozen:
+  """A model's static parts as one step-program argument: its graph and its params' tree
+  structure, hashed once. jit hashes static arguments on every call, and a GraphDef's hash
+  walks the whole graph (~3 ms a step here); the params travel as a flat list of leaves (no
+  per-step flattening of the nnx State either). Equal for equal models, so engines on one
+  model share their programs."""
+
+  def __init__(self, graphdef, params):
+    leaves, self.treedef = jax.tree.flatten(params)
+    self.graphdef = graphdef
+    self.leaves = tuple(leaves)
+    self._hash = hash((graphdef, self.treedef))
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other) -> bool:
+    return self is other or (isinstance(other, _Frozen) and self._hash == other._hash
+                             and self.treedef == other.treedef
+                             and self.graphdef == other.graphdef)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _engine_forward(graphdef, sampling, params, pages, ctx, ids, positions, select, samp):
+def _engine_forward(frozen, sampling, leaves, pages, ctx, ids, positions, select, samp):
   """One packed forward over the pool and the next token of each selected sequence. On the
   reference path it only reads the pool and returns the new keys/values (`_write_kv` writes
-  them, in place); on the TPU kernel path it returns the written pool."""
+  them, in place); on the TPU kernel path it returns the written pool. `frozen` is the model's
+  `_Frozen`, `leaves` its params' leaves."""
+  graphdef, params = frozen.graphdef, jax.tree.unflatten(frozen.treedef, leaves)
   ctx = ctx.with_pages(pages)
   logits, pages, new_kv = apply(graphdef, params, "packed_logits", ids, positions, select,
                                 ctx=ctx)
@@ -250,6 +280,7 @@ class Engine:
     if adapter_dir is not None:
       self.store.register_tree(adapter_dir)
     self.tp_plan = None
+    self._frozen = None  # the model's _Frozen for the step programs, made at the first step
     if tensor_parallel != 1:
       from serve import tp as tp_lib
       self.tp_plan = tp_lib.plan(model, tensor_parallel)
@@ -582,9 +613,11 @@ class Engine:
       counts[i] = seq.generated
     cu[len(plan) + 1:] = at
     sampling = bool((temp > 0).any())
-    kv = PagedKV(tables=jnp.asarray(tables), kv_lens=jnp.asarray(kv_lens),
-                 cu_q_lens=jnp.asarray(cu), num_seqs=jnp.asarray([len(plan)], jnp.int32),
-                 token_seq=jnp.asarray(token_seq), token_valid=jnp.asarray(valid),
+    # Host arrays go to the step programs as numpy: jit's own transfer is the cheap one (a
+    # jnp.asarray each costs ~0.3 ms of Python here, ~20 per step).
+    kv = PagedKV(tables=tables, kv_lens=kv_lens, cu_q_lens=cu,
+                 num_seqs=np.asarray([len(plan)], np.int32), token_seq=token_seq,
+                 token_valid=valid,
                  block=pool.block, max_q=max_q,
                  long_seqs=_bucket(long) if 0 < long and _bucket(long) < s else
                  (0 if long == 0 else None))
@@ -592,22 +625,24 @@ class Engine:
     routers = None
     if routed.any():  # MeteoRA rows in this step (jaxadapt.context.Router with rows/slots)
       m = self.meteora
-      rows, temp_m = jnp.asarray(routed), jnp.float32(m.temperature)
+      rows, temp_m = routed, np.float32(m.temperature)
       routers = {p: Router(w_gate=w, temperature=temp_m, top_k=m.top_k,
                            slots=self._meteora_slots, rows=rows)
                  for p, w in m.gates.items() if p in views}
     ctx = Context(weights=views or None, pool=dataclasses.replace(pool.adapter_pool(),
                                                                   pages=None),
-                  routing=make_routing("token", slots, pool.max_adapters) if views else None,
+                  routing=(make_routing("token", slots, pool.max_adapters,
+                                        members=self._members(slots, routed))
+                           if views else None),
                   routers=routers, attention=kv)
-    samp = (jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(seeds),
-            jnp.asarray(counts))
-    arrays = (pool.pages, ctx, jnp.asarray(tokens[None]), jnp.asarray(positions[None]),
-              jnp.asarray(select), samp)
+    samp = (temp, top_k, top_p, seeds, counts)
+    arrays = (pool.pages, ctx, tokens[None], positions[None], select, samp)
     c = self.model.config
     if self.tp_plan is None:
       forward, donated, write = _engine_forward, _engine_forward_donated, _write_kv
-      static, params = self.model.graphdef, self.model.params
+      if self._frozen is None:
+        self._frozen = _Frozen(self.model.graphdef, self.model.params)
+      static, params = self._frozen, self._frozen.leaves
       kv_heads = c.num_key_value_heads
     else:
       from serve import tp as tp_lib
@@ -620,7 +655,7 @@ class Engine:
     else:
       _, new_kv, out, logp = forward(static, sampling, params, *arrays)
       pool.pages = write((pool.num_pages, pool.block, 2 * kv_heads, c.head_dim), pool.pages,
-                         new_kv, kv.tables, kv.token_seq, jnp.asarray(positions),
+                         new_kv, kv.tables, kv.token_seq, positions,
                          kv.token_valid)
     out = np.asarray(out)
     chosen, (top_lp, top_ids) = (np.asarray(x) for x in (logp[0], logp[1]))
@@ -645,6 +680,16 @@ class Engine:
       self._emit(seq, token)
     self._stats["tokens_generated"] += produced
     return produced
+
+  def _members(self, slots: np.ndarray, routed: np.ndarray) -> Optional[np.ndarray]:
+    """The step's distinct adapter slots padded to MEMBERS, or None (too many, tensor
+    parallelism, or MeteoRA rows in the step, whose hook paths do not read members)."""
+    if self.tp_plan is not None or routed.any():
+      return None
+    used = np.unique(slots[slots >= 0])
+    if used.size > MEMBERS:
+      return None
+    return np.concatenate([used, np.full(MEMBERS - used.size, -1)]).astype(np.int32)
 
   # -- tokens out ------------------------------------------------------------------------------
 

@@ -59,7 +59,8 @@ class ResidentAdapter:
 
 
 def _write_pages(pages, index, rows):
-  return pages.at[index].set(rows.astype(pages.dtype), mode="promise_in_bounds")
+  """Rows [n, k] written over the first k elements of pages `index` [n] (k <= page size)."""
+  return pages.at[index, :rows.shape[1]].set(rows.astype(pages.dtype), mode="promise_in_bounds")
 
 
 _write_pages_jit = jax.jit(_write_pages, donate_argnums=0)
@@ -110,13 +111,43 @@ class PagedPool:
     self.tables = np.zeros((lp, 2, n, self.max_pages_per_side), np.int32)
     self.scales = np.zeros((lp, n), np.float32)
     self.ranks = np.ones((lp, n), np.int32)
-    self.pages = jnp.zeros((self.num_pages, self.page_size), self.dtype, device=sharding)
+    self._pages = jnp.zeros((self.num_pages, self.page_size), self.dtype, device=sharding)
+    # Adapter rows staged by `load` as (page, flat rows): written in one call when the pages
+    # are next read (a step's loads become one device write, of the rows they use only).
+    self._pending: list = []
     self._free = list(range(self.num_pages - 1, 0, -1))  # a stack; page 0 is scratch
     self._kv_pages = 0
     self._adapter_pages = 0
     self.resident: dict[tuple, ResidentAdapter] = {}
     self._free_slots = list(range(n - 1, -1, -1))
     self.targets: frozenset = frozenset()  # paths some resident adapter targets
+    self._device = None  # (AdapterPool tables/scales/ranks on the device, views) until a change
+
+  @property
+  def pages(self) -> jax.Array:
+    """[num_pages, page_size] the pool on the device, with every staged adapter row in it."""
+    if self._pending:
+      self._flush()
+    return self._pages
+
+  @pages.setter
+  def pages(self, value: jax.Array) -> None:
+    self._pages = value  # staged rows still apply: they are written at the next read
+
+  def _flush(self) -> None:
+    pending, self._pending = self._pending, []
+    # A prefix of each page when the pool is on one device (the rows past a rank are never
+    # read); whole pages under tensor parallelism, where each device holds a slice of a page.
+    k = self.page_size
+    if self.tp is None:
+      k = min(k, max(1024, 1 << (max(r.size for _, r in pending) - 1).bit_length()))
+    n = max(8, 1 << (len(pending) - 1).bit_length())  # few distinct programs
+    index = np.zeros(n, np.int32)  # padding rows write zeros over scratch page 0
+    rows = np.zeros((n, k), np.float32)
+    for i, (page, flat) in enumerate(pending):
+      index[i] = page
+      rows[i, :flat.size] = flat
+    self._pages = _write_pages_jit(self._pages, index, rows)
 
   @staticmethod
   def block_for(model, at_least: int = 16, tp=None) -> int:
@@ -189,7 +220,7 @@ class PagedPool:
     need = self.adapter_pages_needed(adapter)
     pages = self.alloc(need, kind="adapter")
     slot = self._free_slots.pop()
-    rows_out, index = [], []
+    staged = []
     it = iter(pages)
     for path, w in adapter.weights.items():
       ps = self.slot_of[path]
@@ -205,17 +236,17 @@ class PagedPool:
         for j in range(n):
           page = next(it)
           self.tables[ps, side, slot, j] = page
-          index.append(page)
           rows = padded[j * rpp:(j + 1) * rpp]
           if split_features:  # device s holds every row's s-th slice of the features
             rows = rows.reshape(rpp, self.tp_size, -1).transpose(1, 0, 2)
-          rows_out.append(rows.reshape(-1))
+          elif self.tp is None:
+            rows = rows[:min(rpp, r - j * rpp)]  # only the rank rows (the rest is never read)
+          staged.append((page, rows.reshape(-1)))
       self.scales[ps, slot] = adapter.scale(path)
       self.ranks[ps, slot] = r
-    if index:
-      self.pages = _write_pages_jit(self.pages, jnp.asarray(index, jnp.int32),
-                                    jnp.asarray(np.stack(rows_out)))
+    self._pending.extend(staged)
     self.targets = self.targets | frozenset(adapter.weights)
+    self._device = None
     res = ResidentAdapter(key=key, slot=slot, pages=pages, nbytes=nbytes)
     self.resident[key] = res
     return res
@@ -246,6 +277,9 @@ class PagedPool:
     self.tables[:, :, res.slot] = 0
     self.scales[:, res.slot] = 0.0
     self.ranks[:, res.slot] = 1
+    self._device = None
+    gone = set(res.pages)  # rows staged for it and not written yet: dropped, not written later
+    self._pending = [(p, r) for p, r in self._pending if p not in gone]
     self.free(res.pages, kind="adapter")
     self._free_slots.append(res.slot)
 
@@ -263,13 +297,25 @@ class PagedPool:
 
   # -- what the device sees --------------------------------------------------------------------
 
+  def _on_device(self) -> tuple:
+    """(tables, scales, ranks) on the device and the views, made again only after an adapter
+    was loaded or unloaded (a step reuses them: no per-step transfers or Python loops)."""
+    if self._device is None:
+      # Copies (the host arrays change in place; a CPU device array may alias its source).
+      self._device = (jax.device_put(self.tables.copy()), jax.device_put(self.scales.copy()),
+                      jax.device_put(self.ranks.copy()), self._views())
+    return self._device
+
   def adapter_pool(self) -> AdapterPool:
     """The context's `AdapterPool` over the current pages."""
-    return AdapterPool(pages=self.pages, tables=jnp.asarray(self.tables),
-                       scales=jnp.asarray(self.scales), ranks=jnp.asarray(self.ranks))
+    tables, scales, ranks, _ = self._on_device()
+    return AdapterPool(pages=self.pages, tables=tables, scales=scales, ranks=ranks)
 
   def views(self) -> dict:
     """`{path: PoolView}` for the paths some resident adapter targets (static geometry)."""
+    return dict(self._on_device()[3])
+
+  def _views(self) -> dict:
     out = {}
     slots = [res.slot for res in self.resident.values()]
     for path in self.paths:

@@ -78,9 +78,15 @@ def _per_token(x, base, view: Stack, routing: Routing):
   if ids.shape[0] != x2.shape[0]:
     raise ValueError(f"token routing has {ids.shape[0]} ids for x of shape {x.shape}: expected "
                      f"one per token ({x2.shape[0]})")
-  if (view.rank_bound and x2.shape[0] <= ROWS_MAX_TOKENS and view.dora_scale is None
-      and isinstance(view.a, kernels_pallas.PagedWeights)
-      and isinstance(view.b, kernels_pallas.PagedWeights)):
+  paged = (view.rank_bound and view.dora_scale is None
+           and isinstance(view.a, kernels_pallas.PagedWeights)
+           and isinstance(view.b, kernels_pallas.PagedWeights))
+  if paged and routing.members is not None:
+    out = kernels_pallas.lora_members(y2, x2, _cast(view.a, x.dtype), _cast(view.b, x.dtype),
+                                      routing.members, routing.member_of, view.scale,
+                                      ranks=view.ranks, rank=view.rank_bound)
+    return out.reshape(base.shape)
+  if paged and x2.shape[0] <= ROWS_MAX_TOKENS:
     out = kernels_pallas.lora_rows(y2, x2, _cast(view.a, x.dtype), _cast(view.b, x.dtype), ids,
                                    view.scale, ranks=view.ranks, rank=view.rank_bound)
     return out.reshape(base.shape)

@@ -394,3 +394,45 @@ def test_lora_rows_equals_shrink_then_expand_and_ignores_rows_past_the_rank():
     kp.lora_rows(y, x, a, b, safe, scales, ranks=jnp.asarray(ranks), rank=7)
   with pytest.raises(ValueError, match="ids must be < N=5"):
     kp.lora_rows(y, x, a, b, ids, scales, ranks=jnp.asarray(ranks), rank=6)
+
+
+def test_lora_members_equals_shrink_then_expand_and_ignores_rows_past_the_rank():
+  """`lora_members` (each of the step's distinct adapters read once, one matmul over them all)
+  equals the reference shrink-then-expand with ids = members[member_of]; unused member slots,
+  rows without an adapter and NaN in every pool row past a rank change nothing."""
+  from kernels_pallas import reference as ref
+  from jaxadapt.context import make_routing
+  rng = np.random.default_rng(4)
+  t, d, o, rows, n, p = 12, 16, 24, 3, 5, 40
+  ranks = np.array([2, 5, 6, 1, 4], np.int32)
+  table = rng.permutation(np.arange(1, p))[:n * 2].reshape(n, 2).astype(np.int32)
+  pool_a = np.full((p, rows, d), np.nan, np.float32)
+  pool_b = np.full((p, rows, o), np.nan, np.float32)
+  for i, r in enumerate(ranks):
+    for j in range(r):
+      pool_a[table[i, j // rows], j % rows] = rng.normal(size=d)
+      pool_b[table[i, j // rows], j % rows] = rng.normal(size=o)
+  a = kp.PagedWeights(jnp.asarray(pool_a), jnp.asarray(table))
+  b = kp.PagedWeights(jnp.asarray(pool_b), jnp.asarray(table))
+  x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(t, o)), jnp.float32)
+  ids = np.array([0, 1, 2, 2, 4, -1, 2, 2, 0, -1, 1, 4], np.int32)
+  routing = make_routing("token", ids, n, members=[4, 0, 2, 1, -1, -1])
+  np.testing.assert_array_equal(routing.member_of, [1, 3, 2, 2, 0, -1, 2, 2, 1, -1, 3, 0])
+  scales = jnp.asarray(rng.uniform(0.5, 2, n), jnp.float32)
+  got = jax.jit(lambda y, x, m, of: kp.lora_members(y, x, a, b, m, of, scales,
+                                                    ranks=jnp.asarray(ranks), rank=6))(
+      y, x, routing.members, routing.member_of)
+  want = ref.lora_expand(y, ref.lora_shrink(x, a, jnp.asarray(ids), ranks=jnp.asarray(ranks)), b,
+                         jnp.asarray(ids), scales, ranks=jnp.asarray(ranks))
+  assert np.isfinite(np.asarray(got)).all()
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got)[[5, 9]], np.asarray(y)[[5, 9]])  # no adapter
+  with pytest.raises(ValueError, match="rank must be in"):
+    kp.lora_members(y, x, a, b, routing.members, routing.member_of, scales,
+                    ranks=jnp.asarray(ranks), rank=7)
+  with pytest.raises(ValueError, match="ids must be < N=5"):
+    kp.lora_members(y, x, a, b, jnp.asarray([0, 7]), routing.member_of, scales,
+                    ranks=jnp.asarray(ranks), rank=6)
+  with pytest.raises(ValueError, match="uses adapter 3, which is not among its members"):
+    make_routing("token", [0, 3], n, members=[0, -1])
