@@ -116,8 +116,9 @@ TOP_LOGPROBS = 5  # alternatives reported per token (OpenAI's completions allow 
 # A step whose tokens use at most this many distinct adapters reads each of them once
 # (`kernels_pallas.lora_members`, one fixed size so it adds one program per shape bucket); more,
 # and each token reads its own adapter's rank rows (`lora_rows`). Measured on bench.serving's
-# decode step (32 tokens, rank 8 on q/k/v/o): +1-2 ms over the base with 1 or 8 adapters,
-# against +7-9 ms per token; with 32 adapters the member matmuls cost more than the reads.
+# decode step (32 tokens, rank 8 on q/k/v/o; docs/benchmarks.md, Session 11): 1 and 8 adapters
+# +5.0 / +3.4 ms over the base's 60.3, against +6.1 / +6.0 per token; with 32 members the
+# matmuls cost more than the per-token reads (+16 against +10 ms).
 MEMBERS = 8
 
 

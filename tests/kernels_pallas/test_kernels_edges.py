@@ -361,12 +361,10 @@ def _check_hook():
   _close(run(x2, kernel, bias, ctx, "p"), want)
 
 
-def test_lora_rows_equals_shrink_then_expand_and_ignores_rows_past_the_rank():
-  """`lora_rows` (the decode BGMV reading rank rows, not pages) equals the reference
-  shrink-then-expand over pool pages in random order; ranks below the bound, rows without an
-  adapter, and NaN in every pool row past a rank change nothing."""
-  from kernels_pallas import reference as ref
-  rng = np.random.default_rng(3)
+def _nan_past_rank_pool(rng):
+  """Five adapters (ranks 2, 5, 6, 1, 4) in pool pages of 3 rank rows, in random page order,
+  with NaN in every pool row past a rank; and x [12, 16], y [12, 24]. Returns
+  (a, b, ranks, x, y) with a, b PagedWeights."""
   t, d, o, rows, n, p = 12, 16, 24, 3, 5, 40
   ranks = np.array([2, 5, 6, 1, 4], np.int32)
   table = rng.permutation(np.arange(1, p))[:n * 2].reshape(n, 2).astype(np.int32)
@@ -380,6 +378,17 @@ def test_lora_rows_equals_shrink_then_expand_and_ignores_rows_past_the_rank():
   b = kp.PagedWeights(jnp.asarray(pool_b), jnp.asarray(table))
   x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
   y = jnp.asarray(rng.normal(size=(t, o)), jnp.float32)
+  return a, b, ranks, x, y
+
+
+def test_lora_rows_equals_shrink_then_expand_and_ignores_rows_past_the_rank():
+  """`lora_rows` (the decode BGMV reading rank rows, not pages) equals the reference
+  shrink-then-expand over pool pages in random order; ranks below the bound, rows without an
+  adapter, and NaN in every pool row past a rank change nothing."""
+  from kernels_pallas import reference as ref
+  rng = np.random.default_rng(3)
+  a, b, ranks, x, y = _nan_past_rank_pool(rng)
+  n = ranks.size
   ids = jnp.asarray([0, 1, 2, 3, 4, -1, 2, 2, 0, 7, 1, 4], jnp.int32)
   scales = jnp.asarray(rng.uniform(0.5, 2, n), jnp.float32)
   got = jax.jit(lambda y, x, ids: kp.lora_rows(y, x, a, b, ids, scales,
@@ -403,19 +412,8 @@ def test_lora_members_equals_shrink_then_expand_and_ignores_rows_past_the_rank()
   from kernels_pallas import reference as ref
   from jaxadapt.context import make_routing
   rng = np.random.default_rng(4)
-  t, d, o, rows, n, p = 12, 16, 24, 3, 5, 40
-  ranks = np.array([2, 5, 6, 1, 4], np.int32)
-  table = rng.permutation(np.arange(1, p))[:n * 2].reshape(n, 2).astype(np.int32)
-  pool_a = np.full((p, rows, d), np.nan, np.float32)
-  pool_b = np.full((p, rows, o), np.nan, np.float32)
-  for i, r in enumerate(ranks):
-    for j in range(r):
-      pool_a[table[i, j // rows], j % rows] = rng.normal(size=d)
-      pool_b[table[i, j // rows], j % rows] = rng.normal(size=o)
-  a = kp.PagedWeights(jnp.asarray(pool_a), jnp.asarray(table))
-  b = kp.PagedWeights(jnp.asarray(pool_b), jnp.asarray(table))
-  x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(t, o)), jnp.float32)
+  a, b, ranks, x, y = _nan_past_rank_pool(rng)
+  n = ranks.size
   ids = np.array([0, 1, 2, 2, 4, -1, 2, 2, 0, -1, 1, 4], np.int32)
   routing = make_routing("token", ids, n, members=[4, 0, 2, 1, -1, -1])
   np.testing.assert_array_equal(routing.member_of, [1, 3, 2, 2, 0, -1, 2, 2, 1, -1, 3, 0])
